@@ -1,0 +1,56 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is a step of them.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# uv keeps downloaded wheels in its cache outside the clone, so a second clone installs offline-fast.
+export UV_CACHE_DIR ?= $(HOME)/.cache/loopstream/uv
+
+.PHONY: demo test install system-deps up down status unit integration lint schemas clean
+
+demo: install up
+	$(BIN)/loopstream db migrate
+	$(BIN)/loopstream smoke
+
+# The whole suite against the real stack; the stack is stopped at the end whatever happened.
+test: install
+	@set -o pipefail; \
+	if $(BIN)/loopstream stack status >/dev/null 2>&1; then started_here=0; else started_here=1; fi; \
+	$(BIN)/loopstream stack up || exit 1; \
+	$(BIN)/loopstream db migrate || { [ $$started_here = 1 ] && $(BIN)/loopstream stack down; exit 1; }; \
+	$(BIN)/pytest tests; rc=$$?; \
+	if [ $$started_here = 1 ]; then $(BIN)/loopstream stack down; fi; \
+	exit $$rc
+
+unit: install
+	$(BIN)/pytest tests/unit
+
+integration: install up
+	$(BIN)/loopstream db migrate
+	$(BIN)/pytest tests/integration
+
+system-deps:
+	@bash infra/system-deps.sh
+
+install: system-deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || uv venv -q --python python3 $(VENV)
+	VIRTUAL_ENV=$(abspath $(VENV)) uv pip install -q -e '.[dev]'
+	@touch $@
+
+up: install
+	$(BIN)/loopstream stack up
+
+down:
+	@test -x $(BIN)/loopstream && $(BIN)/loopstream stack down || true
+
+status:
+	$(BIN)/loopstream stack status
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean: down
+	rm -rf .loopstream $(VENV)

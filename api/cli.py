@@ -1,0 +1,134 @@
+"""`loopstream` command line: the local stack, migrations and the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.processes import StackError
+from infra.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, help="loopstream: event-sourced RL control plane.")
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack: Kafka, PostgreSQL, S3.")
+db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL read-model schema.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+
+console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=1)
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka, PostgreSQL and the S3 store (idempotent) and wait until they are ready."""
+    from infra.stack import LocalStack
+
+    stack = LocalStack(get_settings())
+    started_at = time.monotonic()
+    try:
+        with console.status("starting the local stack..."):
+            report = stack.up()
+    except StackError as exc:
+        _fail(exc)
+        return
+    for name in report.already_running:
+        console.print(f"[yellow]{name}[/] already running, left as it is")
+    for name in report.started:
+        console.print(f"[green]{name}[/] started")
+    if report.topics.created:
+        console.print(f"topics created: {', '.join(report.topics.created)}")
+    table = Table("service", "endpoint", title="loopstream local stack")
+    for name, endpoint in stack.endpoints().items():
+        table.add_row(name, endpoint)
+    console.print(table)
+    console.print(f"ready in {time.monotonic() - started_at:.1f}s")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the processes `stack up` started (by recorded pid), and nothing else."""
+    from infra.stack import LocalStack
+
+    stopped = LocalStack(get_settings()).down()
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show which services run, their pids, and whether they answer."""
+    from infra.stack import LocalStack
+
+    statuses = LocalStack(get_settings()).status()
+    table = Table("service", "pid", "ready", "endpoint")
+    for status in statuses:
+        ready = "[green]yes[/]" if status.ready else "[red]no[/]"
+        table.add_row(status.name, str(status.pid or "-"), ready, status.endpoint)
+    Console().print(table)
+    if not all(status.ready for status in statuses):
+        raise typer.Exit(code=1)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    service: str = typer.Argument("kafka", help="kafka, postgres or s3"),
+    lines: int = typer.Option(50, "-n", help="how many lines from the end"),
+    follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
+) -> None:
+    """Print a service's log."""
+    from infra.stack import LocalStack
+
+    services = LocalStack(get_settings()).services
+    if service not in services:
+        _fail(ValueError(f"unknown service {service!r}; choose one of {', '.join(services)}"))
+    log_file = services[service].process.log_file
+    if follow:
+        subprocess.run(["tail", "-n", str(lines), "-F", str(log_file)], check=False)
+    else:
+        sys.stdout.write(services[service].process.log_tail(lines) + "\n")
+
+
+@stack_app.command("topics")
+def stack_topics() -> None:
+    """Create missing topics and align configs with the declared catalog."""
+    from infra.topics import provision_topics
+
+    report = provision_topics(get_settings())
+    console.print(
+        f"created {report.created}, reconfigured {report.reconfigured}, "
+        f"repartitioned {report.repartitioned}, unchanged {report.unchanged}"
+    )
+
+
+@db_app.command("migrate")
+def db_migrate(revision: str = typer.Argument("head")) -> None:
+    """Apply the alembic migrations of the read models."""
+    from projections.db import migrate
+
+    migrate(get_settings(), revision)
+    console.print(f"database at {revision}")
+
+
+@app.command("smoke")
+def smoke() -> None:
+    """Send one command through Kafka and read its effect back from a PostgreSQL projection."""
+    from api.smoke import run_smoke
+
+    try:
+        result = run_smoke(get_settings())
+    except StackError as exc:
+        _fail(exc)
+        return
+    console.print(result)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,90 @@
+"""One place for every setting loopstream reads.
+
+Every component finds the local stack with no configuration at all; pointing it at a real Kafka
+cluster, a managed PostgreSQL or an S3 endpoint is a matter of environment variables
+(prefix ``LOOPSTREAM_``), never of code.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOPSTREAM_", env_file=".env", extra="ignore")
+
+    # Where the local stack keeps its data, pids and logs. Ignored by git.
+    data_dir: Path = REPO_ROOT / ".loopstream"
+    # Downloads (Kafka jars) live outside the clone so a second clone does not fetch them again.
+    cache_dir: Path = Path.home() / ".cache" / "loopstream"
+
+    # --- Kafka ---------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    # Used only by the local stack: the KRaft controller listener.
+    kafka_controller_port: int = 19093
+    # One pinned broker version; 4.x speaks to both confluent-kafka and aiokafka >= 0.12.
+    kafka_version: str = "4.1.1"
+    # The broker's JVM heap; a single-node dev broker is happy with far less than 1 GiB.
+    kafka_heap: str = "768m"
+    # Topic names are prefixed so several environments can share one cluster.
+    topic_prefix: str = "loopstream"
+
+    # --- PostgreSQL ----------------------------------------------------------------------
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 15432
+    pg_user: str = "loopstream"
+    pg_password: str = "loopstream"
+    pg_database: str = "loopstream"
+
+    # --- S3 (any S3/MinIO endpoint; the local stack runs SeaweedFS) ---------------------------
+    s3_endpoint: str = "127.0.0.1:19000"
+    s3_access_key: str = "loopstream"
+    s3_secret_key: str = Field(default="loopstream-secret", repr=False)
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    checkpoint_bucket: str = "loopstream-checkpoints"
+    # Internal SeaweedFS ports of the local stack (master, volume, filer, admin).
+    seaweed_master_port: int = 19333
+    seaweed_volume_port: int = 19340
+    seaweed_filer_port: int = 18888
+    seaweed_admin_port: int = 19646
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        # Relative paths from the environment are taken relative to the repo, not to whatever
+        # directory a process happened to start in.
+        if not self.data_dir.is_absolute():
+            self.data_dir = (REPO_ROOT / self.data_dir).resolve()
+        if not self.cache_dir.is_absolute():
+            self.cache_dir = (REPO_ROOT / self.cache_dir).resolve()
+        return self
+
+    @property
+    def pg_dsn(self) -> str:
+        """SQLAlchemy URL (psycopg 3 driver)."""
+        return (
+            f"postgresql+psycopg://{self.pg_user}:{self.pg_password}"
+            f"@{self.pg_host}:{self.pg_port}/{self.pg_database}"
+        )
+
+    @property
+    def pg_conninfo(self) -> str:
+        """libpq connection string, for raw psycopg."""
+        return (
+            f"host={self.pg_host} port={self.pg_port} user={self.pg_user} "
+            f"password={self.pg_password} dbname={self.pg_database}"
+        )
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}.{name}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
