@@ -13,7 +13,7 @@ demo: install up
 	$(BIN)/loopstream smoke
 
 # The whole suite against the real stack; the stack is stopped at the end whatever happened.
-test: install
+test: install lint
 	@set -o pipefail; \
 	if $(BIN)/loopstream stack status >/dev/null 2>&1; then started_here=0; else started_here=1; fi; \
 	$(BIN)/loopstream stack up || exit 1; \

@@ -60,7 +60,7 @@ def _project_until_seen(
     try:
         with psycopg.connect(settings.pg_conninfo) as conn:
             partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            stored = dict(
+            stored: dict[int, int] = dict(
                 conn.execute(
                     "select partition, next_offset from projection_positions "
                     "where projection = %s and topic = %s",

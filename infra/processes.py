@@ -7,7 +7,9 @@ started (pids are reused).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class StackError(RuntimeError):
@@ -69,7 +72,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 cwd=cwd,
-                user=user,
+                **run_as(user),
                 # Own session: the server outlives this CLI and ignores the terminal's Ctrl-C.
                 start_new_session=True,
             )
@@ -100,13 +103,23 @@ class ManagedProcess:
             return "(no log yet)"
 
 
+def run_as(user: str | None) -> dict[str, Any]:
+    """subprocess keyword arguments that drop to `user` with only that user's own group.
+
+    Switching the uid alone would keep root's groups, and then directories that are open to
+    'others' but not to group root stay closed to the child.
+    """
+    if user is None:
+        return {}
+    gid = pwd.getpwnam(user).pw_gid
+    return {"user": user, "group": gid, "extra_groups": [gid]}
+
+
 def _reap(pid: int) -> None:
     # If this very process started the server (tests do), collect it so it does not linger as a
     # zombie that still shows up in /proc.
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -140,7 +153,7 @@ def wait_until(
         try:
             if check():
                 return
-        except Exception:  # noqa: S110 - not ready yet is any error
+        except Exception:  # not ready yet is any error
             pass
         if alive is not None and not alive():
             raise StackError(f"gave up waiting for {what}: the process exited")

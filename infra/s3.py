@@ -48,7 +48,9 @@ class ObjectStore:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
         self.client.put_object(
             self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
         )
@@ -72,7 +74,9 @@ class ObjectStore:
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
-            yield StoredObject(key=obj.object_name or "", size_bytes=obj.size or 0, etag=obj.etag or "")
+            yield StoredObject(
+                key=obj.object_name or "", size_bytes=obj.size or 0, etag=obj.etag or ""
+            )
 
     def delete_prefix(self, prefix: str) -> int:
         keys = [obj.key for obj in self.list(prefix)]

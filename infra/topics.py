@@ -62,7 +62,7 @@ CATALOG: tuple[TopicSpec, ...] = (
         partitions=3,
         compacted=True,
         retention_ms=FOREVER,
-        purpose="outcome of each command (accepted with its events, or rejected), keyed by command_id",
+        purpose="outcome of each command (accepted with events, or rejected), by command_id",
     ),
     TopicSpec(
         "snapshots",

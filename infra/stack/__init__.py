@@ -6,6 +6,7 @@ signed bucket listing); `down` stops only the processes `up` started, by recorde
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +66,8 @@ class LocalStack:
         }
 
     def up(self) -> UpReport:
-        already, to_start = [], []
+        already: list[str] = []
+        to_start: list[str] = []
         for name, service in self.services.items():
             (already if service.process.pid() is not None else to_start).append(name)
         for name in to_start:
@@ -80,7 +82,7 @@ class LocalStack:
                 service.ready,
                 timeout_s=READY_TIMEOUT_S,
                 what=f"{name} to be ready (log: {service.process.log_file})",
-                alive=lambda s=service: s.process.pid() is not None,
+                alive=_is_alive(service),
             )
         topics = provision_topics(self.settings)
         return UpReport(already_running=already, started=to_start, topics=topics)
@@ -113,6 +115,10 @@ class LocalStack:
                     f"cannot start {name}: port {port} is already taken by {who_listens(port)}. "
                     f"Stop that process, or move {name} with {setting}."
                 )
+
+
+def _is_alive(service: Service) -> Callable[[], bool]:
+    return lambda: service.process.pid() is not None
 
 
 __all__ = ["LocalStack", "ServiceStatus", "StackError", "UpReport"]

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.processes import ManagedProcess, StackError
+from infra.processes import ManagedProcess, StackError, run_as
 from infra.settings import Settings
 
 SERVER_USER_WHEN_ROOT = "postgres"
@@ -62,7 +62,7 @@ class PostgresServer:
         result = subprocess.run(
             [str(bindir / "initdb"), "-D", str(self.cluster_dir), "-U", self.settings.pg_user,
              f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--no-locale"],
-            capture_output=True, text=True, user=user,
+            capture_output=True, text=True, **run_as(user),
         )  # fmt: skip
         pwfile.unlink(missing_ok=True)
         if result.returncode != 0:

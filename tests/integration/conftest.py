@@ -1,0 +1,32 @@
+"""Integration tests run against the real local stack: Kafka, PostgreSQL and S3.
+
+`make test` starts the stack before pytest and stops it after. Run alone, these tests need
+`loopstream stack up` first; they fail (never skip) when the stack is not there, so a green run
+always means the real services were exercised.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.settings import Settings, get_settings
+from infra.stack import LocalStack
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    settings = get_settings()
+    down = [s.name for s in LocalStack(settings).status() if not s.ready]
+    if down:
+        pytest.fail(
+            f"local stack not ready ({', '.join(down)}): run `loopstream stack up` "
+            "(or `make test`, which starts and stops it)",
+            pytrace=False,
+        )
+    return settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
