@@ -117,6 +117,16 @@ def db_migrate(revision: str = typer.Argument("head")) -> None:
     console.print(f"database at {revision}")
 
 
+@app.command("process-commands")
+def process_commands() -> None:
+    """Run the command processor (exactly-once: commands in, events and results out)."""
+    from commands.processor import run_forever
+    from infra.logs import configure_logging
+
+    configure_logging()
+    run_forever(get_settings())
+
+
 @app.command("smoke")
 def smoke() -> None:
     """Send one command through Kafka and read its effect back from a PostgreSQL projection."""

@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     # Topic names are prefixed so several environments can share one cluster.
     topic_prefix: str = "loopstream"
 
+    # --- command processor -----------------------------------------------------------------
+    # A stable id per processor instance: its transactional.id derives from it, so a restarted
+    # instance fences its dead predecessor instead of leaving a transaction open.
+    processor_instance_id: str = "0"
+    # Commands per Kafka transaction; each transaction costs broker round trips.
+    processor_batch_size: int = Field(default=500, ge=1)
+    processor_batch_timeout_s: float = Field(default=0.05, gt=0)
+    # Fault injection for crash tests only: sleep between producing a batch and committing it.
+    processor_commit_delay_ms: int = Field(default=0, ge=0)
+
     # --- PostgreSQL ----------------------------------------------------------------------
     pg_host: str = "127.0.0.1"
     pg_port: int = 15432

@@ -1,0 +1,60 @@
+"""Commands on the wire, and their results.
+
+A command is a request to change one aggregate. It carries a client-chosen `command_id`, the
+idempotency key: the same id sent twice gets the first result back and changes nothing more. The
+Kafka key of a command is its `aggregate_id`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from events.envelope import utc_now
+
+
+class CommandEnvelope(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    command_id: str = Field(min_length=1, max_length=200, description="idempotency key")
+    type: str = Field(description="imperative command type, e.g. CreateRun")
+    schema_version: int = Field(default=1, ge=1)
+    aggregate_id: str = Field(min_length=1, max_length=200, description="also the Kafka key")
+    actor: str = Field(default="anonymous", max_length=200)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    issued_at: datetime = Field(default_factory=utc_now)
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class EventRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    type: str
+    sequence: int
+
+
+class CommandResult(BaseModel):
+    """What became of a command. Keyed by command_id on the command-results topic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    command_id: str
+    command_type: str | None
+    aggregate_id: str | None
+    status: Literal["accepted", "rejected"]
+    events: tuple[EventRef, ...] = ()
+    # For a rejection: a human-readable reason, and the field or rule it is about.
+    reason: str | None = None
+    field: str | None = None
+    correlation_id: str | None = None
+    processed_at: datetime = Field(default_factory=utc_now)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()

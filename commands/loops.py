@@ -1,0 +1,410 @@
+"""The Loops session aggregate: commands, state, decide and evolve.
+
+A session holds one base model, its trainer run (with the paired sampler) and the run's
+checkpoints. `decide` checks a command against the state and returns the events it causes, or
+raises `Rejected` naming the field or rule; `evolve` folds one event into the state. Both are pure:
+the clock comes in as an argument, ids come in with the command.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from events.loops import (
+    CheckpointDeleted,
+    CheckpointFile,
+    CheckpointKind,
+    CheckpointSaved,
+    DomainEvent,
+    RunCreated,
+    RunStopped,
+    SamplerCreated,
+    SamplerStopped,
+    SessionCreated,
+    SessionEnded,
+)
+
+AGGREGATE_TYPE = "session"
+
+RESOURCE_ID = r"^[a-z0-9][a-z0-9-]{0,62}$"
+CHECKPOINT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+CHECKPOINT_URI = re.compile(
+    r"^bt://loops:(?P<run_id>[a-z0-9][a-z0-9-]{0,62})/(?P<kind>weights|sampler_weights)/"
+    r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
+)
+MAX_SEQ_LEN_LIMIT = 1_048_576
+
+
+def checkpoint_uri(run_id: str, kind: CheckpointKind, name: str) -> str:
+    """`bt://loops:<run_id>/(weights|sampler_weights)/<name>`, the platform's URI scheme."""
+    return f"bt://loops:{run_id}/{kind}/{name}"
+
+
+class Rejected(Exception):
+    """A command that breaks a rule. Becomes a `rejected` CommandResult, never a crash."""
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = 1  # overridden per class when a payload schema changes
+
+
+class CreateSession(Command):
+    base_model: str = Field(min_length=1, max_length=200)
+    project: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class EndSession(Command):
+    reason: str = Field(default="ended by user", max_length=500)
+
+
+class CreateRun(Command):
+    """Provision a trainer server ("run") and its paired sampler in one step."""
+
+    run_id: str = Field(pattern=RESOURCE_ID)
+    sampler_id: str = Field(pattern=RESOURCE_ID)
+    max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
+    lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
+    from_checkpoint: str | None = Field(default=None, description="bt://loops:... URI")
+
+    @field_validator("from_checkpoint")
+    @classmethod
+    def _is_checkpoint_uri(cls, value: str | None) -> str | None:
+        if value is not None and not CHECKPOINT_URI.match(value):
+            raise ValueError("must look like bt://loops:<run_id>/(weights|sampler_weights)/<name>")
+        return value
+
+
+class RecordCheckpoint(Command):
+    """A trainer finished writing a checkpoint folder to the store; make it part of the record."""
+
+    run_id: str = Field(pattern=RESOURCE_ID)
+    checkpoint_id: str = Field(pattern=RESOURCE_ID)
+    name: str = Field(pattern=CHECKPOINT_NAME)
+    kind: CheckpointKind
+    files: tuple[CheckpointFile, ...] = Field(min_length=1)
+    step: int | None = Field(default=None, ge=0)
+    ttl_seconds: int | None = Field(default=None, ge=1)
+
+
+class DeleteCheckpoint(Command):
+    checkpoint_id: str = Field(pattern=RESOURCE_ID)
+    reason: Literal["deleted", "expired", "retention"] = "deleted"
+
+
+COMMANDS: tuple[type[Command], ...] = (
+    CreateSession,
+    EndSession,
+    CreateRun,
+    RecordCheckpoint,
+    DeleteCheckpoint,
+)
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    sampler_id: str
+    max_seq_len: int
+    lora_rank: int
+    from_checkpoint: str | None
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    checkpoint_id: str
+    run_id: str
+    name: str
+    kind: CheckpointKind
+    uri: str
+    step: int | None
+    expires_at: datetime | None
+    deleted: bool = False
+
+
+def _frozen_map() -> MappingProxyType:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class SessionState:
+    session_id: str
+    status: Literal["absent", "active", "ended"] = "absent"
+    base_model: str = ""
+    project: str | None = None
+    name: str | None = None
+    version: int = 0  # sequence of the last event applied
+    runs: MappingProxyType = field(default_factory=_frozen_map)  # run_id -> RunState
+    checkpoints: MappingProxyType = field(default_factory=_frozen_map)  # id -> CheckpointState
+
+    def active_run(self) -> RunState | None:
+        return next((run for run in self.runs.values() if run.active), None)
+
+    def live_checkpoint(self, run_id: str, kind: str, name: str) -> CheckpointState | None:
+        return next(
+            (
+                c
+                for c in self.checkpoints.values()
+                if not c.deleted and (c.run_id, c.kind, c.name) == (run_id, kind, name)
+            ),
+            None,
+        )
+
+
+def initial_state(aggregate_id: str) -> SessionState:
+    return SessionState(session_id=aggregate_id)
+
+
+# --- decide ----------------------------------------------------------------------------------
+
+
+def decide(state: SessionState, command: Command, *, now: datetime) -> list[DomainEvent]:
+    """The events `command` causes in `state`, or `Rejected`."""
+    if isinstance(command, CreateSession):
+        if state.status != "absent":
+            raise Rejected(f"session {state.session_id} already exists", field="aggregate_id")
+        return [
+            SessionCreated(
+                session_id=state.session_id,
+                base_model=command.base_model,
+                project=command.project,
+                name=command.name,
+            )
+        ]
+    if state.status == "absent":
+        raise Rejected(f"session {state.session_id} does not exist", field="aggregate_id")
+    if state.status == "ended":
+        raise Rejected(f"session {state.session_id} has ended", field="aggregate_id")
+    return _decide_in_active_session(command, state, now)
+
+
+# Dispatches on the command's type (singledispatch looks at the first argument).
+@functools.singledispatch
+def _decide_in_active_session(
+    command: Command, state: SessionState, now: datetime
+) -> list[DomainEvent]:
+    raise Rejected(f"{type(command).__name__} is not a session command", field="type")
+
+
+@_decide_in_active_session.register
+def _(command: CreateSession, state: SessionState, now: datetime) -> list[DomainEvent]:
+    raise Rejected(f"session {state.session_id} already exists", field="aggregate_id")
+
+
+@_decide_in_active_session.register
+def _(command: EndSession, state: SessionState, now: datetime) -> list[DomainEvent]:
+    events: list[DomainEvent] = []
+    for run in state.runs.values():
+        if run.active:
+            reason = f"session ended: {command.reason}"
+            events.append(RunStopped(run_id=run.run_id, session_id=state.session_id, reason=reason))
+            events.append(
+                SamplerStopped(
+                    sampler_id=run.sampler_id,
+                    run_id=run.run_id,
+                    session_id=state.session_id,
+                    reason=reason,
+                )
+            )
+    events.append(SessionEnded(session_id=state.session_id, reason=command.reason))
+    return events
+
+
+@_decide_in_active_session.register
+def _(command: CreateRun, state: SessionState, now: datetime) -> list[DomainEvent]:
+    active = state.active_run()
+    if active is not None:
+        # The platform runs one trainer per session per base model.
+        raise Rejected(
+            f"session {state.session_id} already has an active run {active.run_id}",
+            field="run_id",
+        )
+    if command.run_id in state.runs:
+        raise Rejected(f"run {command.run_id} already exists", field="run_id")
+    if command.sampler_id in {run.sampler_id for run in state.runs.values()}:
+        raise Rejected(f"sampler {command.sampler_id} already exists", field="sampler_id")
+    if command.from_checkpoint is not None:
+        match = CHECKPOINT_URI.match(command.from_checkpoint)
+        assert match is not None  # validated by the command model
+        # A checkpoint of this session must exist; others are checked by the trainer on load.
+        if match["run_id"] in state.runs and (
+            state.live_checkpoint(match["run_id"], match["kind"], match["name"]) is None
+        ):
+            raise Rejected(
+                f"checkpoint {command.from_checkpoint} does not exist", field="from_checkpoint"
+            )
+    return [
+        RunCreated(
+            run_id=command.run_id,
+            session_id=state.session_id,
+            sampler_id=command.sampler_id,
+            base_model=state.base_model,
+            max_seq_len=command.max_seq_len,
+            lora_rank=command.lora_rank,
+            from_checkpoint=command.from_checkpoint,
+        ),
+        SamplerCreated(
+            sampler_id=command.sampler_id,
+            run_id=command.run_id,
+            session_id=state.session_id,
+            base_model=state.base_model,
+        ),
+    ]
+
+
+@_decide_in_active_session.register
+def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[DomainEvent]:
+    run = state.runs.get(command.run_id)
+    if run is None:
+        raise Rejected(
+            f"run {command.run_id} does not exist in session {state.session_id}", field="run_id"
+        )
+    if not run.active:
+        raise Rejected(f"run {command.run_id} is stopped", field="run_id")
+    if command.checkpoint_id in state.checkpoints:
+        raise Rejected(f"checkpoint {command.checkpoint_id} already exists", field="checkpoint_id")
+    if state.live_checkpoint(command.run_id, command.kind, command.name) is not None:
+        raise Rejected(
+            f"a {command.kind} checkpoint named {command.name!r} already exists for run "
+            f"{command.run_id}",
+            field="name",
+        )
+    names = [f.relative_file_name for f in command.files]
+    if len(set(names)) != len(names):
+        raise Rejected("files lists the same relative_file_name twice", field="files")
+    if any(name.startswith("/") or ".." in name.split("/") for name in names):
+        raise Rejected("relative_file_name must stay inside the checkpoint folder", field="files")
+    expires_at = now + timedelta(seconds=command.ttl_seconds) if command.ttl_seconds else None
+    return [
+        CheckpointSaved(
+            checkpoint_id=command.checkpoint_id,
+            run_id=command.run_id,
+            session_id=state.session_id,
+            name=command.name,
+            kind=command.kind,
+            uri=checkpoint_uri(command.run_id, command.kind, command.name),
+            files=command.files,
+            total_size_bytes=sum(f.size_bytes for f in command.files),
+            step=command.step,
+            expires_at=expires_at,
+        )
+    ]
+
+
+@_decide_in_active_session.register
+def _(command: DeleteCheckpoint, state: SessionState, now: datetime) -> list[DomainEvent]:
+    checkpoint = state.checkpoints.get(command.checkpoint_id)
+    if checkpoint is None:
+        raise Rejected(f"checkpoint {command.checkpoint_id} does not exist", field="checkpoint_id")
+    if checkpoint.deleted:
+        raise Rejected(
+            f"checkpoint {command.checkpoint_id} is already deleted", field="checkpoint_id"
+        )
+    return [
+        CheckpointDeleted(
+            checkpoint_id=checkpoint.checkpoint_id,
+            run_id=checkpoint.run_id,
+            session_id=state.session_id,
+            uri=checkpoint.uri,
+            reason=command.reason,
+        )
+    ]
+
+
+# --- evolve ----------------------------------------------------------------------------------
+
+
+def evolve(state: SessionState, event: DomainEvent) -> SessionState:
+    """Fold one event into the state. The caller advances `version` (see `apply`)."""
+    return _evolve(event, state)
+
+
+@functools.singledispatch
+def _evolve(event: DomainEvent, state: SessionState) -> SessionState:
+    raise TypeError(f"session cannot apply {type(event).__name__}")
+
+
+@_evolve.register
+def _(event: SessionCreated, state: SessionState) -> SessionState:
+    return replace(
+        state, status="active", base_model=event.base_model, project=event.project, name=event.name
+    )
+
+
+@_evolve.register
+def _(event: SessionEnded, state: SessionState) -> SessionState:
+    return replace(state, status="ended")
+
+
+@_evolve.register
+def _(event: RunCreated, state: SessionState) -> SessionState:
+    run = RunState(
+        run_id=event.run_id,
+        sampler_id=event.sampler_id,
+        max_seq_len=event.max_seq_len,
+        lora_rank=event.lora_rank,
+        from_checkpoint=event.from_checkpoint,
+    )
+    return replace(state, runs=MappingProxyType({**state.runs, run.run_id: run}))
+
+
+@_evolve.register
+def _(event: SamplerCreated, state: SessionState) -> SessionState:
+    return state  # the sampler lives on the run (RunState.sampler_id)
+
+
+@_evolve.register
+def _(event: RunStopped, state: SessionState) -> SessionState:
+    run = replace(state.runs[event.run_id], active=False)
+    return replace(state, runs=MappingProxyType({**state.runs, run.run_id: run}))
+
+
+@_evolve.register
+def _(event: SamplerStopped, state: SessionState) -> SessionState:
+    return state  # stops with its run
+
+
+@_evolve.register
+def _(event: CheckpointSaved, state: SessionState) -> SessionState:
+    checkpoint = CheckpointState(
+        checkpoint_id=event.checkpoint_id,
+        run_id=event.run_id,
+        name=event.name,
+        kind=event.kind,
+        uri=event.uri,
+        step=event.step,
+        expires_at=event.expires_at,
+    )
+    return replace(
+        state,
+        checkpoints=MappingProxyType({**state.checkpoints, checkpoint.checkpoint_id: checkpoint}),
+    )
+
+
+@_evolve.register
+def _(event: CheckpointDeleted, state: SessionState) -> SessionState:
+    checkpoint = replace(state.checkpoints[event.checkpoint_id], deleted=True)
+    return replace(
+        state,
+        checkpoints=MappingProxyType({**state.checkpoints, checkpoint.checkpoint_id: checkpoint}),
+    )

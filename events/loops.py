@@ -1,0 +1,109 @@
+"""Events of the Loops bounded context: sessions, runs (trainers), samplers, checkpoints.
+
+A Loops session is the consistency boundary (aggregate type `session`): its runs, samplers and
+checkpoints are entities inside it, so every rule that spans them (a run needs a live session, a
+checkpoint needs a live run, checkpoint names are unique per run and kind) is checked in one
+place, in order, without a distributed lock. Events are past tense, frozen, versioned.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CheckpointKind = Literal["weights", "sampler_weights"]
+
+
+class DomainEvent(BaseModel):
+    """Base of every event payload. `schema_version` is the version this class writes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    aggregate_type: ClassVar[str] = "session"
+    schema_version: ClassVar[int] = 1
+
+
+class SessionCreated(DomainEvent):
+    session_id: str
+    base_model: str
+    project: str | None = None
+    name: str | None = None
+
+
+class SessionEnded(DomainEvent):
+    session_id: str
+    reason: str
+
+
+class RunCreated(DomainEvent):
+    """A trainer server ("run") was provisioned; its sampler comes in the same transaction."""
+
+    run_id: str
+    session_id: str
+    sampler_id: str
+    base_model: str
+    max_seq_len: int
+    lora_rank: int = Field(description="0 means full-parameter training")
+    from_checkpoint: str | None = None
+
+
+class SamplerCreated(DomainEvent):
+    sampler_id: str
+    run_id: str
+    session_id: str
+    base_model: str
+
+
+class RunStopped(DomainEvent):
+    run_id: str
+    session_id: str
+    reason: str
+
+
+class SamplerStopped(DomainEvent):
+    sampler_id: str
+    run_id: str
+    session_id: str
+    reason: str
+
+
+class CheckpointFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    relative_file_name: str
+    size_bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class CheckpointSaved(DomainEvent):
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    name: str
+    kind: CheckpointKind
+    uri: str = Field(description="bt://loops:<run_id>/(weights|sampler_weights)/<name>")
+    files: tuple[CheckpointFile, ...]
+    total_size_bytes: int
+    step: int | None = None
+    expires_at: datetime | None = None
+
+
+class CheckpointDeleted(DomainEvent):
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    uri: str
+    reason: Literal["deleted", "expired", "retention"]
+
+
+LOOPS_EVENTS: tuple[type[DomainEvent], ...] = (
+    SessionCreated,
+    SessionEnded,
+    RunCreated,
+    SamplerCreated,
+    RunStopped,
+    SamplerStopped,
+    CheckpointSaved,
+    CheckpointDeleted,
+)
