@@ -41,8 +41,6 @@ from infra.settings import Settings
 
 log = logging.getLogger("loopstream.command_processor")
 
-GROUP_ID = "loopstream-command-processor"
-
 
 @dataclass
 class PartitionState:
@@ -76,7 +74,15 @@ class CommandProcessor:
         self.totals = BatchStats()
 
         self.producer = self._new_producer()
-        self.consumer = Consumer(consumer_config(settings, group_id=GROUP_ID))
+        self.consumer = Consumer(
+            consumer_config(
+                settings,
+                group_id=self.group_id,
+                # Static membership: a restarted instance takes its partitions straight back
+                # instead of waiting out the dead member's session.
+                **{"group.instance.id": self.transactional_id, "session.timeout.ms": 10_000},
+            )
+        )
         self.consumer.subscribe(
             [self.commands_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -102,8 +108,13 @@ class CommandProcessor:
         log.info("command processor stopped", extra={"totals": vars(self.totals)})
 
     @property
+    def group_id(self) -> str:
+        # Per topic prefix: environments sharing a cluster never share a consumer group.
+        return f"{self.settings.topic_prefix}-command-processor"
+
+    @property
     def transactional_id(self) -> str:
-        return f"loopstream-command-processor-{self.settings.processor_instance_id}"
+        return f"{self.group_id}-{self.settings.processor_instance_id}"
 
     def _new_producer(self) -> Producer:
         producer = Producer(producer_config(self.settings, transactional_id=self.transactional_id))
