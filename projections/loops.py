@@ -1,0 +1,272 @@
+"""Projectors of the Loops context: events and command results -> read-model row changes.
+
+Pure functions, no I/O: `project_event(envelope, event)` and `project_result(result)` return the
+row changes; `projections/store.py` writes them. Columns match migration 0002.
+"""
+
+from __future__ import annotations
+
+from functools import singledispatch
+from typing import Any
+
+from commands.envelope import CommandResult
+from events.envelope import EventEnvelope
+from events.loops import (
+    CheckpointDeleted,
+    CheckpointSaved,
+    DomainEvent,
+    RunCreated,
+    RunStopped,
+    SamplerCreated,
+    SamplerStopped,
+    SessionCreated,
+    SessionEnded,
+)
+from projections.rows import RowChange, TableSpec
+
+_ENTITY = ("version", "updated_at")
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (
+        TableSpec(
+            "sessions",
+            key=("session_id",),
+            columns=(
+                "session_id", "base_model", "project", "name", "status", "end_reason",
+                "created_at", "ended_at", *_ENTITY,
+            ),
+        ),
+        TableSpec(
+            "runs",
+            key=("run_id",),
+            columns=(
+                "run_id", "session_id", "sampler_id", "base_model", "max_seq_len", "lora_rank",
+                "from_checkpoint", "status", "stop_reason", "created_at", "stopped_at", *_ENTITY,
+            ),
+        ),
+        TableSpec(
+            "samplers",
+            key=("sampler_id",),
+            columns=(
+                "sampler_id", "run_id", "session_id", "base_model", "status", "stop_reason",
+                "created_at", "stopped_at", *_ENTITY,
+            ),
+        ),
+        TableSpec(
+            "checkpoints",
+            key=("checkpoint_id",),
+            columns=(
+                "checkpoint_id", "run_id", "session_id", "name", "kind", "uri", "files",
+                "total_size_bytes", "step", "expires_at", "status", "delete_reason",
+                "created_at", "deleted_at", *_ENTITY,
+            ),
+            json_columns=frozenset({"files"}),
+        ),
+        TableSpec(
+            "command_results",
+            key=("command_id",),
+            columns=(
+                "command_id", "command_type", "aggregate_id", "status", "reason", "field",
+                "events", "correlation_id", "processed_at", "kafka_partition", "kafka_offset",
+            ),
+            insert_only=True,
+            json_columns=frozenset({"events"}),
+        ),
+        TableSpec(
+            "event_log",
+            key=("event_id",),
+            columns=(
+                "event_id", "aggregate_type", "aggregate_id", "sequence", "type",
+                "schema_version", "occurred_at", "command_id", "causation_id", "correlation_id",
+                "actor", "payload", "kafka_partition", "kafka_offset",
+            ),
+            insert_only=True,
+            json_columns=frozenset({"payload"}),
+        ),
+    )
+}  # fmt: skip
+
+
+def event_log_row(envelope: EventEnvelope, *, partition: int, offset: int) -> RowChange:
+    """Every envelope, as it was written, for audit queries."""
+    return RowChange(
+        table="event_log",
+        key=(envelope.event_id,),
+        version=envelope.sequence,
+        creates=True,
+        values={
+            "event_id": envelope.event_id,
+            "aggregate_type": envelope.aggregate_type,
+            "aggregate_id": envelope.aggregate_id,
+            "sequence": envelope.sequence,
+            "type": envelope.type,
+            "schema_version": envelope.schema_version,
+            "occurred_at": envelope.occurred_at,
+            "command_id": envelope.command_id,
+            "causation_id": envelope.causation_id,
+            "correlation_id": envelope.correlation_id,
+            "actor": envelope.actor,
+            "payload": envelope.payload,
+            "kafka_partition": partition,
+            "kafka_offset": offset,
+        },
+    )
+
+
+def project_result(result: CommandResult, *, partition: int, offset: int) -> RowChange:
+    """The future of a command: the API long-polls this row by command_id."""
+    return RowChange(
+        table="command_results",
+        key=(result.command_id,),
+        version=0,
+        creates=True,
+        values={
+            "command_id": result.command_id,
+            "command_type": result.command_type,
+            "aggregate_id": result.aggregate_id,
+            "status": result.status,
+            "reason": result.reason,
+            "field": result.field,
+            "events": [ref.model_dump() for ref in result.events],
+            "correlation_id": result.correlation_id,
+            "processed_at": result.processed_at,
+            "kafka_partition": partition,
+            "kafka_offset": offset,
+        },
+    )
+
+
+def project_event(envelope: EventEnvelope, event: DomainEvent) -> list[RowChange]:
+    """The entity rows one event changes (the event_log row is added by the caller)."""
+    return _project(event, envelope)
+
+
+def _change(
+    table: str, key: str, envelope: EventEnvelope, values: dict[str, Any], *, creates: bool
+) -> RowChange:
+    return RowChange(
+        table=table,
+        key=(key,),
+        version=envelope.sequence,
+        creates=creates,
+        values={**values, "version": envelope.sequence, "updated_at": envelope.occurred_at},
+    )
+
+
+@singledispatch
+def _project(event: DomainEvent, envelope: EventEnvelope) -> list[RowChange]:
+    return []  # an event with no read model of its own still lands in event_log
+
+
+@_project.register
+def _(event: SessionCreated, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "session_id": event.session_id,
+        "base_model": event.base_model,
+        "project": event.project,
+        "name": event.name,
+        "status": "active",
+        "end_reason": None,
+        "created_at": envelope.occurred_at,
+        "ended_at": None,
+    }
+    return [_change("sessions", event.session_id, envelope, values, creates=True)]
+
+
+@_project.register
+def _(event: SessionEnded, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "session_id": event.session_id,
+        "status": "ended",
+        "end_reason": event.reason,
+        "ended_at": envelope.occurred_at,
+    }
+    return [_change("sessions", event.session_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: RunCreated, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "run_id": event.run_id,
+        "session_id": event.session_id,
+        "sampler_id": event.sampler_id,
+        "base_model": event.base_model,
+        "max_seq_len": event.max_seq_len,
+        "lora_rank": event.lora_rank,
+        "from_checkpoint": event.from_checkpoint,
+        "status": "active",
+        "stop_reason": None,
+        "created_at": envelope.occurred_at,
+        "stopped_at": None,
+    }
+    return [_change("runs", event.run_id, envelope, values, creates=True)]
+
+
+@_project.register
+def _(event: SamplerCreated, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "sampler_id": event.sampler_id,
+        "run_id": event.run_id,
+        "session_id": event.session_id,
+        "base_model": event.base_model,
+        "status": "active",
+        "stop_reason": None,
+        "created_at": envelope.occurred_at,
+        "stopped_at": None,
+    }
+    return [_change("samplers", event.sampler_id, envelope, values, creates=True)]
+
+
+@_project.register
+def _(event: RunStopped, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "run_id": event.run_id,
+        "status": "stopped",
+        "stop_reason": event.reason,
+        "stopped_at": envelope.occurred_at,
+    }
+    return [_change("runs", event.run_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: SamplerStopped, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "sampler_id": event.sampler_id,
+        "status": "stopped",
+        "stop_reason": event.reason,
+        "stopped_at": envelope.occurred_at,
+    }
+    return [_change("samplers", event.sampler_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "checkpoint_id": event.checkpoint_id,
+        "run_id": event.run_id,
+        "session_id": event.session_id,
+        "name": event.name,
+        "kind": event.kind,
+        "uri": event.uri,
+        "files": [file.model_dump() for file in event.files],
+        "total_size_bytes": event.total_size_bytes,
+        "step": event.step,
+        "expires_at": event.expires_at,
+        "status": "active",
+        "delete_reason": None,
+        "created_at": envelope.occurred_at,
+        "deleted_at": None,
+    }
+    return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
+
+
+@_project.register
+def _(event: CheckpointDeleted, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "checkpoint_id": event.checkpoint_id,
+        "status": "deleted",
+        "delete_reason": event.reason,
+        "deleted_at": envelope.occurred_at,
+    }
+    return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]

@@ -1,0 +1,163 @@
+"""From raw Kafka records to a planned batch: row changes, dead letters, next offsets.
+
+Pure and transport-free: the faust runner and the replay tool (confluent-kafka) both turn their
+messages into `SourceRecord`s and share this code, so live and replayed read models cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from commands.envelope import CommandResult
+from events.catalog import CATALOG, UnknownEventType, UnsupportedSchemaVersion
+from events.envelope import EventEnvelope
+from projections.loops import event_log_row, project_event, project_result
+from projections.rows import RowChange
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: SourceRecord
+    error_type: str  # a stable, greppable name: invalid_envelope, unknown_event_type, ...
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Projected:
+    record: SourceRecord
+    changes: tuple[RowChange, ...]
+
+
+@dataclass
+class PlannedBatch:
+    projected: list[Projected] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    # Per partition: the offset to resume from once this batch is committed.
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> list[RowChange]:
+        return [change for item in self.projected for change in item.changes]
+
+    def __len__(self) -> int:
+        return len(self.projected) + len(self.dead_letters)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionTopics:
+    events: str
+    command_results: str
+
+
+def plan_batch(
+    records: Iterable[SourceRecord],
+    topics: ProjectionTopics,
+    *,
+    positions: dict[TopicPartition, int] | None = None,
+) -> PlannedBatch:
+    """Decode and project a batch. Records below the stored `positions` are already applied."""
+    batch = PlannedBatch()
+    for record in records:
+        tp = (record.topic, record.partition)
+        if positions is not None and record.offset < positions.get(tp, 0):
+            continue
+        batch.next_offsets[tp] = max(batch.next_offsets.get(tp, 0), record.offset + 1)
+        outcome = project_record(record, topics)
+        if isinstance(outcome, DeadLetter):
+            batch.dead_letters.append(outcome)
+        elif outcome is not None:
+            batch.projected.append(outcome)
+    return batch
+
+
+def project_record(record: SourceRecord, topics: ProjectionTopics) -> Projected | DeadLetter | None:
+    if record.topic == topics.events:
+        return _project_event_record(record)
+    if record.topic == topics.command_results:
+        return _project_result_record(record)
+    return DeadLetter(record, "unexpected_topic", f"no projector for topic {record.topic!r}")
+
+
+def _project_event_record(record: SourceRecord) -> Projected | DeadLetter:
+    if record.value is None:
+        return DeadLetter(record, "invalid_envelope", "empty value (tombstone) on the events topic")
+    try:
+        envelope = EventEnvelope.from_bytes(record.value)
+    except ValidationError as exc:
+        return DeadLetter(record, "invalid_envelope", _short(exc))
+    try:
+        model = CATALOG.model(envelope.type)
+        event = CATALOG.decode(envelope)
+    except UnknownEventType as exc:
+        return DeadLetter(record, "unknown_event_type", str(exc))
+    except UnsupportedSchemaVersion as exc:
+        return DeadLetter(record, "unsupported_schema_version", str(exc))
+    except ValidationError as exc:
+        return DeadLetter(record, "invalid_payload", f"{envelope.type}: {_short(exc)}")
+    if envelope.aggregate_type != model.aggregate_type:
+        return DeadLetter(
+            record,
+            "wrong_aggregate_type",
+            f"{envelope.type} belongs to {model.aggregate_type!r}, not {envelope.aggregate_type!r}",
+        )
+    changes = (
+        event_log_row(envelope, partition=record.partition, offset=record.offset),
+        *project_event(envelope, event),
+    )
+    return Projected(record, changes)
+
+
+def _project_result_record(record: SourceRecord) -> Projected | DeadLetter | None:
+    if record.value is None:
+        return None  # a compaction tombstone: nothing to project
+    try:
+        result = CommandResult.model_validate_json(record.value)
+    except ValidationError as exc:
+        return DeadLetter(record, "invalid_command_result", _short(exc))
+    return Projected(
+        record, (project_result(result, partition=record.partition, offset=record.offset),)
+    )
+
+
+def _short(exc: ValidationError, limit: int = 500) -> str:
+    text = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+    )
+    return text[:limit]
+
+
+def dead_letter_headers(letter: DeadLetter, *, projection: str) -> list[tuple[str, bytes]]:
+    """The error travels in headers; the value stays the original bytes, untouched."""
+    record = letter.record
+    return [
+        *record.headers,
+        ("dlq.error_type", letter.error_type.encode()),
+        ("dlq.reason", letter.reason.encode()),
+        ("dlq.projection", projection.encode()),
+        ("dlq.source_topic", record.topic.encode()),
+        ("dlq.source_partition", str(record.partition).encode()),
+        ("dlq.source_offset", str(record.offset).encode()),
+    ]
+
+
+def batch_offsets(records: Sequence[SourceRecord]) -> dict[TopicPartition, int]:
+    offsets: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = (record.topic, record.partition)
+        offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+    return offsets

@@ -1,0 +1,347 @@
+"""Replay: rebuild a projection from the log into a shadow schema, compare, swap.
+
+    shadow = replay_into_shadow(settings, projection="loops")   # from offset 0, or from_time=...
+    compare(engine, live="loops", shadow="loops__shadow")       # row counts + content checksums
+    swap(engine, live="loops", shadow="loops__shadow")           # one transaction
+
+The shadow is a structural clone of the live schema (columns, defaults, checks, keys and index
+names), so alembic stays the only author of the schema and a swapped-in shadow is
+indistinguishable from a migrated one. Secondary indexes are built after the load, which is the
+cheap order for a bulk rebuild.
+
+Replay reads with a plain confluent-kafka consumer on assigned partitions, up to the end offsets
+taken when it starts, and applies batches with the same planner and writer as the live faust
+runner; it never sends dead letters again (the live runner already did) but counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from sqlalchemy import Engine, text
+
+from infra.settings import Settings
+from projections.db import get_engine
+from projections.names import group_id, retired_name, shadow_name, topics_for
+from projections.pipeline import SourceRecord, plan_batch
+from projections.pipeline import TopicPartition as TP
+from projections.store import ReadModelWriter, checked_identifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayReport:
+    projection: str
+    shadow: str
+    records: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+    start_offsets: dict[TP, int] = field(default_factory=dict)
+    end_offsets: dict[TP, int] = field(default_factory=dict)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.records / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class TableComparison:
+    table: str
+    live_rows: int | None
+    shadow_rows: int | None
+    live_checksum: str | None
+    shadow_checksum: str | None
+
+    @property
+    def matches(self) -> bool:
+        return (self.live_rows, self.live_checksum) == (self.shadow_rows, self.shadow_checksum)
+
+
+# --- shadow schema -----------------------------------------------------------------------------
+
+
+def tables_of(engine: Engine, schema: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(
+            conn.scalars(
+                text("select tablename from pg_tables where schemaname = :s order by tablename"),
+                {"s": schema},
+            )
+        )
+
+
+def create_shadow(engine: Engine, *, live: str, shadow: str) -> list[str]:
+    """(Re)create an empty clone of `live`; return the index DDL to run after the load."""
+    live, shadow = checked_identifier(live), checked_identifier(shadow)
+    deferred: list[str] = []
+    with engine.begin() as conn:
+        conn.execute(text(f"drop schema if exists {shadow} cascade"))
+        conn.execute(text(f"create schema {shadow}"))
+        conn.execute(text("delete from projection_positions where projection = :p"), {"p": shadow})
+        tables = conn.scalars(
+            text("select tablename from pg_tables where schemaname = :s order by tablename"),
+            {"s": live},
+        ).all()
+        if not tables:
+            raise RuntimeError(f"schema {live!r} has no tables: run `loopstream db migrate`")
+        for table in tables:
+            conn.execute(
+                text(
+                    f"create table {shadow}.{table} (like {live}.{table} including defaults "
+                    "including constraints including generated including identity "
+                    "including storage including comments)"
+                )
+            )
+            # Keys and unique constraints now (upserts need them), with their live names.
+            for name, definition in conn.execute(
+                text(
+                    "select conname, pg_get_constraintdef(c.oid) from pg_constraint c "
+                    "join pg_class r on r.oid = c.conrelid "
+                    "join pg_namespace n on n.oid = r.relnamespace "
+                    "where n.nspname = :s and r.relname = :t and c.contype in ('p', 'u', 'x') "
+                    "order by conname"
+                ),
+                {"s": live, "t": table},
+            ):
+                conn.execute(
+                    text(f"alter table {shadow}.{table} add constraint {name} {definition}")
+                )
+            # Plain indexes after the load.
+            for (definition,) in conn.execute(
+                text(
+                    "select pg_get_indexdef(i.indexrelid) from pg_index i "
+                    "join pg_class r on r.oid = i.indrelid "
+                    "join pg_namespace n on n.oid = r.relnamespace "
+                    "where n.nspname = :s and r.relname = :t and not exists "
+                    "(select 1 from pg_constraint c where c.conindid = i.indexrelid) "
+                    "order by i.indexrelid"
+                ),
+                {"s": live, "t": table},
+            ):
+                deferred.append(
+                    definition.replace(f" ON {live}.{table} ", f" ON {shadow}.{table} ", 1)
+                )
+    return deferred
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+def replay_into_shadow(
+    settings: Settings,
+    *,
+    projection: str = "loops",
+    from_time: datetime | None = None,
+    batch_size: int = 10_000,
+    timeout_s: float = 600.0,
+    progress: Callable[[ReplayReport], None] | None = None,
+) -> ReplayReport:
+    engine = get_engine(settings)
+    shadow = shadow_name(projection)
+    topics = topics_for(settings)
+    report = ReplayReport(projection=projection, shadow=shadow)
+    started = time.monotonic()
+    deferred_indexes = create_shadow(engine, live=projection, shadow=shadow)
+    writer = ReadModelWriter(engine, projection=shadow)
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            # Never committed: replay positions live in PostgreSQL like the runner's.
+            "group.id": f"{group_id(settings, projection)}.replay.{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "queued.max.messages.kbytes": 256 * 1024,
+        }
+    )
+    try:
+        partitions = _partitions(consumer, [topics.events, topics.command_results])
+        report.end_offsets = {
+            tp: consumer.get_watermark_offsets(TopicPartition(*tp), timeout=10, cached=False)[1]
+            for tp in partitions
+        }
+        report.start_offsets = _start_offsets(consumer, partitions, from_time, report.end_offsets)
+        pending = {tp for tp in partitions if report.start_offsets[tp] < report.end_offsets[tp]}
+        reached = dict(report.start_offsets)
+        consumer.assign([TopicPartition(t, p, report.start_offsets[(t, p)]) for t, p in pending])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replay did not reach the end offsets in {timeout_s}s")
+            records: list[SourceRecord] = []
+            for message in consumer.consume(num_messages=batch_size, timeout=0.2):
+                tp = (message.topic(), message.partition())
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        if message.offset() >= report.end_offsets[tp]:
+                            pending.discard(tp)
+                        continue
+                    raise RuntimeError(f"replay consumer error: {error}")
+                if message.offset() >= report.end_offsets[tp]:
+                    pending.discard(tp)  # written after the replay began: for the live runner
+                    continue
+                reached[tp] = message.offset() + 1
+                records.append(_source_record(message))
+            if records:
+                batch = plan_batch(records, topics)
+                writer.apply(batch)
+                report.records += len(records)
+                report.events += sum(1 for r in records if r.topic == topics.events)
+                report.dead_letters += len(batch.dead_letters)
+                if progress is not None:
+                    progress(report)
+            for tp, position in _positions(consumer, pending).items():
+                if position >= report.end_offsets[tp]:
+                    pending.discard(tp)
+    finally:
+        consumer.close()
+    # Every partition gets a position, also those with nothing to replay, so that the live
+    # runner resumes exactly at the replay's end after a swap.
+    writer.save_positions({tp: max(reached[tp], report.end_offsets[tp]) for tp in partitions})
+    with engine.begin() as conn:
+        for ddl in deferred_indexes:
+            conn.execute(text(ddl))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(
+            text(f"analyze {', '.join(f'{shadow}.{t}' for t in tables_of(engine, shadow))}")
+        )
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _partitions(consumer: Consumer, topics: Sequence[str]) -> list[TP]:
+    metadata = consumer.list_topics(timeout=10)
+    partitions: list[TP] = []
+    for topic in topics:
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            raise RuntimeError(f"topic {topic!r} does not exist")
+        partitions += [(topic, p) for p in sorted(metadata.topics[topic].partitions)]
+    return partitions
+
+
+def _start_offsets(
+    consumer: Consumer, partitions: list[TP], from_time: datetime | None, ends: dict[TP, int]
+) -> dict[TP, int]:
+    if from_time is None:
+        return dict.fromkeys(partitions, 0)
+    ms = int(from_time.timestamp() * 1000)
+    found = consumer.offsets_for_times(
+        [TopicPartition(t, p, ms) for t, p in partitions], timeout=10
+    )
+    # -1: no message at or after that time in this partition.
+    return {
+        (f.topic, f.partition): f.offset if f.offset >= 0 else ends[(f.topic, f.partition)]
+        for f in found
+    }
+
+
+def _positions(consumer: Consumer, tps: set[TP]) -> dict[TP, int]:
+    if not tps:
+        return {}
+    return {
+        (p.topic, p.partition): p.offset
+        for p in consumer.position([TopicPartition(t, p) for t, p in tps])
+        if p.offset >= 0
+    }
+
+
+def _source_record(message: object) -> SourceRecord:
+    return SourceRecord(
+        topic=message.topic(),  # type: ignore[attr-defined]
+        partition=message.partition(),  # type: ignore[attr-defined]
+        offset=message.offset(),  # type: ignore[attr-defined]
+        key=message.key(),  # type: ignore[attr-defined]
+        value=message.value(),  # type: ignore[attr-defined]
+        headers=tuple(message.headers() or ()),  # type: ignore[attr-defined]
+    )
+
+
+# --- compare and swap --------------------------------------------------------------------------
+
+# Order-independent content checksum: the sum of a 60-bit slice of each row's md5. Same rows,
+# same sum, whatever the physical order; any changed value changes it.
+_CHECKSUM_SQL = (
+    "select count(*), coalesce(sum(('x' || left(md5(t::text), 15))::bit(60)::bigint), 0)::text "
+    "from {schema}.{table} as t"
+)
+
+
+def table_checksum(engine: Engine, schema: str, table: str) -> tuple[int, str]:
+    with engine.connect() as conn:
+        rows, total = conn.execute(
+            text(
+                _CHECKSUM_SQL.format(
+                    schema=checked_identifier(schema), table=checked_identifier(table)
+                )
+            )
+        ).one()
+    return rows, f"{int(total) % (1 << 64):016x}"
+
+
+def compare(engine: Engine, *, live: str, shadow: str) -> list[TableComparison]:
+    live_tables, shadow_tables = set(tables_of(engine, live)), set(tables_of(engine, shadow))
+    result: list[TableComparison] = []
+    for table in sorted(live_tables | shadow_tables):
+        live_rows, live_sum = (
+            table_checksum(engine, live, table) if table in live_tables else (None, None)
+        )
+        shadow_rows, shadow_sum = (
+            table_checksum(engine, shadow, table) if table in shadow_tables else (None, None)
+        )
+        result.append(TableComparison(table, live_rows, shadow_rows, live_sum, shadow_sum))
+    return result
+
+
+def positions_of(engine: Engine, projection: str) -> dict[TP, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select topic, partition, next_offset from projection_positions "
+                "where projection = :p"
+            ),
+            {"p": projection},
+        ).all()
+    return {(t, p): o for t, p, o in rows}
+
+
+def swap(engine: Engine, *, live: str, shadow: str, lock_timeout_s: float = 30.0) -> None:
+    """Make the shadow the live projection, rows and positions, in one transaction.
+
+    A running runner is not disturbed mid-batch: the position rows are locked first, so the swap
+    waits for its open batch, and its next batch finds positions it did not write and resyncs.
+    """
+    live, shadow = checked_identifier(live), checked_identifier(shadow)
+    retired = retired_name(live)
+    if not tables_of(engine, shadow):
+        raise RuntimeError(f"no shadow schema {shadow!r} to swap in: run a replay first")
+    with engine.begin() as conn:
+        conn.execute(text(f"set local lock_timeout = '{int(lock_timeout_s * 1000)}ms'"))
+        conn.execute(
+            text(
+                "select 1 from projection_positions where projection in (:live, :shadow) "
+                "order by projection, topic, partition for update"
+            ),
+            {"live": live, "shadow": shadow},
+        )
+        conn.execute(text("delete from projection_positions where projection = :p"), {"p": live})
+        conn.execute(
+            text("update projection_positions set projection = :live where projection = :shadow"),
+            {"live": live, "shadow": shadow},
+        )
+        conn.execute(text(f"drop schema if exists {retired} cascade"))
+        conn.execute(text(f"alter schema {live} rename to {retired}"))
+        conn.execute(text(f"alter schema {shadow} rename to {live}"))
+        # Dropping (not keeping) the old tables also invalidates any plan cached against them.
+        conn.execute(text(f"drop schema {retired} cascade"))

@@ -1,0 +1,242 @@
+"""Writing planned batches into PostgreSQL: one transaction per batch, rows plus positions.
+
+The fast path is COPY into a temporary staging table and one set-based statement per
+(table, kind of change): `INSERT ... SELECT ... ON CONFLICT` for whole rows, `UPDATE ... FROM`
+for partial ones. Every write is guarded by the row's `version`, so a replayed event is a no-op.
+
+The positions of the batch's partitions are locked (`SELECT ... FOR UPDATE`) and compared with
+what the caller believes first. A mismatch means someone else moved this projection (a second
+runner, or a replay swap); the batch is rolled back and `PositionsMoved` tells the caller to
+resync from the stored positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DataError, IntegrityError
+
+from projections.loops import TABLES
+from projections.pipeline import DeadLetter, PlannedBatch, Projected, TopicPartition
+from projections.rows import RowChange, TableSpec, group_for_write, merge_changes
+
+log = logging.getLogger(__name__)
+
+# What PostgreSQL says about a row it will not take (as opposed to a lost connection): the raw
+# psycopg errors come from the COPY path, SQLAlchemy's wrappers from its own statements.
+_REFUSED = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError)
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+DeadLetterSink = Callable[[Sequence[DeadLetter]], None]
+
+
+class PositionsMoved(RuntimeError):
+    """Stored positions differ from the runner's: another writer moved the projection."""
+
+
+def checked_identifier(name: str) -> str:
+    """Schema names are spliced into SQL; allow only plain lowercase identifiers."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a plain lowercase SQL identifier: {name!r}")
+    return name
+
+
+# --- SQL text (pure) ---------------------------------------------------------------------------
+
+
+def stage_name(table: str, columns: Sequence[str]) -> str:
+    return f"stage_{table}_{zlib.crc32(','.join(columns).encode()):08x}"
+
+
+def create_stage_sql(schema: str, table: str, columns: Sequence[str]) -> str:
+    # Typed by the target table itself, so COPY parses values exactly as the table would.
+    return (
+        f"create temp table if not exists {stage_name(table, columns)} on commit delete rows "
+        f"as select {', '.join(columns)} from {schema}.{table} with no data"
+    )
+
+
+def write_sql(schema: str, spec: TableSpec, columns: Sequence[str], *, creates: bool) -> str:
+    stage = stage_name(spec.name, columns)
+    target = f"{schema}.{spec.name}"
+    cols = ", ".join(columns)
+    if spec.insert_only:
+        return f"insert into {target} ({cols}) select {cols} from {stage} on conflict do nothing"
+    settable = [c for c in columns if c not in spec.key]
+    if creates:
+        updates = ", ".join(f"{c} = excluded.{c}" for c in settable)
+        return (
+            f"insert into {target} ({cols}) select {cols} from {stage} "
+            f"on conflict ({', '.join(spec.key)}) do update set {updates} "
+            f"where {spec.name}.version < excluded.version"
+        )
+    updates = ", ".join(f"{c} = s.{c}" for c in settable)
+    match = " and ".join(f"t.{k} = s.{k}" for k in spec.key)
+    return (
+        f"update {target} as t set {updates} from {stage} as s "
+        f"where {match} and t.version < s.version"
+    )
+
+
+# --- the writer --------------------------------------------------------------------------------
+
+
+class ReadModelWriter:
+    """Applies planned batches of one projection (its name is its schema) to PostgreSQL."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        projection: str,
+        schema: str | None = None,
+        tables: Mapping[str, TableSpec] = TABLES,
+    ) -> None:
+        self.engine = engine
+        self.projection = checked_identifier(projection)
+        self.schema = checked_identifier(schema or projection)
+        self.tables = tables
+
+    def load_positions(self, topics: Sequence[str]) -> dict[TopicPartition, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "select topic, partition, next_offset from projection_positions "
+                    "where projection = :projection and topic = any(:topics)"
+                ),
+                {"projection": self.projection, "topics": list(topics)},
+            ).all()
+        return {(topic, partition): offset for topic, partition, offset in rows}
+
+    def apply(
+        self,
+        batch: PlannedBatch,
+        *,
+        expected: Mapping[TopicPartition, int] | None = None,
+        dead_letter_sink: DeadLetterSink | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """Write the batch and its next offsets in one transaction.
+
+        `expected`: the positions the caller resumed from (checked, see `PositionsMoved`).
+        `dead_letter_sink` is called, before the commit, with every dead letter of the batch,
+        including rows PostgreSQL refused: a crash between the two repeats the dead letters
+        (at least once in the DLQ), never loses them.
+        """
+        if not batch.next_offsets:
+            return
+        try:
+            with self.engine.begin() as conn:
+                self._fence(conn, batch, expected)
+                self._write(conn, batch.changes)
+                self._sink(dead_letter_sink, batch.dead_letters)
+                self._save_positions(conn, batch.next_offsets)
+                if before_commit is not None:
+                    before_commit()
+        except _REFUSED as exc:
+            # One bad row must not stop the projection: find it, dead-letter it, keep the rest.
+            log.warning("batch refused by PostgreSQL (%s); applying record by record", exc)
+            with self.engine.begin() as conn:
+                self._fence(conn, batch, expected)
+                refused = self._write_one_by_one(conn, batch.projected)
+                self._sink(dead_letter_sink, [*batch.dead_letters, *refused])
+                self._save_positions(conn, batch.next_offsets)
+
+    @staticmethod
+    def _sink(sink: DeadLetterSink | None, letters: Sequence[DeadLetter]) -> None:
+        if sink is not None and letters:
+            sink(letters)
+
+    def _fence(
+        self,
+        conn: Connection,
+        batch: PlannedBatch,
+        expected: Mapping[TopicPartition, int] | None,
+    ) -> None:
+        topics = sorted({topic for topic, _ in batch.next_offsets})
+        stored = {
+            (topic, partition): offset
+            for topic, partition, offset in conn.execute(
+                text(
+                    "select topic, partition, next_offset from projection_positions "
+                    "where projection = :projection and topic = any(:topics) "
+                    "order by topic, partition for update"
+                ),
+                {"projection": self.projection, "topics": topics},
+            )
+        }
+        if expected is None:
+            return
+        for tp in batch.next_offsets:
+            if stored.get(tp, 0) != expected.get(tp, 0):
+                raise PositionsMoved(
+                    f"{self.projection} {tp[0]}[{tp[1]}] is at {stored.get(tp, 0)} in PostgreSQL, "
+                    f"this runner expected {expected.get(tp, 0)}"
+                )
+
+    def _write(self, conn: Connection, changes: Sequence[RowChange]) -> None:
+        raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+        merged = merge_changes(changes, self.tables)
+        with raw.cursor() as cur:
+            for (table, creates, columns), rows in group_for_write(merged, self.tables).items():
+                spec = self.tables[table]
+                cur.execute(create_stage_sql(self.schema, table, columns))
+                json_at = [i for i, c in enumerate(columns) if c in spec.json_columns]
+                with cur.copy(
+                    f"copy {stage_name(table, columns)} ({', '.join(columns)}) from stdin"
+                ) as copy:
+                    for row in rows:
+                        if json_at:
+                            row = _with_json(row, json_at)
+                        copy.write_row(row)
+                cur.execute(write_sql(self.schema, spec, columns, creates=creates))
+                # ON COMMIT DELETE ROWS only empties the stage at commit; a second group of the
+                # same table in this transaction must not see these rows again.
+                cur.execute(f"truncate {stage_name(table, columns)}")
+
+    def _write_one_by_one(
+        self, conn: Connection, projected: Sequence[Projected]
+    ) -> list[DeadLetter]:
+        refused: list[DeadLetter] = []
+        for item in projected:
+            savepoint = conn.begin_nested()
+            try:
+                self._write(conn, item.changes)
+                savepoint.commit()
+            except _REFUSED as exc:
+                savepoint.rollback()
+                refused.append(DeadLetter(item.record, "refused_by_database", str(exc)[:500]))
+        return refused
+
+    def save_positions(self, offsets: Mapping[TopicPartition, int]) -> None:
+        with self.engine.begin() as conn:
+            self._save_positions(conn, offsets)
+
+    def _save_positions(self, conn: Connection, offsets: Mapping[TopicPartition, int]) -> None:
+        conn.execute(
+            text(
+                "insert into projection_positions (projection, topic, partition, next_offset) "
+                "values (:projection, :topic, :partition, :next_offset) "
+                "on conflict (projection, topic, partition) do update "
+                "set next_offset = excluded.next_offset, updated_at = now()"
+            ),
+            [
+                {"projection": self.projection, "topic": t, "partition": p, "next_offset": o}
+                for (t, p), o in sorted(offsets.items())
+            ],
+        )
+
+
+def _with_json(row: tuple[Any, ...], positions: Sequence[int]) -> tuple[Any, ...]:
+    values = list(row)
+    for i in positions:
+        values[i] = json.dumps(values[i], separators=(",", ":"), default=str)
+    return tuple(values)
