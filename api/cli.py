@@ -19,6 +19,12 @@ db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL read-model schema.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
 
+# --- projections (projections/cli.py) ---
+from projections.cli import projections_app, replay  # noqa: E402
+
+app.add_typer(projections_app, name="projections")
+app.command("replay")(replay)
+
 console = Console(stderr=True)
 
 
@@ -115,6 +121,15 @@ def db_migrate(revision: str = typer.Argument("head")) -> None:
 
     migrate(get_settings(), revision)
     console.print(f"database at {revision}")
+
+
+@app.command("schemas")
+def export_schemas() -> None:
+    """Write the JSON Schemas of every command and event to docs/schemas/."""
+    from events.schemas import export
+
+    written = export()
+    console.print(f"wrote {len(written)} schemas to docs/schemas/")
 
 
 @app.command("process-commands")
