@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import typer
 from rich.console import Console
@@ -121,6 +122,59 @@ def db_migrate(revision: str = typer.Argument("head")) -> None:
 
     migrate(get_settings(), revision)
     console.print(f"database at {revision}")
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="Read the event log: history, state, tail.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("history")
+def audit_history(
+    aggregate_id: str,
+    as_of_sequence: int | None = typer.Option(None, help="state after this sequence number"),
+    as_of: datetime | None = typer.Option(None, help="state as of this time (ISO 8601, UTC)"),
+) -> None:
+    """Full history of one aggregate with causation chains, and its state at a point."""
+    from rich.tree import Tree
+
+    from events.audit import causation_forest, history, state_as_of, to_jsonable
+
+    envelopes = history(get_settings(), aggregate_id)
+    if not envelopes:
+        _fail(ValueError(f"no events for aggregate {aggregate_id!r}"))
+    out = Console()
+    tree = Tree(f"[bold]{envelopes[0].aggregate_type} {aggregate_id}[/] ({len(envelopes)} events)")
+
+    def add(branch: Tree, nodes: list) -> None:
+        for node in nodes:
+            add(branch.add(node.label), node.children)
+
+    add(tree, causation_forest(envelopes))
+    out.print(tree)
+    at = as_of.replace(tzinfo=as_of.tzinfo or UTC) if as_of else None
+    state = state_as_of(envelopes, sequence=as_of_sequence, at=at)
+    out.print_json(data=to_jsonable(state))
+
+
+@audit_app.command("tail")
+def audit_tail(
+    event_type: str | None = typer.Option(None, "--type", help="only this event type"),
+    aggregate_id: str | None = typer.Option(None, "--aggregate", help="only this aggregate"),
+    correlation_id: str | None = typer.Option(None, "--correlation", help="only this conversation"),
+    from_beginning: bool = typer.Option(False, help="start at the oldest event, not the newest"),
+) -> None:
+    """Print events as they are committed, one JSON object per line."""
+    from events.audit import tail
+
+    for envelope in tail(
+        get_settings(),
+        event_type=event_type,
+        aggregate_id=aggregate_id,
+        correlation_id=correlation_id,
+        from_beginning=from_beginning,
+    ):
+        sys.stdout.write(envelope.model_dump_json() + "\n")
+        sys.stdout.flush()
 
 
 @app.command("schemas")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from infra.settings import Settings
 
@@ -77,6 +78,11 @@ def murmur2(data: bytes) -> int:
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition the Java client's default partitioner picks for a keyed record."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def partition_count(settings: Settings, topic: str) -> int:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
 def read_partition(

@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, TopicPartition
 from commands.envelope import CommandEnvelope, CommandResult
 from commands.processor import CommandProcessor
 from events.envelope import EventEnvelope
-from events.kafka_log import read_partition
+from events.kafka_log import partition_count, read_partition
 from infra.settings import Settings
 from infra.topics import provision_topics
 
@@ -30,11 +30,8 @@ def isolated_settings(settings: Settings, **overrides: object) -> Settings:
 def read_topic(settings: Settings, name: str) -> list[tuple[int, bytes | None, bytes | None, list]]:
     """(partition, key, value, headers) of every committed record of a catalog topic."""
     topic = settings.topic(name)
-    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "probe"})
-    partitions = sorted(probe.list_topics(topic, timeout=10).topics[topic].partitions)
-    probe.close()
     records = []
-    for partition in partitions:
+    for partition in range(partition_count(settings, topic)):
         for message in read_partition(settings, topic, partition):
             records.append((partition, message.key(), message.value(), message.headers() or []))
     return records

@@ -1,0 +1,132 @@
+"""Audit: an aggregate's whole history from the log, its causation chains, its state at any point.
+
+Reads the events topic itself (the system of record), not a projection: the partition that owns
+the aggregate is found with the same partitioner the processor uses, so one partition is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from commands.registry import AGGREGATES
+from events.envelope import EventEnvelope
+from events.kafka_log import consumer_config, partition_count, partition_for, read_partition
+from infra.settings import Settings
+
+
+def history(settings: Settings, aggregate_id: str) -> list[EventEnvelope]:
+    topic = settings.topic("events")
+    partition = partition_for(aggregate_id.encode(), partition_count(settings, topic))
+    key = aggregate_id.encode()
+    return [
+        EventEnvelope.from_bytes(message.value())
+        for message in read_partition(settings, topic, partition)
+        if message.key() == key
+    ]
+
+
+def state_as_of(
+    envelopes: list[EventEnvelope], *, sequence: int | None = None, at: datetime | None = None
+) -> Any:
+    """The aggregate's state after the events up to `sequence` and/or up to time `at`."""
+    if not envelopes:
+        return None
+    spec = AGGREGATES[envelopes[0].aggregate_type]
+    state = spec.initial_state(envelopes[0].aggregate_id)
+    for envelope in envelopes:
+        if sequence is not None and envelope.sequence > sequence:
+            break
+        if at is not None and envelope.occurred_at > at:
+            break
+        state = spec.apply(state, envelope)
+    return state
+
+
+@dataclass
+class CausationNode:
+    """A command or event, with what it caused beneath it."""
+
+    id: str
+    label: str
+    children: list[CausationNode] = dataclasses.field(default_factory=list)
+
+
+def causation_forest(envelopes: list[EventEnvelope]) -> list[CausationNode]:
+    """Events grouped under their causes: a command's events under the command, an event caused
+    by another event (a process manager's reaction) under that event."""
+    nodes: dict[str, CausationNode] = {}
+    roots: list[CausationNode] = []
+    for envelope in envelopes:
+        node = CausationNode(
+            id=envelope.event_id,
+            label=f"#{envelope.sequence} {envelope.type} at {envelope.occurred_at.isoformat()}"
+            f" by {envelope.actor}",
+        )
+        nodes[envelope.event_id] = node
+        cause = envelope.causation_id or envelope.command_id
+        if cause in nodes:
+            nodes[cause].children.append(node)
+            continue
+        if cause is None:
+            roots.append(node)
+            continue
+        command = CausationNode(id=cause, label=f"command {cause}")
+        nodes[cause] = command
+        roots.append(command)
+        command.children.append(node)
+    return roots
+
+
+def tail(
+    settings: Settings,
+    *,
+    event_type: str | None = None,
+    aggregate_id: str | None = None,
+    correlation_id: str | None = None,
+    from_beginning: bool = False,
+    idle_timeout_s: float | None = None,
+) -> Iterator[EventEnvelope]:
+    """Live events matching the filters, as they are committed."""
+    topic = settings.topic("events")
+    consumer = Consumer(consumer_config(settings, group_id=f"loopstream-tail-{time.time_ns()}"))
+    partitions = range(partition_count(settings, topic))
+    start = -2 if from_beginning else -1  # OFFSET_BEGINNING / OFFSET_END
+    consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+    last_seen = time.monotonic()
+    try:
+        while idle_timeout_s is None or time.monotonic() - last_seen < idle_timeout_s:
+            message = consumer.poll(0.5)
+            if message is None or message.error() is not None:
+                continue
+            last_seen = time.monotonic()
+            envelope = EventEnvelope.from_bytes(message.value())
+            if event_type and envelope.type != event_type:
+                continue
+            if aggregate_id and envelope.aggregate_id != aggregate_id:
+                continue
+            if correlation_id and envelope.correlation_id != correlation_id:
+                continue
+            yield envelope
+    finally:
+        consumer.close()
+
+
+def to_jsonable(value: Any) -> Any:
+    """State dataclasses (with read-only maps inside) as plain JSON-ready data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict | MappingProxyType):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
