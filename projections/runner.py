@@ -249,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--projection", default=RunnerConfig.projection)
     parser.add_argument("--batch-size", type=int, default=RunnerConfig.batch_size)
     parser.add_argument("--within", type=float, default=RunnerConfig.within_s)
+    parser.add_argument("--session-timeout", type=float, default=RunnerConfig.session_timeout_s)
     parser.add_argument("--pause-before-commit", type=float, default=0.0)
     parser.add_argument("--loglevel", default="info")
     args = parser.parse_args(argv)
@@ -256,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         projection=args.projection,
         batch_size=args.batch_size,
         within_s=args.within,
+        session_timeout_s=args.session_timeout,
         pause_before_commit_s=args.pause_before_commit,
     )
     run(get_settings(), config, loglevel=args.loglevel)

@@ -104,7 +104,8 @@ def envelopes(
 ) -> Iterator[tuple[EventEnvelope, str]]:
     """About `event_count` envelopes over `sessions` sessions, interleaved. Yields (env, cmd_id)."""
     per_session = max(event_count // sessions, 7)
-    checkpoints = max(int((per_session - 6) / (1 + 1 / 3)), 0)
+    # Enough checkpoints (each third one deleted again) to reach the count; the rest is cut off.
+    checkpoints = max((per_session - 6) * 3 // 4 + 1, 0)
     histories = [
         session_history(seed * 1_000_000 + i, checkpoints=checkpoints) for i in range(sessions)
     ]

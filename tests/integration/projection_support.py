@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from infra.settings import Settings
@@ -42,8 +41,8 @@ class Isolated:
         }
 
 
-@pytest.fixture
-def isolated(settings: Settings) -> Iterator[Isolated]:
+def isolated_slice(settings: Settings) -> Iterator[Isolated]:
+    """Body of each test module's `isolated` fixture."""
     token = uuid.uuid4().hex[:10]
     database = f"test_proj_{token}"
     admin = settings.pg_conninfo.replace(f"dbname={settings.pg_database}", "dbname=postgres")

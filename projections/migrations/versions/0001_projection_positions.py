@@ -29,18 +29,7 @@ def upgrade() -> None:
             "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
     )
-    # Read model of the smoke flow (`loopstream smoke`): one row per ping command seen.
-    op.create_table(
-        "smoke_pings",
-        sa.Column("command_id", sa.Text, primary_key=True),
-        sa.Column("message", sa.Text, nullable=False),
-        sa.Column("kafka_offset", sa.BigInteger, nullable=False),
-        sa.Column(
-            "projected_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
-        ),
-    )
 
 
 def downgrade() -> None:
-    op.drop_table("smoke_pings")
     op.drop_table("projection_positions")
