@@ -10,6 +10,7 @@ export UV_CACHE_DIR ?= $(HOME)/.cache/loopstream/uv
 
 demo: install up
 	$(BIN)/loopstream db migrate
+	$(BIN)/loopstream services up
 	$(BIN)/loopstream smoke
 
 # The whole suite against the real stack; the stack is stopped at the end whatever happened.
@@ -43,6 +44,7 @@ up: install
 	$(BIN)/loopstream stack up
 
 down:
+	@test -x $(BIN)/loopstream && $(BIN)/loopstream services down || true
 	@test -x $(BIN)/loopstream && $(BIN)/loopstream stack down || true
 
 status:

@@ -115,6 +115,42 @@ def stack_topics() -> None:
     )
 
 
+services_app = typer.Typer(
+    no_args_is_help=True, help="loopstream's own processes: command processor, projections."
+)
+app.add_typer(services_app, name="services")
+
+
+@services_app.command("up")
+def services_up() -> None:
+    """Start the command processor and the projection runner in the background (idempotent)."""
+    from infra.services import services_up as start
+
+    try:
+        for name, what in start(get_settings()).items():
+            console.print(f"{name}: {what}")
+    except StackError as exc:
+        _fail(exc)
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop them (by recorded pid)."""
+    from infra.services import services_down as stop
+
+    stopped = stop(get_settings())
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@services_app.command("status")
+def services_status() -> None:
+    """Which of them run, with pids."""
+    from infra.services import services_status as status
+
+    for name, pid in status(get_settings()).items():
+        console.print(f"{name}: {'pid ' + str(pid) if pid else '[red]not running[/]'}")
+
+
 @db_app.command("migrate")
 def db_migrate(revision: str = typer.Argument("head")) -> None:
     """Apply the alembic migrations of the read models."""

@@ -1,0 +1,61 @@
+"""loopstream's own long-running processes on top of the stack: the command processor and the
+projection runner (the API and workers join them later). Started in the background like the
+stack's servers, with pid files and logs under the data dir, and stopped by recorded pid.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from infra.processes import ManagedProcess, StackError
+from infra.settings import REPO_ROOT, Settings
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module_argv: tuple[str, ...]
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("command-processor", ("-m", "commands.processor")),
+    ServiceSpec("projections", ("-m", "api.cli", "projections", "run")),
+)
+
+
+def _process(settings: Settings, spec: ServiceSpec) -> ManagedProcess:
+    return ManagedProcess(
+        name=spec.name,
+        run_dir=settings.data_dir / "run",
+        log_file=settings.data_dir / "logs" / f"{spec.name}.log",
+        signature=" ".join(spec.module_argv),
+    )
+
+
+def services_up(settings: Settings) -> dict[str, str]:
+    """Start what is not running; returns name -> 'started' | 'already running'."""
+    report = {}
+    for spec in SERVICES:
+        process = _process(settings, spec)
+        if process.pid() is not None:
+            report[spec.name] = "already running"
+            continue
+        process.start([sys.executable, *spec.module_argv], cwd=REPO_ROOT)
+        report[spec.name] = "started"
+    time.sleep(1.0)  # a process that dies on a bad setting dies at once: say so now
+    dead = [spec.name for spec in SERVICES if _process(settings, spec).pid() is None]
+    if dead:
+        tails = "\n".join(f"--- {n}:\n{_process(settings, s).log_tail(15)}" for s in SERVICES
+                          for n in [s.name] if n in dead)  # fmt: skip
+        raise StackError(f"{', '.join(dead)} exited right after start:\n{tails}")
+    return report
+
+
+def services_down(settings: Settings) -> list[str]:
+    return [spec.name for spec in reversed(SERVICES) if _process(settings, spec).stop()]
+
+
+def services_status(settings: Settings) -> dict[str, int | None]:
+    return {spec.name: _process(settings, spec).pid() for spec in SERVICES}
