@@ -207,9 +207,10 @@ def replay_into_shadow(
                     pending.discard(tp)
     finally:
         consumer.close()
-    # Every partition gets a position, also those with nothing to replay, so that the live
-    # runner resumes exactly at the replay's end after a swap.
-    writer.save_positions({tp: max(reached[tp], report.end_offsets[tp]) for tp in partitions})
+    # Every partition gets a position, also those with nothing to replay. It is the offset after
+    # the last record, as the runner stores it (not the end offset, which counts a trailing
+    # commit marker), so a runner that had reached the same records sees no move after a swap.
+    writer.save_positions({tp: reached[tp] for tp in partitions})
     with engine.begin() as conn:
         for ddl in deferred_indexes:
             conn.execute(text(ddl))
