@@ -6,7 +6,7 @@ command the caller was told is accepted for processing cannot be lost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -45,7 +45,9 @@ class CommandBus:
             )
         return count
 
-    def _produce(self, command: CommandEnvelope, on_delivery: object) -> None:
+    def _produce(
+        self, command: CommandEnvelope, on_delivery: Callable[[KafkaError | None, Message], None]
+    ) -> None:
         while True:
             try:
                 self.producer.produce(

@@ -14,21 +14,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from commands.envelope import CommandResult
@@ -36,7 +27,8 @@ from commands.handling import Accepted, Duplicate, Refused, Undeliverable, handl
 from commands.registry import AGGREGATES, AggregateSpec
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
-from events.kafka_log import consumer_config, partition_for, producer_config, read_partition
+from events.kafka_log import partition_for, read_partition
+from events.transactional import LoopConfig, TransactionalLoop
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.command_processor")
@@ -70,57 +62,28 @@ class CommandProcessor:
         self.dlq_topic = settings.topic("commands.dlq")
         self.partitions: dict[int, PartitionState] = {}
         self.partition_count = self._check_partitions_line_up()
-        self.stop_requested = threading.Event()
         self.totals = BatchStats()
-
-        self.producer = self._new_producer()
-        self.consumer = Consumer(
-            consumer_config(
-                settings,
-                group_id=self.group_id,
-                # Static membership: a restarted instance takes its partitions straight back
-                # instead of waiting out the dead member's session.
-                **{"group.instance.id": self.transactional_id, "session.timeout.ms": 10_000},
-            )
+        self.loop = TransactionalLoop(
+            settings,
+            LoopConfig(
+                name="command-processor",
+                instance_id=settings.processor_instance_id,
+                topics=(self.commands_topic,),
+                batch_size=settings.processor_batch_size,
+                poll_timeout_s=settings.processor_batch_timeout_s,
+                commit_delay_ms=settings.processor_commit_delay_ms,
+            ),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
         )
-        self.consumer.subscribe(
-            [self.commands_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
-
-    # --- lifecycle -------------------------------------------------------------------------
+        self.stop_requested = self.loop.stop_requested
 
     def run(self) -> None:
-        log.info("command processor started", extra={"instance": self.transactional_id})
-        try:
-            while not self.stop_requested.is_set():
-                messages = self.consumer.consume(
-                    num_messages=self.settings.processor_batch_size,
-                    timeout=self.settings.processor_batch_timeout_s,
-                )
-                if messages:
-                    self.process_batch(messages)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.consumer.close()
-        self.producer.flush(10)
+        self.loop.run(self._decide_batch)
         log.info("command processor stopped", extra={"totals": vars(self.totals)})
 
-    @property
-    def group_id(self) -> str:
-        # Per topic prefix: environments sharing a cluster never share a consumer group.
-        return f"{self.settings.topic_prefix}-command-processor"
-
-    @property
-    def transactional_id(self) -> str:
-        return f"{self.group_id}-{self.settings.processor_instance_id}"
-
-    def _new_producer(self) -> Producer:
-        producer = Producer(producer_config(self.settings, transactional_id=self.transactional_id))
-        # Fences any earlier producer with our transactional.id and aborts its open transaction.
-        producer.init_transactions(60)
-        return producer
+    def process_batch(self, messages: list[Message]) -> bool:
+        return self.loop.transact(messages, self._decide_batch)
 
     def _check_partitions_line_up(self) -> int:
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
@@ -136,7 +99,7 @@ class CommandProcessor:
 
     # --- partition ownership ---------------------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+    def _on_assign(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
             started = time.monotonic()
             self.partitions[tp.partition] = self.rebuild_partition(tp.partition)
@@ -149,7 +112,7 @@ class CommandProcessor:
                 },
             )
 
-    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+    def _on_revoke(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
             self.partitions.pop(tp.partition, None)
 
@@ -169,58 +132,44 @@ class CommandProcessor:
                 )
             rebuilt.states[envelope.aggregate_id] = spec.apply(state, envelope)
         for message in read_partition(self.settings, self.results_topic, partition):
-            result = CommandResult.model_validate_json(message.value())
+            result = CommandResult.model_validate_json(message.value() or b"")
             rebuilt.seen[result.command_id] = result
         return rebuilt
 
     # --- one batch, one transaction ---------------------------------------------------------
 
-    def process_batch(self, messages: list[Message]) -> BatchStats:
+    def _decide_batch(self, messages: list[Message], producer: Producer) -> Callable[[], None]:
         # Decisions in this batch see the batch's earlier effects through these overlays; they
         # become the committed state only once Kafka has committed the transaction.
         pending_states: dict[tuple[int, str], Any] = {}
         pending_seen: dict[tuple[int, str], CommandResult] = {}
-        stats = BatchStats()
-        self.producer.begin_transaction()
-        try:
-            for message in messages:
-                if message.error() is not None:
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consume error", extra={"error": str(message.error())})
-                    continue
-                stats.commands += 1
-                self._process_one(message, pending_states, pending_seen, stats)
-            if self.settings.processor_commit_delay_ms:
-                self.producer.flush(30)
-                time.sleep(self.settings.processor_commit_delay_ms / 1000)
-            self.producer.send_offsets_to_transaction(
-                self.consumer.position(self.consumer.assignment()),
-                self.consumer.consumer_group_metadata(),
-            )
-            self._commit()
-        except KafkaException as exc:
-            self._recover(exc)
-            return BatchStats()
-        for (partition, aggregate_id), state in pending_states.items():
-            self.partitions[partition].states[aggregate_id] = state
-        for (partition, command_id), result in pending_seen.items():
-            self.partitions[partition].seen[command_id] = result
-        self._count(stats)
-        return stats
+        stats = BatchStats(commands=len(messages))
+        for message in messages:
+            self._process_one(message, producer, pending_states, pending_seen, stats)
+
+        def after_commit() -> None:
+            for (partition, aggregate_id), state in pending_states.items():
+                self.partitions[partition].states[aggregate_id] = state
+            for (partition, command_id), result in pending_seen.items():
+                self.partitions[partition].seen[command_id] = result
+            self._count(stats)
+
+        return after_commit
 
     def _process_one(
         self,
         message: Message,
+        producer: Producer,
         pending_states: dict[tuple[int, str], Any],
         pending_seen: dict[tuple[int, str], CommandResult],
         stats: BatchStats,
     ) -> None:
-        partition = message.partition()
+        partition: int = message.partition()  # type: ignore[assignment]  # set on consumed messages
         key = message.key()
         if key is not None and partition_for(key, self.partition_count) != partition:
             # Produced with another partitioner: hand it to the partition that owns its
             # aggregate, or two processors would both think they own it.
-            self.producer.produce(
+            producer.produce(
                 self.commands_topic,
                 key=key,
                 value=message.value(),
@@ -248,44 +197,44 @@ class CommandProcessor:
             new_event_id=new_event_id,
         )
         if isinstance(outcome, Undeliverable):
-            self._dead_letter(message, outcome.reason)
+            self._dead_letter(producer, message, outcome.reason)
             stats.dead_letters += 1
         elif isinstance(outcome, Duplicate):
             stats.duplicates += 1
         elif isinstance(outcome, Refused):
-            self._produce_result(outcome.result, partition)
+            self._produce_result(producer, outcome.result, partition)
             pending_seen[(partition, outcome.result.command_id)] = outcome.result
             stats.rejected += 1
         elif isinstance(outcome, Accepted):
             for envelope in outcome.events:
-                self.producer.produce(
+                producer.produce(
                     self.events_topic,
                     key=envelope.aggregate_id.encode(),
                     value=envelope.to_bytes(),
                     headers=envelope.kafka_headers(),
                     partition=partition,
                 )
-            self._produce_result(outcome.result, partition)
+            self._produce_result(producer, outcome.result, partition)
             aggregate_id = outcome.result.aggregate_id or ""
             pending_states[(partition, aggregate_id)] = outcome.state
             pending_seen[(partition, outcome.result.command_id)] = outcome.result
             stats.accepted += 1
             stats.events += len(outcome.events)
 
-    def _produce_result(self, result: CommandResult, partition: int) -> None:
-        self.producer.produce(
+    def _produce_result(self, producer: Producer, result: CommandResult, partition: int) -> None:
+        producer.produce(
             self.results_topic,
             key=result.command_id.encode(),
             value=result.to_bytes(),
             partition=partition,
         )
 
-    def _dead_letter(self, message: Message, reason: str) -> None:
+    def _dead_letter(self, producer: Producer, message: Message, reason: str) -> None:
         log.warning(
             "command dead-lettered",
             extra={"partition": message.partition(), "offset": message.offset(), "reason": reason},
         )
-        self.producer.produce(
+        producer.produce(
             self.dlq_topic,
             key=message.key(),
             value=message.value(),
@@ -297,34 +246,6 @@ class CommandProcessor:
                 ("failed_at", utc_now().isoformat().encode()),
             ],
         )
-
-    def _commit(self) -> None:
-        while True:
-            try:
-                self.producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                if exc.args[0].retriable():
-                    continue
-                raise
-
-    def _recover(self, exc: KafkaException) -> None:
-        error: KafkaError = exc.args[0]
-        log.warning("transaction failed", extra={"error": str(error)})
-        if error.txn_requires_abort():
-            self.producer.abort_transaction(30)
-        else:
-            # Fenced, or a timed-out commit that librdkafka cannot resolve: start over with a new
-            # producer (init_transactions aborts whatever the old one left open).
-            self.producer = self._new_producer()
-        self._rewind()
-
-    def _rewind(self) -> None:
-        """Re-read everything after the last committed offsets; drop uncommitted decisions."""
-        assignment = self.consumer.assignment()
-        for tp in self.consumer.committed(assignment, timeout=30):
-            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def _count(self, stats: BatchStats) -> None:
         for name, value in vars(stats).items():

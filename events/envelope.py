@@ -40,10 +40,10 @@ class EventEnvelope(BaseModel):
         return self.model_dump_json().encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> EventEnvelope:
-        return cls.model_validate_json(data)
+    def from_bytes(cls, data: bytes | None) -> EventEnvelope:
+        return cls.model_validate_json(data or b"")
 
-    def kafka_headers(self) -> list[tuple[str, bytes]]:
+    def kafka_headers(self) -> list[tuple[str, str | bytes | None]]:
         """Headers let consumers route or filter without parsing the value."""
         return [
             ("event_type", self.type.encode()),

@@ -154,5 +154,5 @@ def test_state_rebuilt_after_restart_equals_state_before(settings: Settings) -> 
             assert rebuilt.states == states_before[partition]
             assert set(rebuilt.seen) == seen_before[partition]
     finally:
-        after.consumer.close()
+        after.loop.close()
     assert sum(len(states) for states in states_before.values()) == len(sessions)

@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from infra.processes import ManagedProcess
+from infra.processes import ManagedProcess, wait_until
 from infra.stack.kafka import _java_major, _kafka_uuid
 
 
@@ -25,7 +25,7 @@ def test_start_and_stop_a_real_process(tmp_path: Path) -> None:
     marker = str(tmp_path / "sleeper")
     process = _managed(tmp_path, signature=marker)
     process.start([sys.executable, "-c", "import time; time.sleep(60)", marker])
-    assert process.pid() is not None
+    wait_until(lambda: process.pid() is not None, timeout_s=10, what="the sleeper to show up")
 
     assert process.stop(timeout_s=5) is True
     assert process.pid() is None
