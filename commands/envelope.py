@@ -53,6 +53,8 @@ class CommandResult(BaseModel):
     # For a rejection: a human-readable reason, and the field or rule it is about.
     reason: str | None = None
     field: str | None = None
+    # What a worker computed for a work request (loss, metrics, tokens, ...); None otherwise.
+    output: dict[str, Any] | None = None
     correlation_id: str | None = None
     processed_at: datetime = Field(default_factory=utc_now)
 

@@ -9,6 +9,7 @@ the clock comes in as an argument, ids come in with the command.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -29,6 +30,7 @@ from events.loops import (
     SamplerStopped,
     SessionCreated,
     SessionEnded,
+    WeightsReady,
 )
 
 AGGREGATE_TYPE = "session"
@@ -40,6 +42,16 @@ CHECKPOINT_URI = re.compile(
     r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
 )
 MAX_SEQ_LEN_LIMIT = 1_048_576
+
+
+def content_digest(files: tuple[CheckpointFile, ...]) -> str:
+    """One digest for a checkpoint's content: sha256 over its files' names and digests.
+
+    Two checkpoints with the same bytes under the same names have the same digest, whatever they
+    are called, which is what a sampler reports as its weights version.
+    """
+    lines = sorted(f"{f.relative_file_name}:{f.sha256}" for f in files)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def checkpoint_uri(run_id: str, kind: CheckpointKind, name: str) -> str:
@@ -295,20 +307,33 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
     if any(name.startswith("/") or ".." in name.split("/") for name in names):
         raise Rejected("relative_file_name must stay inside the checkpoint folder", field="files")
     expires_at = now + timedelta(seconds=command.ttl_seconds) if command.ttl_seconds else None
-    return [
+    uri = checkpoint_uri(command.run_id, command.kind, command.name)
+    saved = [
         CheckpointSaved(
             checkpoint_id=command.checkpoint_id,
             run_id=command.run_id,
             session_id=state.session_id,
             name=command.name,
             kind=command.kind,
-            uri=checkpoint_uri(command.run_id, command.kind, command.name),
+            uri=uri,
             files=command.files,
             total_size_bytes=sum(f.size_bytes for f in command.files),
             step=command.step,
             expires_at=expires_at,
         )
     ]
+    if command.kind == "sampler_weights":
+        saved.append(
+            WeightsReady(
+                sampler_id=run.sampler_id,
+                run_id=run.run_id,
+                session_id=state.session_id,
+                checkpoint_id=command.checkpoint_id,
+                uri=uri,
+                content_digest=content_digest(command.files),
+            )
+        )
+    return saved
 
 
 @_decide_in_active_session.register
@@ -399,6 +424,11 @@ def _(event: CheckpointSaved, state: SessionState) -> SessionState:
         state,
         checkpoints=MappingProxyType({**state.checkpoints, checkpoint.checkpoint_id: checkpoint}),
     )
+
+
+@_evolve.register
+def _(event: WeightsReady, state: SessionState) -> SessionState:
+    return state  # a notification for the sampler; the checkpoint is already recorded
 
 
 @_evolve.register

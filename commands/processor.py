@@ -121,7 +121,9 @@ class CommandProcessor:
         rebuilt = PartitionState()
         for message in read_partition(self.settings, self.events_topic, partition):
             envelope = EventEnvelope.from_bytes(message.value())
-            spec = AGGREGATES[envelope.aggregate_type]
+            spec = AGGREGATES.get(envelope.aggregate_type)
+            if spec is None:  # a worker's aggregate (trainer, sampler): not ours to decide for
+                continue
             state = rebuilt.states.get(envelope.aggregate_id) or spec.initial_state(
                 envelope.aggregate_id
             )

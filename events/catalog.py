@@ -12,6 +12,7 @@ from typing import Any
 
 from events.envelope import EventEnvelope
 from events.loops import LOOPS_EVENTS, DomainEvent
+from events.work import WORK_EVENTS
 
 Payload = dict[str, Any]
 Upcaster = Callable[[Payload], Payload]
@@ -66,7 +67,7 @@ class EventCatalog:
         return self.model(envelope.type).model_validate(payload)
 
 
-CATALOG = EventCatalog(LOOPS_EVENTS)
+CATALOG = EventCatalog(LOOPS_EVENTS + WORK_EVENTS)
 
 
 def decode_payload(envelope: EventEnvelope) -> DomainEvent:

@@ -89,6 +89,17 @@ class CheckpointSaved(DomainEvent):
     expires_at: datetime | None = None
 
 
+class WeightsReady(DomainEvent):
+    """New sampler weights of a run are in the store: its sampler should load them."""
+
+    sampler_id: str
+    run_id: str
+    session_id: str
+    checkpoint_id: str
+    uri: str
+    content_digest: str
+
+
 class CheckpointDeleted(DomainEvent):
     checkpoint_id: str
     run_id: str
@@ -105,5 +116,6 @@ LOOPS_EVENTS: tuple[type[DomainEvent], ...] = (
     RunStopped,
     SamplerStopped,
     CheckpointSaved,
+    WeightsReady,
     CheckpointDeleted,
 )

@@ -1,0 +1,133 @@
+"""Work requests for the GPU workers: training calls on a run, sampling calls on a sampler.
+
+They travel in the same `CommandEnvelope` as aggregate commands (command_id = the client's
+idempotency key, aggregate_id = run_id or sampler_id) on the `trainer-requests` and
+`sampler-requests` topics, and are answered with a `CommandResult` whose `output` holds the
+result (loss, metrics, tokens, ...). The REST API, the SDK and the workers share these models,
+so a bad value is refused with the same message (naming the field) wherever it is caught.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI
+
+LossFn = Literal["cross_entropy", "importance_sampling"]
+IGNORE_INDEX = -100  # cross_entropy ignores target positions marked with it
+
+
+class WorkRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = 1
+
+
+class LossFnInputs(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target_tokens: list[int] = Field(min_length=1)
+    weights: list[float] | None = None  # cross_entropy
+    logprobs: list[float] | None = None  # importance_sampling: the sampler's logprobs
+    advantages: list[float] | None = None  # importance_sampling
+
+
+class Datum(BaseModel):
+    """One training example: input tokens and per-position loss inputs (Tinker's Datum)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_input: list[int] = Field(min_length=1, description="input token ids")
+    loss_fn_inputs: LossFnInputs
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> Datum:
+        n = len(self.model_input)
+        inputs = self.loss_fn_inputs
+        for name in ("target_tokens", "weights", "logprobs", "advantages"):
+            values = getattr(inputs, name)
+            if values is not None and len(values) != n:
+                raise ValueError(
+                    f"loss_fn_inputs.{name} has {len(values)} entries, model_input has {n}"
+                )
+        return self
+
+
+class ForwardBackward(WorkRequest):
+    data: list[Datum] = Field(min_length=1)
+    loss_fn: LossFn = "cross_entropy"
+
+    @model_validator(mode="after")
+    def _inputs_for_loss(self) -> ForwardBackward:
+        needed = {
+            "cross_entropy": ("weights",),
+            "importance_sampling": ("logprobs", "advantages"),
+        }[self.loss_fn]
+        for i, datum in enumerate(self.data):
+            for name in needed:
+                if getattr(datum.loss_fn_inputs, name) is None:
+                    raise ValueError(
+                        f"data.{i}.loss_fn_inputs.{name} is required by {self.loss_fn}"
+                    )
+        return self
+
+
+class AdamParams(BaseModel):
+    """AdamW hyper-parameters of one optimizer step; defaults as Tinker's AdamParams."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    learning_rate: float = Field(default=1e-4, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip_norm: float = Field(default=0.0, ge=0, description="0 = no clipping")
+
+
+class OptimStep(WorkRequest):
+    adam_params: AdamParams = Field(default_factory=AdamParams)
+
+
+class ComputeLogprobs(WorkRequest):
+    sequences: list[list[int]] = Field(min_length=1)
+
+
+class SaveWeights(WorkRequest):
+    """`weights`: full training state (resumable, optimizer included); `sampler_weights`: the
+    weights a sampler loads. Saving sampler weights also syncs them to the run's sampler."""
+
+    name: str = Field(pattern=CHECKPOINT_NAME)
+    kind: Literal["weights", "sampler_weights"] = "sampler_weights"
+    ttl_seconds: int | None = Field(default=None, ge=1)
+
+
+class Sample(WorkRequest):
+    prompt_tokens: list[int] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    num_samples: int = Field(default=1, ge=1, le=128)
+    max_tokens: int = Field(default=16, ge=1, le=8192)
+    temperature: float = Field(default=1.0, ge=0, le=10)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+    # Pinned to one checkpoint, or None to follow the latest weights the sampler has.
+    checkpoint_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Sample:
+        if (self.prompt_tokens is None) == (self.prompt is None):
+            raise ValueError("give exactly one of prompt_tokens or prompt")
+        if self.checkpoint_uri is not None and not CHECKPOINT_URI.match(self.checkpoint_uri):
+            raise ValueError("checkpoint_uri must look like bt://loops:<run_id>/<kind>/<name>")
+        return self
+
+
+TRAINER_REQUESTS: tuple[type[WorkRequest], ...] = (
+    ForwardBackward,
+    OptimStep,
+    ComputeLogprobs,
+    SaveWeights,
+)
+SAMPLER_REQUESTS: tuple[type[WorkRequest], ...] = (Sample,)

@@ -1,0 +1,80 @@
+"""Events the GPU workers write about the work they did.
+
+Each trainer run and each sampler is an aggregate of its own (`trainer`, `sampler`) whose only
+writer is the worker process serving it, so their sequences stay gap-free without going through
+the command processor. Checkpoints themselves are recorded on the session (`CheckpointSaved`,
+`WeightsReady` in events/loops.py), where the naming and lifecycle rules live.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from events.loops import DomainEvent
+
+
+class TrainerEvent(DomainEvent):
+    aggregate_type: ClassVar[str] = "trainer"
+    request_id: str
+
+
+class ForwardBackwardCompleted(TrainerEvent):
+    loss_fn: str
+    loss: float
+    num_sequences: int
+    num_tokens: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class OptimStepCompleted(TrainerEvent):
+    step: int
+    learning_rate: float
+    grad_norm: float | None = None
+
+
+class LogprobsComputed(TrainerEvent):
+    num_sequences: int
+    num_tokens: int
+
+
+class WeightsSaved(TrainerEvent):
+    checkpoint_id: str
+    name: str
+    kind: str
+    uri: str
+    content_digest: str
+    total_size_bytes: int
+    step: int
+
+
+class SamplerEvent(DomainEvent):
+    aggregate_type: ClassVar[str] = "sampler"
+
+
+class WeightsLoaded(SamplerEvent):
+    """A sampler swapped in new weights, between requests, without restarting."""
+
+    checkpoint_id: str | None  # None: the base model (or the run's start checkpoint)
+    uri: str | None
+    content_digest: str
+    load_ms: float
+
+
+class SamplesGenerated(SamplerEvent):
+    request_id: str
+    num_samples: int
+    num_tokens: int
+    weights_checkpoint_id: str | None
+    weights_digest: str
+
+
+WORK_EVENTS: tuple[type[DomainEvent], ...] = (
+    ForwardBackwardCompleted,
+    OptimStepCompleted,
+    LogprobsComputed,
+    WeightsSaved,
+    WeightsLoaded,
+    SamplesGenerated,
+)
