@@ -72,6 +72,18 @@ CATALOG: tuple[TopicSpec, ...] = (
         purpose="latest aggregate state snapshot, keyed by aggregate id",
     ),
     TopicSpec(
+        "trainer-requests",
+        partitions=3,
+        retention_ms=DAY_MS,
+        purpose="training calls (forward_backward, optim_step, ...) keyed by run_id",
+    ),
+    TopicSpec(
+        "sampler-requests",
+        partitions=3,
+        retention_ms=DAY_MS,
+        purpose="sampling calls keyed by sampler_id",
+    ),
+    TopicSpec(
         "commands.dlq",
         partitions=1,
         retention_ms=30 * DAY_MS,
