@@ -65,13 +65,6 @@ CATALOG: tuple[TopicSpec, ...] = (
         purpose="outcome of each command (accepted with events, or rejected), by command_id",
     ),
     TopicSpec(
-        "snapshots",
-        partitions=3,
-        compacted=True,
-        retention_ms=FOREVER,
-        purpose="latest aggregate state snapshot, keyed by aggregate id",
-    ),
-    TopicSpec(
         "trainer-requests",
         partitions=3,
         retention_ms=DAY_MS,

@@ -16,9 +16,9 @@ def test_event_log_is_kept_forever() -> None:
     assert events.config()["cleanup.policy"] == "delete"
 
 
-def test_results_and_snapshots_are_compacted_by_key() -> None:
+def test_results_are_compacted_by_command_id() -> None:
     compacted = {spec.name for spec in CATALOG if spec.compacted}
-    assert compacted == {"command-results", "snapshots"}
+    assert compacted == {"command-results"}
 
 
 def test_every_input_topic_has_a_dead_letter_topic() -> None:
