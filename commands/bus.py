@@ -7,6 +7,7 @@ command the caller was told is accepted for processing cannot be lost.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -19,15 +20,29 @@ class CommandNotDelivered(RuntimeError):
     pass
 
 
+Destination = Literal["commands", "trainer-requests", "sampler-requests"]
+
+
 class CommandBus:
+    """Sends aggregate commands (`commands`) and work requests (`trainer-requests`,
+    `sampler-requests`); all are CommandEnvelopes keyed by their aggregate id."""
+
     def __init__(self, settings: Settings) -> None:
-        self.topic = settings.topic("commands")
+        self.settings = settings
         self.producer = Producer(producer_config(settings))
 
-    def send(self, command: CommandEnvelope, *, timeout_s: float = 30.0) -> None:
-        self.send_many([command], timeout_s=timeout_s)
+    def send(
+        self, command: CommandEnvelope, *, to: Destination = "commands", timeout_s: float = 30.0
+    ) -> None:
+        self.send_many([command], to=to, timeout_s=timeout_s)
 
-    def send_many(self, commands: Iterable[CommandEnvelope], *, timeout_s: float = 30.0) -> int:
+    def send_many(
+        self,
+        commands: Iterable[CommandEnvelope],
+        *,
+        to: Destination = "commands",
+        timeout_s: float = 30.0,
+    ) -> int:
         failures: list[str] = []
 
         def on_delivery(error: KafkaError | None, message: Message) -> None:
@@ -35,8 +50,9 @@ class CommandBus:
                 failures.append(f"{message.key()!r}: {error}")
 
         count = 0
+        topic = self.settings.topic(to)
         for command in commands:
-            self._produce(command, on_delivery)
+            self._produce(topic, command, on_delivery)
             count += 1
         remaining = self.producer.flush(timeout_s)
         if remaining or failures:
@@ -46,12 +62,15 @@ class CommandBus:
         return count
 
     def _produce(
-        self, command: CommandEnvelope, on_delivery: Callable[[KafkaError | None, Message], None]
+        self,
+        topic: str,
+        command: CommandEnvelope,
+        on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         while True:
             try:
                 self.producer.produce(
-                    self.topic,
+                    topic,
                     key=command.aggregate_id.encode(),
                     value=command.to_bytes(),
                     headers=[("command_type", command.type.encode())],
