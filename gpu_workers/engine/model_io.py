@@ -1,0 +1,111 @@
+"""Loading a Hugging Face causal LM folder and moving weights in and out of it.
+
+One loader for every model: the project's tiny test model and a real model folder go through the
+same `AutoModelForCausalLM.from_pretrained` call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from gpu_workers.engine.types import InvalidInputError
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def set_cpu_threads(num_threads: int | None = None) -> int:
+    """Pick torch's intra-op thread count for a worker process; returns the count set.
+
+    The tiny model's matmuls are far too small to gain from many threads, and CPU workers share
+    their machine with the control plane, so the default is small: min(2, cores).
+    """
+    n = num_threads or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike[str], *, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InvalidInputError("model_dir", f"{model_dir} is not a model folder (no config.json)")
+    # Weight-loading progress bars are noise in a worker's log.
+    hf_logging.disable_progress_bar()
+    # float32 on CPU: the trainer's and the sampler's logprobs must agree to 1e-4.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    # No dropout anywhere: the trainer's logprobs must be the sampler's, position for position.
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
+
+def full_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's weights as saved by HF: a tied lm_head is left out (it is the embedding)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return drop_tied(model, state)
+
+
+def drop_tied(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is model.get_input_embeddings().weight:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    return state
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses tensors that share memory; clone makes each one its own buffer.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(state.items())}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def weight_files(file_names: list[str]) -> list[str]:
+    """The model-weight shards of a folder: `model.safetensors` or `model-0000i-of-0000n...`."""
+    return sorted(n for n in file_names if n.startswith("model") and n.endswith(".safetensors"))
+
+
+def load_weights_into(model: PreTrainedModel, paths: list[Path]) -> None:
+    """Copy safetensors shards into `model` in place (same parameter objects, new values).
+
+    Every name and shape is checked before the first copy, so a bad checkpoint leaves the model
+    as it was.
+    """
+    device = str(next(model.parameters()).device)
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        state.update(load_file(str(path), device=device))
+    expected = set(full_state_dict(model))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise InvalidInputError(
+            "weights",
+            f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}",
+        )
+    params = dict(model.state_dict())
+    for name, tensor in state.items():
+        if params[name].shape != tensor.shape:
+            raise InvalidInputError(
+                "weights", f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+@torch.no_grad()
+def sequence_logprobs(model: PreTrainedModel, tokens: list[int]) -> list[float | None]:
+    """logp(tokens[t] | tokens[:t]) under `model`; None for the first token."""
+    device = next(model.parameters()).device
+    input_1_T = torch.tensor([tokens], device=device)
+    logits_T_V = model(input_ids=input_1_T, use_cache=False).logits[0].float()
+    logp_T_V = torch.log_softmax(logits_T_V[:-1], dim=-1)  # position t predicts token t + 1
+    logp_T = logp_T_V.gather(1, input_1_T[0, 1:, None]).squeeze(1)
+    return [None, *logp_T.tolist()]

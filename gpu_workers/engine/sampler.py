@@ -1,0 +1,263 @@
+"""The sampler engine: batched autoregressive sampling from an HF causal LM, with hot weight swaps.
+
+Kafka-free and synchronous, like the trainer engine. `SamplerEngineProtocol` is the interface the
+sampler worker programs against; `SamplerEngine` implements it with plain torch (CPU tests, small
+models) and `gpu_workers.engine.vllm_sampler.VllmSamplerEngine` with vLLM (GPU hosts).
+
+Logprobs reported with each token are the policy's temperature-1 logprobs (the raw model
+distribution, before temperature and top_p), which is what the trainer's `compute_logprobs`
+computes: the importance ratio of the two then measures only weight staleness and numerics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from gpu_workers.engine.model_io import (
+    load_causal_lm,
+    load_weights_into,
+    sequence_logprobs,
+    weight_files,
+)
+from gpu_workers.engine.types import (
+    InvalidInputError,
+    SampledSequence,
+    SamplingParams,
+    StopReason,
+    WeightsVersion,
+    check_token_range,
+)
+from gpu_workers.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_folder
+
+MAX_SAMPLES_PER_CALL = 1024  # a guard against a typo turning into an out-of-memory
+
+
+@runtime_checkable
+class SamplerEngineProtocol(Protocol):
+    @property
+    def weights_version(self) -> WeightsVersion: ...
+
+    def sample(
+        self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
+    ) -> list[SampledSequence]: ...
+
+    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]: ...
+
+    def load_weights(
+        self, folder: str | os.PathLike[str], *, checkpoint_id: str
+    ) -> WeightsVersion: ...
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    model_dir: Path  # HF model folder: the base model or a sampler_weights checkpoint
+    max_seq_len: int | None = None  # prompt + new tokens at most; None = max_position_embeddings
+    seed: int = 0  # seeds the draws of calls that pass no seed of their own
+    device: str = "cpu"  # torch device
+    checkpoint_id: str = "base"  # the weights version's id until the first load_weights
+
+
+class SamplerEngine:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        max_seq_len: int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        checkpoint_id: str = "base",
+    ) -> None:
+        self.config = SamplerConfig(Path(model_dir), max_seq_len, seed, device, checkpoint_id)
+        manifest = _verified_or_built_manifest(self.config.model_dir)
+        self.model, self.tokenizer = load_causal_lm(model_dir, device=device)
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_seq_len = min(max_seq_len or limit, limit)
+        self.vocab_size: int = self.model.config.vocab_size
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self._version = WeightsVersion(checkpoint_id, manifest.digest)
+        self._seed_rng = random.Random(seed)  # draws seeds for calls that bring none
+        # One request or weight swap at a time: a swap never lands in the middle of a sample.
+        self._lock = threading.Lock()
+
+    @property
+    def weights_version(self) -> WeightsVersion:
+        return self._version
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(
+        self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
+    ) -> list[SampledSequence]:
+        prompt = self._check_request(prompt_tokens, num_samples, params)
+        with self._lock:
+            version = self._version
+            base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            # One generator per sample: sample i depends on (seed, i) only, not on the others.
+            gens = [
+                torch.Generator(device=self.config.device).manual_seed(_row_seed(base_seed, i))
+                for i in range(num_samples)
+            ]
+            stop_ids = set(params.stop_token_ids)
+            if params.stop_at_eos:
+                stop_ids |= self.eos_token_ids
+            tokens_N: list[list[int]] = [[] for _ in range(num_samples)]
+            logprobs_N: list[list[float]] = [[] for _ in range(num_samples)]
+            reasons: list[StopReason | None] = [None] * num_samples
+            cut_at: list[int | None] = [None] * num_samples  # text length before a stop string
+
+            # Prefill: all samples share the prompt, so the batch needs no padding.
+            input_N_P = torch.tensor([prompt] * num_samples, device=self.config.device)
+            out = self.model(input_ids=input_N_P, use_cache=True)
+            for _ in range(params.max_tokens):
+                logits_N_V = out.logits[:, -1, :].float()
+                logp_N_V = torch.log_softmax(logits_N_V, dim=-1)  # temperature-1 policy
+                next_N = _choose(logits_N_V, params, gens)
+                logp_N = logp_N_V.gather(1, next_N[:, None]).squeeze(1)
+                for i, (token, lp) in enumerate(zip(next_N.tolist(), logp_N.tolist(), strict=True)):
+                    if reasons[i] is not None:
+                        continue  # finished rows ride along in the batch; their draws are dropped
+                    tokens_N[i].append(token)
+                    logprobs_N[i].append(lp)
+                    if token in stop_ids:
+                        reasons[i] = "stop"
+                    elif params.stop_strings:
+                        cut_at[i] = _stop_string_cut(self._decode(tokens_N[i]), params.stop_strings)
+                        if cut_at[i] is not None:
+                            reasons[i] = "stop"
+                if all(r is not None for r in reasons):
+                    break
+                # Decode step: one new token per row against the KV cache of the previous steps.
+                out = self.model(
+                    input_ids=next_N[:, None], past_key_values=out.past_key_values, use_cache=True
+                )
+        return [
+            SampledSequence(
+                tokens=tokens_N[i],
+                text=self._decode(tokens_N[i])[: cut_at[i]],
+                logprobs=logprobs_N[i],
+                stop_reason=reasons[i] or "length",
+                weights_version=version,
+            )
+            for i in range(num_samples)
+        ]
+
+    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidInputError("tokens", "must hold at least one token")
+        if len(tokens) > self.max_seq_len:
+            raise InvalidInputError(
+                "tokens", f"{len(tokens)} tokens exceed max_seq_len {self.max_seq_len}"
+            )
+        check_token_range(tokens, "tokens", self.vocab_size)
+        with self._lock:
+            return sequence_logprobs(self.model, tokens)
+
+    # ------------------------------------------------------------------ weight sync
+
+    def load_weights(self, folder: str | os.PathLike[str], *, checkpoint_id: str) -> WeightsVersion:
+        """Swap in the weights of a checkpoint folder, in place, after verifying every file.
+
+        The folder is checked against its manifest (sha256 and size of every file) before a
+        single weight is touched; a folder that fails leaves the engine on its old weights.
+        """
+        folder = Path(folder)
+        manifest = verify_folder(folder)
+        shards = weight_files([f.path for f in manifest.files])
+        if not shards:
+            raise InvalidInputError("checkpoint", f"{folder} holds no model*.safetensors weights")
+        with self._lock:
+            load_weights_into(self.model, [folder / name for name in shards])
+            # No prompt/KV cache outlives a request here (each sample call builds its own), so
+            # there is nothing stale to drop; vLLM's engine resets its prefix cache instead.
+            self._version = WeightsVersion(checkpoint_id, manifest.digest)
+        return self._version
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_request(
+        self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
+    ) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError("sampling_params", "must be a SamplingParams")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise InvalidInputError("num_samples", f"must be an int, got {num_samples!r}")
+        if not 1 <= num_samples <= MAX_SAMPLES_PER_CALL:
+            raise InvalidInputError(
+                "num_samples", f"must be in [1, {MAX_SAMPLES_PER_CALL}], got {num_samples}"
+            )
+        if isinstance(prompt_tokens, str | bytes) or not prompt_tokens:
+            raise InvalidInputError("prompt_tokens", "must be a non-empty list of token ids")
+        prompt = [int(t) for t in prompt_tokens]
+        check_token_range(prompt, "prompt_tokens", self.vocab_size)
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise InvalidInputError(
+                "max_tokens",
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
+                f"max_seq_len {self.max_seq_len}",
+            )
+        for i, s in enumerate(params.stop_token_ids):
+            if not 0 <= s < self.vocab_size:
+                raise InvalidInputError(f"stop[{i}]", f"token id {s} outside the vocabulary")
+        return prompt
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _choose(
+    logits_N_V: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]
+) -> torch.Tensor:
+    """The next token of every row: greedy at temperature 0, else temperature + top_p sampling."""
+    if params.temperature == 0:
+        return logits_N_V.argmax(dim=-1)
+    probs_N_V = torch.softmax(logits_N_V / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
+        mass_before_N_V = sorted_N_V.cumsum(dim=-1) - sorted_N_V
+        sorted_N_V = sorted_N_V.masked_fill(mass_before_N_V >= params.top_p, 0.0)
+        probs_N_V = torch.zeros_like(probs_N_V).scatter(-1, order_N_V, sorted_N_V)
+    picks = [
+        torch.multinomial(probs_N_V[i], 1, generator=gen) for i, gen in enumerate(gens)
+    ]  # multinomial renormalizes, so the top_p cut needs no division
+    return torch.cat(picks)  # (N,)
+
+
+def _stop_string_cut(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _row_seed(seed: int, row: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: object) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):  # type: ignore[union-attr]
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _verified_or_built_manifest(model_dir: Path) -> Manifest:
+    # A folder loopstream wrote carries a manifest: trust nothing it does not vouch for. A
+    # foreign model folder has none; its digest is computed from its bytes instead.
+    if (model_dir / MANIFEST_NAME).is_file():
+        return verify_folder(model_dir, allow_extra=True)
+    return build_manifest(model_dir, kind="base_model")

@@ -1,0 +1,276 @@
+"""What the trainer and sampler workers share: requests in, results and events out, exactly once.
+
+A worker consumes its requests topic with the transactional loop. For each request it checks
+idempotency and the payload, runs the work, and in the batch's transaction produces the
+aggregate's events (it is their single writer, so sequences stay gap-free), any follow-up
+commands for the session aggregate, and the result with its `output`.
+
+Work is not undoable: if the transaction then fails, the engines touched by the batch are
+dropped and rebuilt from their last checkpoint before the requests are read again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Message, Producer, TopicPartition
+from pydantic import BaseModel, ValidationError
+
+from commands.envelope import CommandEnvelope, CommandResult, EventRef
+from commands.handling import first_validation_error
+from commands.work import WorkRequest
+from events.envelope import EventEnvelope, utc_now
+from events.ids import new_event_id
+from events.kafka_log import read_partition
+from events.loops import DomainEvent
+from events.transactional import LoopConfig, TransactionalLoop
+from infra.settings import Settings
+
+log = logging.getLogger("loopstream.worker")
+
+
+class WorkRejected(Exception):
+    """The request cannot be done as asked; the reason names the field or rule."""
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+@dataclass
+class WorkDone:
+    output: dict[str, Any]
+    events: list[DomainEvent] = field(default_factory=list)
+    # Commands for the session aggregate (e.g. RecordCheckpoint), sent in the same transaction.
+    follow_ups: list[CommandEnvelope] = field(default_factory=list)
+
+
+class WorkerService:
+    """Subclasses set the names and implement `execute` and `forget`."""
+
+    name: str  # "trainer-worker"
+    requests_topic: str  # catalog name, "trainer-requests"
+    aggregate_type: str  # "trainer"
+    request_types: tuple[type[WorkRequest], ...]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.types = {t.__name__: t for t in self.request_types}
+        self.versions: dict[str, int] = {}  # aggregate_id -> sequence of its last event
+        self.seen: dict[str, CommandResult] = {}  # request_id -> result
+        self.loop = TransactionalLoop(
+            settings,
+            LoopConfig(
+                name=self.name,
+                instance_id=settings.worker_instance_id,
+                topics=(settings.topic(self.requests_topic),),
+                batch_size=64,
+                poll_timeout_s=0.1,
+                transaction_timeout_ms=settings.worker_transaction_timeout_ms,
+            ),
+            on_assign=self._on_assign,
+        )
+
+    # --- to implement ------------------------------------------------------------------------
+
+    def execute(self, envelope: CommandEnvelope, request: BaseModel) -> WorkDone:
+        raise NotImplementedError
+
+    def forget(self, aggregate_ids: set[str]) -> None:
+        """Drop in-memory work state of these aggregates (their transaction failed)."""
+        raise NotImplementedError
+
+    def between_batches(self) -> None:
+        """Periodic work outside requests (the sampler picks up new weights here)."""
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.loop.stop_requested.set())
+        log.info("worker started", extra={"worker": self.loop.transactional_id})
+        try:
+            while not self.loop.stop_requested.is_set():
+                self.between_batches()
+                batch = self.loop.next_batch()
+                if not batch:
+                    continue
+                touched: set[str] = set()
+                if not self.loop.transact(batch, self._batch_handler(touched)):
+                    self.forget(touched)
+        finally:
+            self.loop.close()
+
+    def _on_assign(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            self._rebuild(tp.partition)
+
+    def _rebuild(self, partition: int) -> None:
+        events = self.settings.topic("events")
+        for message in read_partition(self.settings, events, partition):
+            envelope = EventEnvelope.from_bytes(message.value())
+            if envelope.aggregate_type == self.aggregate_type:
+                self.versions[envelope.aggregate_id] = envelope.sequence
+        for message in read_partition(
+            self.settings, self.settings.topic("command-results"), partition
+        ):
+            result = CommandResult.model_validate_json(message.value() or b"")
+            if result.command_type in self.types:
+                self.seen[result.command_id] = result
+
+    def _batch_handler(
+        self, touched: set[str]
+    ) -> Callable[[list[Message], Producer], Callable[[], None]]:
+        def handle(batch: list[Message], producer: Producer) -> Callable[[], None]:
+            pending_versions: dict[str, int] = {}
+            pending_seen: dict[str, CommandResult] = {}
+            for message in batch:
+                result, version = self._handle_one(
+                    message, producer, pending_versions, pending_seen
+                )
+                if result is not None:
+                    pending_seen[result.command_id] = result
+                    if result.aggregate_id:
+                        touched.add(result.aggregate_id)
+                if version is not None and result is not None and result.aggregate_id:
+                    pending_versions[result.aggregate_id] = version
+
+            def after_commit() -> None:
+                self.versions.update(pending_versions)
+                self.seen.update(pending_seen)
+
+            return after_commit
+
+        return handle
+
+    def _handle_one(
+        self,
+        message: Message,
+        producer: Producer,
+        pending_versions: dict[str, int],
+        pending_seen: dict[str, CommandResult],
+    ) -> tuple[CommandResult | None, int | None]:
+        partition: int = message.partition()  # type: ignore[assignment]
+        try:
+            envelope = CommandEnvelope.model_validate_json(message.value() or b"")
+        except ValidationError as exc:
+            self._dead_letter(producer, message, f"not a request envelope: {exc.errors()[0]}")
+            return None, None
+        if envelope.command_id in pending_seen or envelope.command_id in self.seen:
+            return None, None  # a duplicate: its first result stands
+
+        def finish(
+            result: CommandResult, version: int | None = None
+        ) -> tuple[CommandResult, int | None]:
+            producer.produce(
+                self.settings.topic("command-results"),
+                key=result.command_id.encode(),
+                value=result.to_bytes(),
+                partition=partition,
+            )
+            return result, version
+
+        def refuse(
+            reason: str, field_name: str | None, status: str = "rejected"
+        ) -> tuple[CommandResult, None]:
+            return finish(
+                CommandResult(
+                    command_id=envelope.command_id,
+                    command_type=envelope.type,
+                    aggregate_id=envelope.aggregate_id,
+                    correlation_id=envelope.correlation_id,
+                    status=status,  # type: ignore[arg-type]
+                    reason=reason,
+                    field=field_name,
+                )
+            )  # type: ignore[return-value]
+
+        request_type = self.types.get(envelope.type)
+        if request_type is None:
+            return refuse(
+                f"unknown request type {envelope.type!r}; known: {sorted(self.types)}", "type"
+            )
+        try:
+            request = request_type.model_validate(envelope.payload)
+        except ValidationError as exc:
+            return refuse(*first_validation_error(exc, prefix="payload."))
+        try:
+            done = self.execute(envelope, request)
+        except WorkRejected as exc:
+            return refuse(exc.reason, exc.field)
+        except ValueError as exc:  # the engine's input checks name the field too
+            return refuse(str(exc), getattr(exc, "field", None))
+        except Exception as exc:  # a bug or a device error: answer, log, keep serving
+            log.error("request failed", extra={"request_id": envelope.command_id,
+                                                "trace": traceback.format_exc()})  # fmt: skip
+            return refuse(f"worker error: {type(exc).__name__}: {exc}", None, status="failed")
+
+        version = pending_versions.get(
+            envelope.aggregate_id, self.versions.get(envelope.aggregate_id, 0)
+        )
+        refs = []
+        now = utc_now()
+        for event in done.events:
+            version += 1
+            event_envelope = EventEnvelope(
+                event_id=new_event_id(),
+                type=type(event).__name__,
+                schema_version=event.schema_version,
+                aggregate_type=self.aggregate_type,
+                aggregate_id=envelope.aggregate_id,
+                sequence=version,
+                occurred_at=now,
+                command_id=envelope.command_id,
+                causation_id=envelope.command_id,
+                correlation_id=envelope.correlation_id or envelope.command_id,
+                actor=envelope.actor,
+                payload=event.model_dump(mode="json"),
+            )
+            producer.produce(
+                self.settings.topic("events"),
+                key=envelope.aggregate_id.encode(),
+                value=event_envelope.to_bytes(),
+                headers=event_envelope.kafka_headers(),
+                partition=partition,
+            )
+            refs.append(EventRef(event_id=event_envelope.event_id, type=event_envelope.type,
+                                 sequence=version))  # fmt: skip
+        for command in done.follow_ups:
+            producer.produce(
+                self.settings.topic("commands"),
+                key=command.aggregate_id.encode(),
+                value=command.to_bytes(),
+            )
+        return finish(
+            CommandResult(
+                command_id=envelope.command_id,
+                command_type=envelope.type,
+                aggregate_id=envelope.aggregate_id,
+                correlation_id=envelope.correlation_id or envelope.command_id,
+                status="accepted",
+                events=tuple(refs),
+                output=done.output,
+                processed_at=now,
+            ),
+            version,
+        )
+
+    def _dead_letter(self, producer: Producer, message: Message, reason: str) -> None:
+        log.warning("request dead-lettered", extra={"reason": reason})
+        producer.produce(
+            self.settings.topic("commands.dlq"),
+            key=message.key(),
+            value=message.value(),
+            headers=[
+                ("error", reason.encode()),
+                ("source_topic", (message.topic() or "").encode()),
+                ("source_partition", str(message.partition()).encode()),
+                ("source_offset", str(message.offset()).encode()),
+            ],
+        )
