@@ -106,6 +106,7 @@ def replay(
     swap: bool = typer.Option(False, "--swap", help="make the replayed shadow the live schema"),
     check: bool = typer.Option(False, "--check", help="exit 1 when shadow and live differ"),
     batch_size: int = typer.Option(10_000, help="records per PostgreSQL transaction"),
+    workers: int = typer.Option(2, help="replay processes; partitions are shared among them"),
 ) -> None:
     """Rebuild a projection into `<projection>__shadow`, compare it with the live one, swap."""
     from projections.db import get_engine
@@ -117,18 +118,19 @@ def replay(
         raise typer.Exit(code=2)
     settings = get_settings()
     engine = get_engine(settings)
-    with console.status("replaying...") as spinner:
+    with console.status(f"replaying {projection} into its shadow..."):
         report = replay_into_shadow(
             settings,
             projection=projection,
             from_time=from_time,
             batch_size=batch_size,
-            progress=lambda r: spinner.update(f"replaying... {r.records} records"),
+            workers=workers,
         )
     console.print(
         f"replayed {report.records} records ({report.events} events, "
         f"{report.dead_letters} undecodable) into [bold]{report.shadow}[/] in "
-        f"{report.seconds:.1f}s: {report.events_per_s:,.0f} records/s"
+        f"{report.seconds:.1f}s: {report.events_per_s:,.0f} events/s, "
+        f"{report.records_per_s:,.0f} records/s"
     )
     comparisons = compare(engine, live=projection, shadow=report.shadow)
     table = Table(

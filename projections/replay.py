@@ -19,17 +19,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing import get_context
 
+import psycopg
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from infra.settings import Settings
 from projections.db import get_engine
 from projections.names import group_id, retired_name, shadow_name, topics_for
-from projections.pipeline import SourceRecord, plan_batch
+from projections.pipeline import PlannedBatch, SourceRecord, plan_batch
 from projections.pipeline import TopicPartition as TP
 from projections.store import ReadModelWriter, checked_identifier
 
@@ -48,8 +52,12 @@ class ReplayReport:
     end_offsets: dict[TP, int] = field(default_factory=dict)
 
     @property
-    def events_per_s(self) -> float:
+    def records_per_s(self) -> float:
         return self.records / self.seconds if self.seconds else 0.0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -141,76 +149,52 @@ def replay_into_shadow(
     projection: str = "loops",
     from_time: datetime | None = None,
     batch_size: int = 10_000,
+    workers: int = 2,
     timeout_s: float = 600.0,
-    progress: Callable[[ReplayReport], None] | None = None,
 ) -> ReplayReport:
+    """Rebuild `projection` into its shadow schema, up to the end offsets seen at the start.
+
+    `workers` processes share the partitions. That is safe because everything one row depends
+    on is in one partition (events are keyed by aggregate, results by command id) and positions
+    are per partition; and it is what makes replay fast: decoding is the bottleneck, one core
+    per worker.
+    """
     engine = get_engine(settings)
     shadow = shadow_name(projection)
     topics = topics_for(settings)
     report = ReplayReport(projection=projection, shadow=shadow)
     started = time.monotonic()
     deferred_indexes = create_shadow(engine, live=projection, shadow=shadow)
-    writer = ReadModelWriter(engine, projection=shadow)
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            # Never committed: replay positions live in PostgreSQL like the runner's.
-            "group.id": f"{group_id(settings, projection)}.replay.{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "queued.max.messages.kbytes": 256 * 1024,
-        }
+    partitions, report.start_offsets, report.end_offsets = _offset_ranges(
+        settings, [topics.events, topics.command_results], from_time
     )
-    try:
-        partitions = _partitions(consumer, [topics.events, topics.command_results])
-        report.end_offsets = {
-            tp: consumer.get_watermark_offsets(TopicPartition(*tp), timeout=10, cached=False)[1]
-            for tp in partitions
-        }
-        report.start_offsets = _start_offsets(consumer, partitions, from_time, report.end_offsets)
-        pending = {tp for tp in partitions if report.start_offsets[tp] < report.end_offsets[tp]}
-        reached = dict(report.start_offsets)
-        consumer.assign([TopicPartition(t, p, report.start_offsets[(t, p)]) for t, p in pending])
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replay did not reach the end offsets in {timeout_s}s")
-            records: list[SourceRecord] = []
-            for message in consumer.consume(num_messages=batch_size, timeout=0.2):
-                tp = (message.topic(), message.partition())
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        if message.offset() >= report.end_offsets[tp]:
-                            pending.discard(tp)
-                        continue
-                    raise RuntimeError(f"replay consumer error: {error}")
-                if message.offset() >= report.end_offsets[tp]:
-                    pending.discard(tp)  # written after the replay began: for the live runner
-                    continue
-                reached[tp] = message.offset() + 1
-                records.append(_source_record(message))
-            if records:
-                batch = plan_batch(records, topics)
-                writer.apply(batch)
-                report.records += len(records)
-                report.events += sum(1 for r in records if r.topic == topics.events)
-                report.dead_letters += len(batch.dead_letters)
-                if progress is not None:
-                    progress(report)
-            for tp, position in _positions(consumer, pending).items():
-                if position >= report.end_offsets[tp]:
-                    pending.discard(tp)
-    finally:
-        consumer.close()
+    shares = [[tp for tp in partitions if tp[1] % workers == worker] for worker in range(workers)]
+    jobs = [
+        _ReplayJob(settings, projection, shadow, share, report.start_offsets, report.end_offsets,
+                   batch_size, timeout_s)
+        for share in shares
+        if share
+    ]  # fmt: skip
+    if len(jobs) == 1:
+        results = [_replay_share(jobs[0])]
+    else:
+        # spawn, not fork: the parent holds librdkafka threads and pooled connections.
+        with ProcessPoolExecutor(len(jobs), mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_replay_share, jobs))
+    reached: dict[TP, int] = {}
+    for result in results:
+        report.records += result.records
+        report.events += result.events
+        report.dead_letters += result.dead_letters
+        reached.update(result.reached)
+
     # Every partition gets a position, also those with nothing to replay. It is the offset after
     # the last record, as the runner stores it (not the end offset, which counts a trailing
     # commit marker), so a runner that had reached the same records sees no move after a swap.
-    writer.save_positions({tp: reached[tp] for tp in partitions})
+    ReadModelWriter(engine, projection=shadow).save_positions(
+        {tp: reached.get(tp, report.start_offsets[tp]) for tp in partitions}
+    )
     with engine.begin() as conn:
         for ddl in deferred_indexes:
             conn.execute(text(ddl))
@@ -220,6 +204,112 @@ def replay_into_shadow(
         )
     report.seconds = time.monotonic() - started
     return report
+
+
+@dataclass(frozen=True)
+class _ReplayJob:
+    settings: Settings
+    projection: str
+    shadow: str
+    partitions: list[TP]
+    start_offsets: dict[TP, int]
+    end_offsets: dict[TP, int]
+    batch_size: int
+    timeout_s: float
+
+
+@dataclass
+class _ShareResult:
+    records: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    reached: dict[TP, int] = field(default_factory=dict)
+
+
+def _replay_share(job: _ReplayJob) -> _ShareResult:
+    """One worker: its partitions from their start to their end offsets, batch by batch."""
+    settings = job.settings
+    topics = topics_for(settings)
+    writer = ReadModelWriter(get_engine(settings), projection=job.shadow)
+    result = _ShareResult(reached={tp: job.start_offsets[tp] for tp in job.partitions})
+    pending = {tp for tp in job.partitions if job.start_offsets[tp] < job.end_offsets[tp]}
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            # Never committed: replay positions live in PostgreSQL like the runner's.
+            "group.id": f"{group_id(settings, job.projection)}.replay.{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "queued.max.messages.kbytes": 256 * 1024,
+        }
+    )
+    consumer.assign([TopicPartition(t, p, job.start_offsets[(t, p)]) for t, p in pending])
+    deadline = time.monotonic() + job.timeout_s
+    try:
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replay did not reach the end offsets in {job.timeout_s}s")
+            records: list[SourceRecord] = []
+            for message in consumer.consume(num_messages=job.batch_size, timeout=0.2):
+                tp = (message.topic(), message.partition())
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        if message.offset() >= job.end_offsets[tp]:
+                            pending.discard(tp)
+                        continue
+                    raise RuntimeError(f"replay consumer error: {error}")
+                if message.offset() >= job.end_offsets[tp]:
+                    pending.discard(tp)  # written after the replay began: for the live runner
+                    continue
+                result.reached[tp] = message.offset() + 1
+                records.append(_source_record(message))
+            if records:
+                batch = plan_batch(records, topics)
+                _apply_with_retry(writer, batch)
+                result.records += len(records)
+                result.events += sum(1 for r in records if r.topic == topics.events)
+                result.dead_letters += len(batch.dead_letters)
+            for tp, position in _positions(consumer, pending).items():
+                if position >= job.end_offsets[tp]:
+                    pending.discard(tp)
+    finally:
+        consumer.close()
+    return result
+
+
+def _apply_with_retry(writer: ReadModelWriter, batch: PlannedBatch, attempts: int = 5) -> None:
+    # Workers never share a row when producers key by aggregate id; one that does not could
+    # make two workers deadlock on a row, and PostgreSQL then aborts one: just try it again.
+    for attempt in range(attempts):
+        try:
+            writer.apply(batch)
+            return
+        except (psycopg.errors.DeadlockDetected, OperationalError) as exc:
+            if attempt == attempts - 1 or "deadlock" not in str(exc):
+                raise
+            log.warning("replay batch deadlocked, retrying: %s", exc)
+
+
+def _offset_ranges(
+    settings: Settings, topic_names: Sequence[str], from_time: datetime | None
+) -> tuple[list[TP], dict[TP, int], dict[TP, int]]:
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "loopstream-replay"}
+    )
+    try:
+        partitions = _partitions(consumer, topic_names)
+        ends = {
+            tp: consumer.get_watermark_offsets(TopicPartition(*tp), timeout=10, cached=False)[1]
+            for tp in partitions
+        }
+        starts = _start_offsets(consumer, partitions, from_time, ends)
+    finally:
+        consumer.close()
+    return partitions, starts, ends
 
 
 def _partitions(consumer: Consumer, topics: Sequence[str]) -> list[TP]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +24,9 @@ class TableSpec:
     json_columns: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class RowChange:
+class RowChange(NamedTuple):
+    """A NamedTuple rather than a frozen dataclass: replay creates millions, this is ~3x cheaper."""
+
     table: str
     key: tuple[Any, ...]
     # The aggregate sequence of the event behind the change: upserts only win against a lower
@@ -66,9 +67,17 @@ def group_for_write(
     Groups are ordered creates first, so an update never runs before the insert it needs.
     """
     groups: dict[tuple[str, bool, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+    # A projector always sets the same columns for one kind of change: compute each column list
+    # once per batch, not once per row.
+    layouts: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
     for change in changes:
-        spec = tables[change.table]
-        columns = tuple(c for c in spec.columns if c in change.values)
-        row = tuple(change.values[c] for c in columns)
-        groups.setdefault((change.table, change.creates, columns), []).append(row)
+        values = change.values
+        layout_key = (change.table, tuple(values))
+        columns = layouts.get(layout_key)
+        if columns is None:
+            columns = tuple(c for c in tables[change.table].columns if c in values)
+            layouts[layout_key] = columns
+        groups.setdefault((change.table, change.creates, columns), []).append(
+            tuple([values[c] for c in columns])
+        )
     return dict(sorted(groups.items(), key=lambda item: (not item[0][1], item[0][0])))

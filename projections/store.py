@@ -12,7 +12,6 @@ resync from the stored positions.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import zlib
@@ -20,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
+from pydantic_core import to_json
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -161,6 +161,9 @@ class ReadModelWriter:
         batch: PlannedBatch,
         expected: Mapping[TopicPartition, int] | None,
     ) -> None:
+        # Rows and positions commit together, so a commit lost in a database crash loses its
+        # positions too and is simply applied again from Kafka: no need to wait for the WAL flush.
+        conn.execute(text("set local synchronous_commit = off"))
         topics = sorted({topic for topic, _ in batch.next_offsets})
         stored = {
             (topic, partition): offset
@@ -238,5 +241,6 @@ class ReadModelWriter:
 def _with_json(row: tuple[Any, ...], positions: Sequence[int]) -> tuple[Any, ...]:
     values = list(row)
     for i in positions:
-        values[i] = json.dumps(values[i], separators=(",", ":"), default=str)
+        # pydantic-core's serializer: about twice as fast as json.dumps on event payloads.
+        values[i] = to_json(values[i]).decode()
     return tuple(values)
