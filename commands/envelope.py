@@ -48,7 +48,9 @@ class CommandResult(BaseModel):
     command_id: str
     command_type: str | None
     aggregate_id: str | None
-    status: Literal["accepted", "rejected"]
+    # accepted: done; rejected: refused for its input or a rule (reason, field);
+    # failed: a worker could not do it (its error in reason); resubmitting may succeed.
+    status: Literal["accepted", "rejected", "failed"]
     events: tuple[EventRef, ...] = ()
     # For a rejection: a human-readable reason, and the field or rule it is about.
     reason: str | None = None

@@ -90,7 +90,7 @@ def handle_command(
     try:
         envelope = CommandEnvelope.model_validate(document)
     except ValidationError as exc:
-        return refuse(*_first_error(exc, prefix=""))
+        return refuse(*first_validation_error(exc, prefix=""))
     if key is None or key.decode(errors="replace") != envelope.aggregate_id:
         return refuse("the Kafka message key must equal aggregate_id", "aggregate_id")
     if envelope.type not in COMMAND_TYPES:
@@ -107,7 +107,7 @@ def handle_command(
     try:
         command = command_class.model_validate(envelope.payload)
     except ValidationError as exc:
-        return refuse(*_first_error(exc, prefix="payload."))
+        return refuse(*first_validation_error(exc, prefix="payload."))
 
     state = load_state(spec, envelope.aggregate_id)
     try:
@@ -148,7 +148,7 @@ def handle_command(
     return Accepted(result=result, events=tuple(envelopes), spec=spec, state=state)
 
 
-def _first_error(exc: ValidationError, *, prefix: str) -> tuple[str, str | None]:
+def first_validation_error(exc: ValidationError, *, prefix: str) -> tuple[str, str | None]:
     """The first validation error as (reason naming the field, dotted field path)."""
     error = exc.errors()[0]
     field = prefix + ".".join(str(part) for part in error["loc"]) if error["loc"] else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -44,14 +45,23 @@ CHECKPOINT_URI = re.compile(
 MAX_SEQ_LEN_LIMIT = 1_048_576
 
 
-def content_digest(files: tuple[CheckpointFile, ...]) -> str:
-    """One digest for a checkpoint's content: sha256 over its files' names and digests.
+MANIFEST_FILE = "manifest.json"
 
-    Two checkpoints with the same bytes under the same names have the same digest, whatever they
-    are called, which is what a sampler reports as its weights version.
+
+def content_digest(files: tuple[CheckpointFile, ...]) -> str:
+    """One digest for a checkpoint's content: sha256 over its (path, sha256, size) list.
+
+    The same canonical form as the folder's manifest digest (gpu_workers/manifest.py), so the
+    session, the trainer and the sampler name one weights version with one string. The manifest
+    file itself is left out: it describes the content, it is not part of it.
     """
-    lines = sorted(f"{f.relative_file_name}:{f.sha256}" for f in files)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    entries = sorted(
+        [f.relative_file_name, f.sha256, f.size_bytes]
+        for f in files
+        if f.relative_file_name != MANIFEST_FILE
+    )
+    canonical = json.dumps(entries, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def checkpoint_uri(run_id: str, kind: CheckpointKind, name: str) -> str:

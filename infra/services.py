@@ -1,5 +1,5 @@
-"""loopstream's own long-running processes on top of the stack: the command processor and the
-projection runner (the API and workers join them later). Started in the background like the
+"""loopstream's own long-running processes on top of the stack: the command processor, the
+projection runner and the GPU workers (the API joins them). Started in the background like the
 stack's servers, with pid files and logs under the data dir, and stopped by recorded pid.
 """
 
@@ -22,6 +22,8 @@ class ServiceSpec:
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("command-processor", ("-m", "commands.processor")),
     ServiceSpec("projections", ("-m", "api.cli", "projections", "run")),
+    ServiceSpec("trainer-worker", ("-m", "gpu_workers.trainer_worker")),
+    ServiceSpec("sampler-worker", ("-m", "gpu_workers.sampler_worker")),
 )
 
 

@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     # Fault injection for crash tests only: sleep between producing a batch and committing it.
     processor_commit_delay_ms: int = Field(default=0, ge=0)
 
+    # --- GPU workers -------------------------------------------------------------------------
+    worker_instance_id: str = "0"
+    # The base model name served by the project's own tiny random-init Llama (no hub access).
+    tiny_model_name: str = "loopstream/tiny-llama"
+    # Where other base models live as Hugging Face folders: <model_root>/<base_model name>.
+    model_root: Path = Path.home() / ".cache" / "loopstream" / "models"
+    torch_device: str = "cpu"
+    # A training step runs inside the worker's Kafka transaction: allow long steps.
+    worker_transaction_timeout_ms: int = Field(default=300_000, ge=10_000)
+    # The PostgreSQL schema of the Loops read models (projections/, docs/projections.md).
+    read_schema: str = "loops"
+
     # --- PostgreSQL ----------------------------------------------------------------------
     pg_host: str = "127.0.0.1"
     pg_port: int = 15432

@@ -1,0 +1,274 @@
+"""The sampler worker: serves sampling calls and picks up new weights without restarting.
+
+    python -m gpu_workers.sampler_worker
+
+Per sampler it holds one engine (torch here; vLLM on a GPU host behind the same interface).
+Between request batches it reads `WeightsReady` events and swaps the new weights in (verified
+against their manifest), so a swap never lands inside a request. On its first request a sampler
+comes up on the newest sampler weights of its run (a restarted worker resumes there). A request
+pinned to a checkpoint gets exactly those weights. Every response and every `SamplesGenerated`
+event names the weights version that produced the tokens, stamped when the request starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from psycopg.rows import dict_row
+from pydantic import BaseModel
+
+from commands.envelope import CommandEnvelope
+from commands.work import SAMPLER_REQUESTS, Sample
+from events.catalog import decode_payload
+from events.envelope import EventEnvelope, utc_now
+from events.ids import new_event_id
+from events.kafka_log import consumer_config, partition_count
+from events.loops import WeightsReady
+from events.work import SamplesGenerated, WeightsLoaded
+from gpu_workers.checkpoint_store import download_checkpoint
+from gpu_workers.engine.sampler import SamplerEngine
+from gpu_workers.engine.types import SamplingParams
+from gpu_workers.models import UnknownBaseModel, resolve_base_model
+from gpu_workers.service import WorkDone, WorkerService, WorkRejected
+from infra.s3 import ObjectStore
+from infra.settings import Settings
+
+log = logging.getLogger("loopstream.sampler_worker")
+
+
+@dataclass
+class HostedSampler:
+    sampler_id: str
+    run_id: str
+    engine: SamplerEngine
+    uri: str | None  # checkpoint the weights came from; None = base model / start checkpoint
+
+
+@dataclass(frozen=True)
+class Ready:
+    checkpoint_id: str
+    uri: str
+
+
+class SamplerWorker(WorkerService):
+    name = "sampler-worker"
+    requests_topic = "sampler-requests"
+    aggregate_type = "sampler"
+    request_types = SAMPLER_REQUESTS
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.samplers: dict[str, HostedSampler] = {}
+        # Newest WeightsReady seen per sampler, hosted here or not yet: a sampler created later
+        # starts from it even when the read model has not caught up.
+        self.latest_ready: dict[str, Ready] = {}
+        self.store = ObjectStore.from_settings(settings)
+        self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
+        self.weights_feed = self._subscribe_to_weights()
+
+    def forget(self, aggregate_ids: set[str]) -> None:
+        for sampler_id in aggregate_ids:
+            self.samplers.pop(sampler_id, None)
+
+    # --- weight sync ---------------------------------------------------------------------------
+
+    def _subscribe_to_weights(self) -> Consumer:
+        # Every partition, from now on: weights published before start are found in the read
+        # model when a sampler is first used.
+        topic = self.settings.topic("events")
+        consumer = Consumer(
+            consumer_config(self.settings, group_id=f"{self.loop.group_id}-weights")
+        )
+        consumer.assign(
+            [
+                TopicPartition(topic, p, OFFSET_END)
+                for p in range(partition_count(self.settings, topic))
+            ]
+        )
+        return consumer
+
+    def between_batches(self) -> None:
+        for message in self.weights_feed.consume(num_messages=100, timeout=0):
+            if message.error() is not None:
+                continue
+            if dict(message.headers() or []).get("event_type") != b"WeightsReady":
+                continue
+            event = decode_payload(EventEnvelope.from_bytes(message.value()))
+            assert isinstance(event, WeightsReady)
+            self.latest_ready[event.sampler_id] = Ready(event.checkpoint_id, event.uri)
+            hosted = self.samplers.get(event.sampler_id)
+            if hosted is not None and hosted.uri != event.uri:
+                loaded = self._load(hosted, event.checkpoint_id, event.uri)
+                self._emit(hosted.sampler_id, loaded, causation_id=event.checkpoint_id)
+
+    def _load(self, hosted: HostedSampler, checkpoint_id: str, uri: str) -> WeightsLoaded:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="loopstream-weights-") as tmp:
+            folder = Path(tmp) / "weights"
+            download_checkpoint(self.store, uri, folder)
+            version = hosted.engine.load_weights(folder, checkpoint_id=checkpoint_id)
+        hosted.uri = uri
+        load_ms = (time.perf_counter() - started) * 1000
+        log.info("weights loaded", extra={"sampler_id": hosted.sampler_id, "uri": uri,
+                                          "load_ms": round(load_ms, 1)})  # fmt: skip
+        return WeightsLoaded(
+            checkpoint_id=checkpoint_id, uri=uri, content_digest=version.digest, load_ms=load_ms
+        )
+
+    def _emit(self, sampler_id: str, event: WeightsLoaded, *, causation_id: str) -> None:
+        """An event outside any request: its own small transaction."""
+        sequence = self.versions.get(sampler_id, 0) + 1
+        envelope = EventEnvelope(
+            event_id=new_event_id(),
+            type=type(event).__name__,
+            schema_version=event.schema_version,
+            aggregate_type=self.aggregate_type,
+            aggregate_id=sampler_id,
+            sequence=sequence,
+            occurred_at=utc_now(),
+            causation_id=causation_id,
+            correlation_id=causation_id,
+            actor="sampler-worker",
+            payload=event.model_dump(mode="json"),
+        )
+        producer = self.loop.producer
+        producer.begin_transaction()
+        producer.produce(
+            self.settings.topic("events"),
+            key=sampler_id.encode(),
+            value=envelope.to_bytes(),
+            headers=envelope.kafka_headers(),
+        )
+        producer.commit_transaction(30)
+        self.versions[sampler_id] = sequence
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    def execute(self, envelope: CommandEnvelope, request: BaseModel) -> WorkDone:
+        if not isinstance(request, Sample):
+            raise WorkRejected(f"unsupported request {type(request).__name__}", field="type")
+        events: list = []
+        hosted = self._sampler(envelope.aggregate_id, events)
+        if request.checkpoint_uri is not None and hosted.uri != request.checkpoint_uri:
+            checkpoint_id = self._checkpoint_id(request.checkpoint_uri)
+            events.append(self._load(hosted, checkpoint_id, request.checkpoint_uri))
+
+        engine = hosted.engine
+        if request.prompt_tokens is not None:
+            prompt = request.prompt_tokens
+        else:
+            prompt = engine.tokenizer.encode(request.prompt, add_special_tokens=False)
+        version = engine.weights_version  # stamped at dispatch, before any token exists
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop,
+        )
+        sequences = engine.sample(prompt, request.num_samples, params)
+        weights = {"checkpoint_id": version.checkpoint_id, "uri": hosted.uri,
+                   "digest": version.digest}  # fmt: skip
+        events.append(
+            SamplesGenerated(
+                request_id=envelope.command_id,
+                num_samples=len(sequences),
+                num_tokens=sum(len(s.tokens) for s in sequences),
+                weights_checkpoint_id=version.checkpoint_id,
+                weights_digest=version.digest,
+            )
+        )
+        return WorkDone(
+            output={
+                "prompt_tokens": list(prompt),
+                "sequences": [
+                    {
+                        "tokens": s.tokens,
+                        "text": s.text,
+                        "logprobs": s.logprobs,
+                        "stop_reason": s.stop_reason,
+                    }
+                    for s in sequences
+                ],
+                "weights_version": weights,
+            },
+            events=events,
+        )
+
+    def _sampler(self, sampler_id: str, events: list) -> HostedSampler:
+        hosted = self.samplers.get(sampler_id)
+        if hosted is not None:
+            return hosted
+        schema = self.settings.read_schema
+        row = self.db.execute(
+            f"select s.run_id, s.status, r.base_model, r.max_seq_len, r.from_checkpoint "
+            f"from {schema}.samplers s join {schema}.runs r using (run_id) "
+            "where s.sampler_id = %s",
+            (sampler_id,),
+        ).fetchone()
+        if row is None:
+            raise WorkRejected(f"sampler {sampler_id} does not exist", field="sampler_id")
+        if row["status"] != "active":
+            raise WorkRejected(
+                f"sampler {sampler_id} is {row['status']}: its session ended", field="sampler_id"
+            )
+        try:
+            base = resolve_base_model(self.settings, row["base_model"])
+        except UnknownBaseModel as exc:
+            raise WorkRejected(str(exc), field="base_model") from exc
+        engine = SamplerEngine(base, device=self.settings.torch_device, checkpoint_id="base")
+        hosted = HostedSampler(sampler_id=sampler_id, run_id=row["run_id"], engine=engine, uri=None)
+        start = self._newest_weights(sampler_id, row["run_id"])
+        if (
+            start is None
+            and row["from_checkpoint"]
+            and "/sampler_weights/" in row["from_checkpoint"]
+        ):
+            uri = row["from_checkpoint"]
+            start = Ready(self._checkpoint_id(uri), uri)
+        if start is not None:
+            events.append(self._load(hosted, start.checkpoint_id, start.uri))
+        self.samplers[sampler_id] = hosted
+        return hosted
+
+    def _newest_weights(self, sampler_id: str, run_id: str) -> Ready | None:
+        # The feed carries everything published since this worker started, so what it saw is
+        # newer than anything in the read model (which may not have caught up with it yet).
+        seen = self.latest_ready.get(sampler_id)
+        if seen is not None:
+            return seen
+        row = self.db.execute(
+            f"select checkpoint_id, uri from {self.settings.read_schema}.checkpoints "
+            "where run_id = %s and kind = 'sampler_weights' and status = 'active' "
+            "order by created_at desc limit 1",
+            (run_id,),
+        ).fetchone()
+        return Ready(row["checkpoint_id"], row["uri"]) if row else None
+
+    def _checkpoint_id(self, uri: str) -> str:
+        row = self.db.execute(
+            f"select checkpoint_id, status from {self.settings.read_schema}.checkpoints "
+            "where uri = %s order by created_at desc limit 1",
+            (uri,),
+        ).fetchone()
+        if row is None or row["status"] != "active":
+            raise WorkRejected(f"checkpoint {uri} does not exist", field="checkpoint_uri")
+        return row["checkpoint_id"]
+
+
+def main() -> None:
+    from infra.logs import configure_logging
+    from infra.settings import get_settings
+
+    configure_logging()
+    SamplerWorker(get_settings()).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The trainer worker: serves training calls for the runs whose requests land on its partitions.
+
+    python -m gpu_workers.trainer_worker
+
+Per run it holds one TrainerEngine (weights, AdamW state, accumulated gradients), created on the
+run's first request from its base model, restored from the run's latest full-state checkpoint
+when there is one (a restarted worker resumes from there; work since that save is lost with the
+process, as on any trainer). Saving uploads the folder to the S3 store and records the
+checkpoint on the session in the same Kafka transaction as the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from pydantic import BaseModel
+
+from commands.envelope import CommandEnvelope
+from commands.loops import CHECKPOINT_URI, checkpoint_uri
+from commands.work import (
+    TRAINER_REQUESTS,
+    ComputeLogprobs,
+    ForwardBackward,
+    OptimStep,
+    SaveWeights,
+)
+from events.work import (
+    ForwardBackwardCompleted,
+    LogprobsComputed,
+    OptimStepCompleted,
+    WeightsSaved,
+)
+from gpu_workers.checkpoint_store import download_checkpoint, upload_checkpoint
+from gpu_workers.engine.trainer import TrainerEngine
+from gpu_workers.engine.types import AdamParams as EngineAdamParams
+from gpu_workers.engine.types import Datum as EngineDatum
+from gpu_workers.models import UnknownBaseModel, resolve_base_model
+from gpu_workers.service import WorkDone, WorkerService, WorkRejected
+from infra.s3 import ObjectStore
+from infra.settings import Settings
+
+log = logging.getLogger("loopstream.trainer_worker")
+
+
+@dataclass
+class RunEngine:
+    run_id: str
+    session_id: str
+    engine: TrainerEngine
+
+
+class TrainerWorker(WorkerService):
+    name = "trainer-worker"
+    requests_topic = "trainer-requests"
+    aggregate_type = "trainer"
+    request_types = TRAINER_REQUESTS
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.runs: dict[str, RunEngine] = {}
+        self.store = ObjectStore.from_settings(settings)
+        self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
+
+    def forget(self, aggregate_ids: set[str]) -> None:
+        for run_id in aggregate_ids:
+            self.runs.pop(run_id, None)
+
+    def execute(self, envelope: CommandEnvelope, request: BaseModel) -> WorkDone:
+        run = self._run(envelope.aggregate_id)
+        request_id = envelope.command_id
+        if isinstance(request, ForwardBackward):
+            data = [
+                EngineDatum(
+                    model_input=d.model_input,
+                    loss_fn_inputs={
+                        k: v for k, v in d.loss_fn_inputs.model_dump().items() if v is not None
+                    },
+                )
+                for d in request.data
+            ]
+            out = run.engine.forward_backward(data, request.loss_fn)
+            num_tokens = sum(len(d.model_input) for d in request.data)
+            return WorkDone(
+                output={
+                    "loss": out.loss,
+                    "metrics": out.metrics,
+                    "loss_fn_outputs": out.loss_fn_outputs,
+                },
+                events=[
+                    ForwardBackwardCompleted(
+                        request_id=request_id,
+                        loss_fn=request.loss_fn,
+                        loss=out.loss,
+                        num_sequences=len(data),
+                        num_tokens=num_tokens,
+                        metrics=out.metrics,
+                    )
+                ],
+            )
+        if isinstance(request, OptimStep):
+            params = EngineAdamParams(**request.adam_params.model_dump())
+            step = run.engine.optim_step(params)
+            return WorkDone(
+                output={"step": step.step, "metrics": step.metrics},
+                events=[
+                    OptimStepCompleted(
+                        request_id=request_id,
+                        step=step.step,
+                        learning_rate=params.learning_rate,
+                        grad_norm=step.metrics.get("grad_norm"),
+                    )
+                ],
+            )
+        if isinstance(request, ComputeLogprobs):
+            logprobs = [run.engine.compute_logprobs(tokens) for tokens in request.sequences]
+            return WorkDone(
+                output={"logprobs": logprobs},
+                events=[
+                    LogprobsComputed(
+                        request_id=request_id,
+                        num_sequences=len(request.sequences),
+                        num_tokens=sum(len(s) for s in request.sequences),
+                    )
+                ],
+            )
+        if isinstance(request, SaveWeights):
+            return self._save(run, envelope, request)
+        raise WorkRejected(f"unsupported request {type(request).__name__}", field="type")
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def _run(self, run_id: str) -> RunEngine:
+        known = self.runs.get(run_id)
+        if known is not None:
+            return known
+        row = self.db.execute(
+            f"select session_id, base_model, max_seq_len, lora_rank, from_checkpoint, status "
+            f"from {self.settings.read_schema}.runs where run_id = %s",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            raise WorkRejected(f"run {run_id} does not exist", field="run_id")
+        if row["status"] != "active":
+            raise WorkRejected(f"run {run_id} is {row['status']}", field="run_id")
+        try:
+            model_dir = resolve_base_model(self.settings, row["base_model"])
+        except UnknownBaseModel as exc:
+            raise WorkRejected(str(exc), field="base_model") from exc
+        restore_uri = self._latest_state_uri(run_id) or row["from_checkpoint"]
+        with tempfile.TemporaryDirectory(prefix="loopstream-restore-") as tmp:
+            restore_dir: Path | None = None
+            if restore_uri is not None:
+                restore_dir = Path(tmp) / "checkpoint"
+                download_checkpoint(self.store, restore_uri, restore_dir)
+                if _kind(restore_uri) == "sampler_weights":  # a plain model folder: start there
+                    model_dir, restore_dir = restore_dir, None
+            engine = TrainerEngine(
+                model_dir,
+                max_seq_len=row["max_seq_len"],
+                lora_rank=row["lora_rank"],
+                device=self.settings.torch_device,
+            )
+            if restore_dir is not None:
+                engine.load_state(restore_dir)
+        log.info("run loaded", extra={"run_id": run_id, "restored_from": restore_uri})
+        run = RunEngine(run_id=run_id, session_id=row["session_id"], engine=engine)
+        self.runs[run_id] = run
+        return run
+
+    def _latest_state_uri(self, run_id: str) -> str | None:
+        row = self.db.execute(
+            f"select uri from {self.settings.read_schema}.checkpoints "
+            "where run_id = %s and kind = 'weights' and status = 'active' "
+            "order by created_at desc limit 1",
+            (run_id,),
+        ).fetchone()
+        return row["uri"] if row else None
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def _save(self, run: RunEngine, envelope: CommandEnvelope, request: SaveWeights) -> WorkDone:
+        taken = self.db.execute(
+            f"select 1 from {self.settings.read_schema}.checkpoints "
+            "where run_id = %s and kind = %s and name = %s and status = 'active'",
+            (run.run_id, request.kind, request.name),
+        ).fetchone()
+        if taken:
+            raise WorkRejected(
+                f"a {request.kind} checkpoint named {request.name!r} already exists for run "
+                f"{run.run_id}",
+                field="name",
+            )
+        uri = checkpoint_uri(run.run_id, request.kind, request.name)
+        # Derived from the request id: a retried save records the same checkpoint id.
+        checkpoint_id = "ck" + hashlib.sha256(envelope.command_id.encode()).hexdigest()[:14]
+        with tempfile.TemporaryDirectory(prefix="loopstream-save-") as tmp:
+            folder = Path(tmp) / request.name
+            if request.kind == "weights":
+                manifest = run.engine.save_state(folder)
+            else:
+                manifest = run.engine.save_weights_for_sampler(folder)
+            files = upload_checkpoint(self.store, folder, uri)
+        record = CommandEnvelope(
+            command_id=f"{envelope.command_id}:record",
+            type="RecordCheckpoint",
+            aggregate_id=run.session_id,
+            actor=envelope.actor,
+            correlation_id=envelope.correlation_id or envelope.command_id,
+            causation_id=envelope.command_id,
+            payload={
+                "run_id": run.run_id,
+                "checkpoint_id": checkpoint_id,
+                "name": request.name,
+                "kind": request.kind,
+                "files": files,
+                "step": run.engine.step,
+                "ttl_seconds": request.ttl_seconds,
+            },
+        )
+        total = sum(f["size_bytes"] for f in files)
+        output: dict[str, Any] = {
+            "path": uri,
+            "checkpoint_id": checkpoint_id,
+            "content_digest": manifest.digest,
+            "step": run.engine.step,
+        }
+        return WorkDone(
+            output=output,
+            events=[
+                WeightsSaved(
+                    request_id=envelope.command_id,
+                    checkpoint_id=checkpoint_id,
+                    name=request.name,
+                    kind=request.kind,
+                    uri=uri,
+                    content_digest=manifest.digest,
+                    total_size_bytes=total,
+                    step=run.engine.step,
+                )
+            ],
+            follow_ups=[record],
+        )
+
+
+def _kind(uri: str) -> str:
+    match = CHECKPOINT_URI.match(uri)
+    return match["kind"] if match else ""
+
+
+def main() -> None:
+    from infra.logs import configure_logging
+    from infra.settings import get_settings
+
+    configure_logging()
+    TrainerWorker(get_settings()).run()
+
+
+if __name__ == "__main__":
+    main()
