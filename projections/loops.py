@@ -69,9 +69,10 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "command_id", "command_type", "aggregate_id", "status", "reason", "field",
                 "events", "correlation_id", "processed_at", "kafka_partition", "kafka_offset",
+                "output",
             ),
             insert_only=True,
-            json_columns=frozenset({"events"}),
+            json_columns=frozenset({"events", "output"}),
         ),
         TableSpec(
             "event_log",
@@ -133,6 +134,7 @@ def project_result(result: CommandResult, *, partition: int, offset: int) -> Row
             "processed_at": result.processed_at,
             "kafka_partition": partition,
             "kafka_offset": offset,
+            "output": result.output,
         },
     )
 
