@@ -242,5 +242,7 @@ def _with_json(row: tuple[Any, ...], positions: Sequence[int]) -> tuple[Any, ...
     values = list(row)
     for i in positions:
         # pydantic-core's serializer: about twice as fast as json.dumps on event payloads.
-        values[i] = to_json(values[i]).decode()
+        # None stays SQL NULL (not the JSON value null), so `is null` queries work.
+        if values[i] is not None:
+            values[i] = to_json(values[i]).decode()
     return tuple(values)
