@@ -31,7 +31,7 @@ from events.ids import new_event_id
 from events.kafka_log import consumer_config, partition_count
 from events.loops import WeightsReady
 from events.work import SamplesGenerated, WeightsLoaded
-from gpu_workers.checkpoint_store import download_checkpoint
+from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from gpu_workers.engine.sampler import SamplerEngine
 from gpu_workers.engine.types import SamplingParams
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
@@ -68,7 +68,7 @@ class SamplerWorker(WorkerService):
         # Newest WeightsReady seen per sampler, hosted here or not yet: a sampler created later
         # starts from it even when the read model has not caught up.
         self.latest_ready: dict[str, Ready] = {}
-        self.store = ObjectStore.from_settings(settings)
+        self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
         self.weights_feed = self._subscribe_to_weights()
 
@@ -111,7 +111,7 @@ class SamplerWorker(WorkerService):
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="loopstream-weights-") as tmp:
             folder = Path(tmp) / "weights"
-            download_checkpoint(self.store, uri, folder)
+            self.checkpoints.download(CheckpointRef.from_uri(uri), folder)
             version = hosted.engine.load_weights(folder, checkpoint_id=checkpoint_id)
         hosted.uri = uri
         load_ms = (time.perf_counter() - started) * 1000

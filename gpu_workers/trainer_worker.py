@@ -37,7 +37,7 @@ from events.work import (
     OptimStepCompleted,
     WeightsSaved,
 )
-from gpu_workers.checkpoint_store import download_checkpoint, upload_checkpoint
+from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from gpu_workers.engine.trainer import TrainerEngine
 from gpu_workers.engine.types import AdamParams as EngineAdamParams
 from gpu_workers.engine.types import Datum as EngineDatum
@@ -65,7 +65,7 @@ class TrainerWorker(WorkerService):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.runs: dict[str, RunEngine] = {}
-        self.store = ObjectStore.from_settings(settings)
+        self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
 
     def forget(self, aggregate_ids: set[str]) -> None:
@@ -158,7 +158,7 @@ class TrainerWorker(WorkerService):
             restore_dir: Path | None = None
             if restore_uri is not None:
                 restore_dir = Path(tmp) / "checkpoint"
-                download_checkpoint(self.store, restore_uri, restore_dir)
+                self.checkpoints.download(CheckpointRef.from_uri(restore_uri), restore_dir)
                 if _kind(restore_uri) == "sampler_weights":  # a plain model folder: start there
                     model_dir, restore_dir = restore_dir, None
             engine = TrainerEngine(
@@ -206,7 +206,12 @@ class TrainerWorker(WorkerService):
                 manifest = run.engine.save_state(folder)
             else:
                 manifest = run.engine.save_weights_for_sampler(folder)
-            files = upload_checkpoint(self.store, folder, uri)
+            stored = self.checkpoints.upload(folder, CheckpointRef.from_uri(uri))
+        files = [
+            {"relative_file_name": f.relative_file_name, "size_bytes": f.size_bytes,
+             "sha256": f.sha256}
+            for f in stored.files
+        ]  # fmt: skip
         record = CommandEnvelope(
             command_id=f"{envelope.command_id}:record",
             type="RecordCheckpoint",

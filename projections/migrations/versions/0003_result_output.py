@@ -1,4 +1,5 @@
-"""command_results.output: what a worker computed for a work request (loss, tokens, ...).
+"""command_results.output: what a worker computed for a work request (loss, tokens, ...), and
+the `failed` status (a worker could not do the work; resubmitting may succeed).
 
 Revision ID: 0003
 Revises: 0002
@@ -19,7 +20,21 @@ SCHEMA = "loops"
 
 def upgrade() -> None:
     op.add_column("command_results", sa.Column("output", JSONB), schema=SCHEMA)
+    op.drop_constraint("ck_command_results_status", "command_results", schema=SCHEMA)
+    op.create_check_constraint(
+        "ck_command_results_status",
+        "command_results",
+        "status in ('accepted', 'rejected', 'failed')",
+        schema=SCHEMA,
+    )
 
 
 def downgrade() -> None:
+    op.drop_constraint("ck_command_results_status", "command_results", schema=SCHEMA)
+    op.create_check_constraint(
+        "ck_command_results_status",
+        "command_results",
+        "status in ('accepted', 'rejected')",
+        schema=SCHEMA,
+    )
     op.drop_column("command_results", "output", schema=SCHEMA)
