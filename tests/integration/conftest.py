@@ -7,6 +7,8 @@ always means the real services were exercised.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from infra.settings import Settings, get_settings
@@ -30,3 +32,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def services(settings: Settings) -> Iterator[Settings]:
+    """loopstream's own processes (processor, projections, workers, API) for end-to-end tests.
+
+    Started here when not running, and then stopped at the end; left alone when they were.
+    """
+    from infra.services import services_down, services_status, services_up
+
+    started_here = not all(services_status(settings).values())
+    services_up(settings)
+    yield settings
+    if started_here:
+        services_down(settings)

@@ -1,0 +1,145 @@
+"""Trainer and sampler workers on the real stack, driven through Kafka like the API drives them."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from commands.bus import CommandBus, Destination
+from commands.envelope import CommandEnvelope
+from infra.settings import Settings
+from tests.integration.read_models import query, wait_for_result
+
+
+class Driver:
+    """Sends commands and work requests, waits for their results in the futures table."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus = CommandBus(settings)
+
+    def call(
+        self, to: Destination, type_: str, aggregate_id: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        envelope = CommandEnvelope(
+            command_id=str(uuid.uuid4()), type=type_, aggregate_id=aggregate_id, payload=payload
+        )
+        self.bus.send(envelope, to=to)
+        return wait_for_result(self.settings, envelope.command_id)
+
+    def ok(self, to: Destination, type_: str, aggregate_id: str, payload: dict) -> dict[str, Any]:
+        result = self.call(to, type_, aggregate_id, payload)
+        assert result["status"] == "accepted", result
+        return result["output"] or {}
+
+
+@pytest.fixture
+def loop(services: Settings) -> tuple[Driver, str, str, str]:
+    driver = Driver(services)
+    session_id, run_id, sampler_id = (f"{p}{uuid.uuid4().hex[:8]}" for p in ("s", "r", "p"))
+    driver.ok("commands", "CreateSession", session_id, {"base_model": "loopstream/tiny-llama"})
+    driver.ok(
+        "commands",
+        "CreateRun",
+        session_id,
+        {"run_id": run_id, "sampler_id": sampler_id, "max_seq_len": 64},
+    )
+    # The workers find runs in the read model: wait until the projection has it.
+    for _ in range(100):
+        if query(services, "select 1 from {schema}.samplers where sampler_id = %s", sampler_id):
+            break
+        time.sleep(0.05)
+    return driver, session_id, run_id, sampler_id
+
+
+def datum(tokens: list[int]) -> dict[str, Any]:
+    return {
+        "model_input": tokens[:-1],
+        "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    }
+
+
+@pytest.mark.timeout(180)
+def test_train_save_and_sample_the_new_weights(loop: tuple[Driver, str, str, str]) -> None:
+    driver, _, run_id, sampler_id = loop
+    text = list(b"hello loopstream")
+
+    first = driver.ok("trainer-requests", "ForwardBackward", run_id, {"data": [datum(text)]})
+    assert first["loss"] > 0 and math.isfinite(first["loss"])
+    step = driver.ok(
+        "trainer-requests", "OptimStep", run_id, {"adam_params": {"learning_rate": 1e-2}}
+    )
+    assert step["step"] == 1
+    second = driver.ok("trainer-requests", "ForwardBackward", run_id, {"data": [datum(text)]})
+    assert second["loss"] < first["loss"]  # one step on the same text lowers its loss
+
+    saved = driver.ok("trainer-requests", "SaveWeights", run_id,
+                      {"name": "step-1", "kind": "sampler_weights"})  # fmt: skip
+    assert saved["path"] == f"bt://loops:{run_id}/sampler_weights/step-1"
+
+    pinned = driver.ok(
+        "sampler-requests",
+        "Sample",
+        sampler_id,
+        {"prompt_tokens": text[:4], "num_samples": 2, "max_tokens": 8, "seed": 7,
+         "checkpoint_uri": saved["path"]},
+    )  # fmt: skip
+    version = pinned["weights_version"]
+    assert version["checkpoint_id"] == saved["checkpoint_id"]
+    assert version["digest"] == saved["content_digest"]
+    sequence = pinned["sequences"][0]
+    assert len(sequence["tokens"]) == len(sequence["logprobs"]) <= 8
+
+    # The sampler's logprobs are the trainer's logprobs of the same tokens, same weights.
+    full = pinned["prompt_tokens"] + sequence["tokens"]
+    trainer = driver.ok("trainer-requests", "ComputeLogprobs", run_id, {"sequences": [full]})
+    trainer_lp = trainer["logprobs"][0][len(pinned["prompt_tokens"]) :]
+    assert max(abs(a - b) for a, b in zip(trainer_lp, sequence["logprobs"], strict=True)) < 1e-3
+
+    # Same seed, same weights: same tokens.
+    same_seed = {"prompt_tokens": text[:4], "num_samples": 2, "max_tokens": 8, "seed": 7}
+    again = driver.ok("sampler-requests", "Sample", sampler_id, same_seed)
+    assert again["weights_version"]["checkpoint_id"] == saved["checkpoint_id"]
+    assert again["sequences"] == pinned["sequences"]
+
+    checkpoint = query(driver.settings, "select * from {schema}.checkpoints where uri = %s",
+                       saved["path"])  # fmt: skip
+    assert checkpoint and checkpoint[0]["checkpoint_id"] == saved["checkpoint_id"]
+
+
+def test_bad_work_requests_are_rejected_naming_the_field(
+    loop: tuple[Driver, str, str, str],
+) -> None:
+    driver, session_id, run_id, sampler_id = loop
+    too_long = driver.call(
+        "trainer-requests", "ForwardBackward", run_id, {"data": [datum(list(range(80)))]}
+    )
+    assert too_long["status"] == "rejected"
+    assert "max_seq_len" in too_long["reason"]
+
+    negative = driver.call(
+        "trainer-requests", "OptimStep", run_id, {"adam_params": {"learning_rate": -1}}
+    )
+    assert negative["status"] == "rejected"
+    assert negative["field"] == "payload.adam_params.learning_rate"
+
+    unknown = driver.call("trainer-requests", "ForwardBackward", run_id,
+                          {"data": [datum([1, 2, 3])], "loss_fn": "hinge"})  # fmt: skip
+    assert unknown["status"] == "rejected" and unknown["field"] == "payload.loss_fn"
+
+    missing = driver.call("trainer-requests", "OptimStep", "no-such-run", {})
+    assert missing["status"] == "rejected" and "does not exist" in missing["reason"]
+
+    driver.ok("commands", "EndSession", session_id, {})
+    for _ in range(100):
+        rows = query(driver.settings, "select status from {schema}.samplers where sampler_id = %s",
+                     sampler_id)  # fmt: skip
+        if rows and rows[0]["status"] != "active":
+            break
+        time.sleep(0.05)
+    ended = driver.call("sampler-requests", "Sample", sampler_id, {"prompt": "hi"})
+    assert ended["status"] == "rejected"
