@@ -1,0 +1,66 @@
+"""Settings of the REST API process: where it listens, where clients find it, and its secrets.
+
+They live here rather than in `infra/settings.py` because only the API (and its clients) read
+them; the same `LOOPSTREAM_` environment prefix applies, so one `.env` configures everything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The development secret of the local stack. Refused on any non-loopback address, so a
+# deployment cannot forget to set its own.
+DEV_PAGE_TOKEN_SECRET = "loopstream-dev-page-token-secret"
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOPSTREAM_", env_file=".env", extra="ignore")
+
+    # Where `loopstream api` listens. Loopback by default: the local stack has no auth.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=18000, ge=1, le=65535)
+    # Where the SDK and CLI find the API; None means http://<api_host>:<api_port>.
+    api_base_url: str | None = None
+    # HMAC key of the opaque checkpoint-file page tokens (tamper-evident offsets).
+    page_token_secret: str = Field(default=DEV_PAGE_TOKEN_SECRET, min_length=16, repr=False)
+    # How long a presigned file URL stays valid.
+    presigned_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Upper bound of a futures long-poll; the Tinker SDK's long polls are of this order.
+    future_max_wait_s: float = Field(default=60.0, gt=0, le=300)
+    # A request this API sent and that has no result yet answers "pending" for this long;
+    # after that (or after an API restart) an unknown id answers 404 "unknown request, resubmit".
+    request_retention_s: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _no_dev_secret_off_loopback(self) -> ApiSettings:
+        if self.page_token_secret == DEV_PAGE_TOKEN_SECRET and not _is_loopback(self.api_host):
+            raise ValueError(
+                "page_token_secret: set LOOPSTREAM_PAGE_TOKEN_SECRET before listening on "
+                f"{self.api_host} (the development secret is public)"
+            )
+        return self
+
+    @property
+    def base_url(self) -> str:
+        if self.api_base_url:
+            return self.api_base_url.rstrip("/")
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        return f"http://{host}:{self.api_port}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_api_settings() -> ApiSettings:
+    return ApiSettings()

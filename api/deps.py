@@ -1,0 +1,101 @@
+"""Typed dependencies of the routes (FastAPI template style: `XDep = Annotated[X, Depends(...)]`).
+
+Settings come through cached dependencies that `create_app` overrides with the settings it was
+given, so tests and tools run an app against any stack without touching the environment.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+from sqlalchemy import Engine
+
+from api.config import ApiSettings, get_api_settings
+from api.queries import ReadModels
+from api.submit import SentRequests, Submitter
+from commands.bus import CommandBus
+from infra.s3 import ObjectStore
+from infra.settings import Settings, get_settings
+from projections.db import get_engine
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ApiSettingsDep = Annotated[ApiSettings, Depends(get_api_settings)]
+
+
+class AppState:
+    """Process-wide clients, made on first use (a Kafka producer is not free to create)."""
+
+    def __init__(self, settings: Settings, api_settings: ApiSettings) -> None:
+        self.settings = settings
+        self.sent = SentRequests(api_settings.request_retention_s)
+        self._bus: CommandBus | None = None
+        self._store: ObjectStore | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bus(self) -> CommandBus:
+        with self._lock:
+            if self._bus is None:
+                self._bus = CommandBus(self.settings)
+            return self._bus
+
+    @property
+    def store(self) -> ObjectStore:
+        with self._lock:
+            if self._store is None:
+                self._store = ObjectStore.from_settings(self.settings)
+            return self._store
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.producer.flush(5.0)
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.loopstream  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_db_engine(settings: SettingsDep) -> Engine:
+    return get_engine(settings)
+
+
+EngineDep = Annotated[Engine, Depends(get_db_engine)]
+
+
+def get_read_models(settings: SettingsDep, engine: EngineDep) -> Iterator[ReadModels]:
+    with engine.connect() as conn:
+        yield ReadModels(conn, settings.read_schema)
+
+
+ReadDep = Annotated[ReadModels, Depends(get_read_models)]
+
+
+def get_submitter(state: StateDep, reads: ReadDep) -> Submitter:
+    return Submitter(state.bus, state.sent, reads)
+
+
+SubmitterDep = Annotated[Submitter, Depends(get_submitter)]
+
+
+def get_store(state: StateDep) -> ObjectStore:
+    return state.store
+
+
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+
+# The idempotency key may come as a header (as Stripe's and Tinker's clients send it) or as a
+# `request_id` query parameter; bodies may carry `request_id` too (see api/models.py).
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=200, description="idempotency key"),
+]
+RequestIdQuery = Annotated[
+    str | None,
+    Query(alias="request_id", min_length=1, max_length=200, description="idempotency key"),
+]

@@ -1,0 +1,89 @@
+"""One error shape for every 4xx: `{"detail": "<message naming the field>", "field": ...}`.
+
+FastAPI's own 422 body is a list of pydantic errors; clients of the Loops API (and the SDK) get
+one message instead, the first error, with the dotted path of the field it is about.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette import status
+
+# Where a value came from is not part of the field's name ("body.data.0" -> "data.0").
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+# A model-level rule names its field first ("data.0.loss_fn_inputs.weights is required by ...").
+_LEADING_FIELD = re.compile(r"^([A-Za-z]\w*(?:\.\w+)*)\b")
+
+
+UNPROCESSABLE = 422  # starlette renamed the constant (ENTITY -> CONTENT); the number is stable
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.field = field
+
+
+def not_found(detail: str, *, field: str | None = None) -> ApiError:
+    return ApiError(status.HTTP_404_NOT_FOUND, detail, field=field)
+
+
+def conflict(detail: str, *, field: str | None = None) -> ApiError:
+    return ApiError(status.HTTP_409_CONFLICT, detail, field=field)
+
+
+def unprocessable(detail: str, *, field: str | None = None) -> ApiError:
+    return ApiError(UNPROCESSABLE, detail, field=field)
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in _LOCATIONS:
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts)
+
+
+def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
+    """(message naming the field, dotted field) of one pydantic error."""
+    field = field_path(error.get("loc", ())) or None
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        return f"unknown field {field}", field
+    if error.get("type") == "missing":
+        return f"{field}: field required", field
+    if field is None:
+        # Model-level rules already name their field in the message; take it from there when
+        # the first word looks like a field path (dotted or snake_case), not a plain word.
+        match = _LEADING_FIELD.match(msg)
+        if match and ("." in match[1] or "_" in match[1]):
+            return msg, match[1]
+        return msg, None
+    return f"{field}: {msg}", field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "field": exc.field}, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        detail, field = validation_message(errors[0]) if errors else ("invalid request", None)
+        # All errors are kept (JSON-safe) for clients that want them; `detail` is the first.
+        return JSONResponse(
+            {
+                "detail": detail,
+                "field": field,
+                "errors": [validation_message(e)[0] for e in errors],
+            },
+            UNPROCESSABLE,
+        )

@@ -1,0 +1,223 @@
+"""Request and response models of the Loops REST API (FastAPI template style: XCreate/XPublic).
+
+Training and sampling bodies reuse the wire models of `commands/work.py`, so the API, the SDK and
+the workers refuse a bad value with the same message naming the same field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI, MAX_SEQ_LEN_LIMIT
+from commands.work import (
+    AdamParams,
+    ComputeLogprobs,
+    ForwardBackward,
+    OptimStep,
+    Sample,
+)
+
+REQUEST_ID = Field(default=None, min_length=1, max_length=200, description="idempotency key")
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --- idempotent request bodies ---------------------------------------------------------------
+# Each adds an optional `request_id` (the idempotency key) to a wire model; it is taken out
+# again before the payload goes on the bus.
+
+
+class ForwardBackwardCreate(ForwardBackward):
+    request_id: str | None = REQUEST_ID
+
+
+class OptimStepCreate(OptimStep):
+    request_id: str | None = REQUEST_ID
+
+
+class ComputeLogprobsCreate(ComputeLogprobs):
+    request_id: str | None = REQUEST_ID
+
+
+class SaveWeightsCreate(BaseModel):
+    """The kind comes from the route (save_weights vs save_weights_for_sampler)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=CHECKPOINT_NAME)
+    ttl_seconds: int | None = Field(default=None, ge=1)
+    request_id: str | None = REQUEST_ID
+
+
+class SampleCreate(Sample):
+    # Rollouts sharing an affinity key belong together (one group of an RL step); the key
+    # travels as the request's correlation id.
+    affinity_key: str | None = Field(default=None, min_length=1, max_length=200)
+    request_id: str | None = REQUEST_ID
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, max_length=200)
+    project: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
+    request_id: str | None = REQUEST_ID
+
+
+class SessionAccepted(BaseModel):
+    session_id: str
+    request_id: str
+
+
+class SessionPublic(Public):
+    session_id: str
+    base_model: str
+    project: str | None
+    name: str | None
+    status: Literal["active", "ended"]
+    end_reason: str | None
+    created_at: datetime
+    ended_at: datetime | None
+
+
+class SessionsPublic(BaseModel):
+    data: list[SessionPublic]
+    count: int
+
+
+# --- runs and samplers --------------------------------------------------------------------------
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(min_length=1, max_length=200)
+    max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
+    lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
+    from_checkpoint: str | None = Field(default=None, description="bt://loops:... URI")
+    request_id: str | None = REQUEST_ID
+
+    @field_validator("from_checkpoint")
+    @classmethod
+    def _is_checkpoint_uri(cls, value: str | None) -> str | None:
+        if value is not None and not CHECKPOINT_URI.match(value):
+            raise ValueError("must look like bt://loops:<run_id>/(weights|sampler_weights)/<name>")
+        return value
+
+
+class RunAccepted(BaseModel):
+    run_id: str
+    sampler_id: str
+    session_id: str
+    request_id: str
+
+
+class RunPublic(Public):
+    run_id: str
+    session_id: str
+    sampler_id: str
+    base_model: str
+    max_seq_len: int
+    lora_rank: int
+    from_checkpoint: str | None
+    status: Literal["active", "stopped"]
+    stop_reason: str | None
+    created_at: datetime
+    stopped_at: datetime | None
+
+
+class SamplerPublic(Public):
+    sampler_id: str
+    run_id: str
+    session_id: str
+    base_model: str
+    status: Literal["active", "stopped"]
+    stop_reason: str | None
+    created_at: datetime
+    stopped_at: datetime | None
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+class CheckpointFilePublic(BaseModel):
+    relative_file_name: str
+    size_bytes: int
+    sha256: str
+
+
+class CheckpointPublic(Public):
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    name: str
+    kind: Literal["weights", "sampler_weights"]
+    uri: str
+    files: list[CheckpointFilePublic]
+    total_size_bytes: int
+    step: int | None
+    expires_at: datetime | None
+    status: Literal["active", "deleted"]
+    delete_reason: str | None
+    created_at: datetime
+    deleted_at: datetime | None
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
+class SessionDetail(SessionPublic):
+    runs: list[RunPublic]
+    samplers: list[SamplerPublic]
+    checkpoints: list[CheckpointPublic]
+
+
+class PresignedUrl(BaseModel):
+    url: str
+    relative_file_name: str
+    size_bytes: int
+
+
+class CheckpointFilesPage(BaseModel):
+    """The seeds' shape, exactly: one presigned URL per file of the checkpoint folder."""
+
+    presigned_urls: list[PresignedUrl]
+    total_count: int
+    next_page_token: str | None
+
+
+# --- futures ------------------------------------------------------------------------------------
+
+
+class RequestAccepted(BaseModel):
+    request_id: str
+
+
+class EventRefPublic(BaseModel):
+    event_id: str
+    type: str
+    sequence: int
+
+
+class FuturePublic(BaseModel):
+    request_id: str
+    status: Literal["pending", "accepted", "rejected", "failed"]
+    request_type: str | None = None
+    result: dict[str, Any] | None = None
+    reason: str | None = None
+    field: str | None = None
+    events: list[EventRefPublic] = Field(default_factory=list)
+
+
+__all__ = ["AdamParams"]  # re-exported for SDK users building optim_step bodies

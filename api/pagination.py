@@ -1,0 +1,58 @@
+"""Opaque page tokens for checkpoint file listings.
+
+A token is `base64url(json {"c": checkpoint_id, "o": offset}) + "." + base64url(hmac)`. The HMAC
+makes it tamper-evident (a client cannot forge an offset or reuse a token on another checkpoint),
+and binding it to the checkpoint id keeps tokens meaningless outside the listing that issued them.
+Offsets are enough because a checkpoint's file list never changes once recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+
+
+class InvalidPageToken(ValueError):
+    pass
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: str, body: bytes) -> bytes:
+    # 16 bytes of SHA-256 are plenty against forgery and keep tokens short.
+    return hmac.new(secret.encode(), body, hashlib.sha256).digest()[:16]
+
+
+def encode_page_token(*, checkpoint_id: str, offset: int, secret: str) -> str:
+    body = json.dumps({"c": checkpoint_id, "o": offset}, separators=(",", ":")).encode()
+    return f"{_b64encode(body)}.{_b64encode(_mac(secret, body))}"
+
+
+def decode_page_token(token: str, *, checkpoint_id: str, secret: str) -> int:
+    """The offset a token stands for; `InvalidPageToken` if it was altered or is foreign."""
+    try:
+        body_part, mac_part = token.split(".")
+        body, mac = _b64decode(body_part), _b64decode(mac_part)
+    except (ValueError, binascii.Error) as exc:
+        raise InvalidPageToken("page_token is malformed") from exc
+    if not hmac.compare_digest(mac, _mac(secret, body)):
+        raise InvalidPageToken("page_token is not valid (altered, or issued by another server)")
+    try:
+        data = json.loads(body)
+        owner, offset = data["c"], data["o"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidPageToken("page_token is malformed") from exc
+    if owner != checkpoint_id:
+        raise InvalidPageToken("page_token belongs to another checkpoint")
+    if not isinstance(offset, int) or offset < 0:
+        raise InvalidPageToken("page_token is malformed")
+    return offset

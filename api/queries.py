@@ -1,0 +1,104 @@
+"""Queries on the Loops read models (PostgreSQL schema `settings.read_schema`).
+
+The read side of the API: plain SQL by primary key or indexed column, nothing else. Rows come
+back as dicts that the routes turn into `XPublic` models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+Row = dict[str, Any]
+
+
+class ReadModels:
+    def __init__(self, conn: Connection, schema: str) -> None:
+        # The schema is interpolated into SQL, so it must be a plain identifier.
+        if not _IDENT.match(schema):
+            raise ValueError(f"read_schema: {schema!r} is not a plain SQL identifier")
+        self.conn = conn
+        self.schema = schema
+
+    def _all(self, sql: str, **params: Any) -> list[Row]:
+        result = self.conn.execute(text(sql.format(s=self.schema)), params)
+        return [dict(row) for row in result.mappings()]
+
+    def _one(self, sql: str, **params: Any) -> Row | None:
+        rows = self._all(sql, **params)
+        return rows[0] if rows else None
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    def session(self, session_id: str) -> Row | None:
+        return self._one("select * from {s}.sessions where session_id = :id", id=session_id)
+
+    def sessions(self, *, status: str | None, limit: int, offset: int) -> tuple[list[Row], int]:
+        where = "where status = :status" if status else ""
+        rows = self._all(
+            f"select * from {{s}}.sessions {where} "
+            "order by created_at desc, session_id limit :limit offset :offset",
+            status=status,
+            limit=limit,
+            offset=offset,
+        )
+        total = self._one(f"select count(*) as n from {{s}}.sessions {where}", status=status)
+        return rows, int(total["n"]) if total else 0
+
+    def runs_of_session(self, session_id: str) -> list[Row]:
+        return self._all(
+            "select * from {s}.runs where session_id = :id order by created_at, run_id",
+            id=session_id,
+        )
+
+    def samplers_of_session(self, session_id: str) -> list[Row]:
+        return self._all(
+            "select * from {s}.samplers where session_id = :id order by created_at, sampler_id",
+            id=session_id,
+        )
+
+    def checkpoints_of_session(self, session_id: str) -> list[Row]:
+        return self._all(
+            "select * from {s}.checkpoints where session_id = :id "
+            "order by created_at, checkpoint_id",
+            id=session_id,
+        )
+
+    # --- runs, samplers, checkpoints ------------------------------------------------------------
+
+    def run(self, run_id: str) -> Row | None:
+        return self._one("select * from {s}.runs where run_id = :id", id=run_id)
+
+    def sampler(self, sampler_id: str) -> Row | None:
+        """The sampler with its run's max_seq_len (the sampler serves the run's model)."""
+        return self._one(
+            "select sp.*, r.max_seq_len from {s}.samplers sp "
+            "left join {s}.runs r on r.run_id = sp.run_id where sp.sampler_id = :id",
+            id=sampler_id,
+        )
+
+    def checkpoint(self, checkpoint_id: str) -> Row | None:
+        return self._one(
+            "select * from {s}.checkpoints where checkpoint_id = :id", id=checkpoint_id
+        )
+
+    def checkpoints_of_run(self, run_id: str, *, include_deleted: bool) -> list[Row]:
+        status = "" if include_deleted else "and status = 'active'"
+        return self._all(
+            f"select * from {{s}}.checkpoints where run_id = :id {status} "
+            "order by created_at, checkpoint_id",
+            id=run_id,
+        )
+
+    # --- futures --------------------------------------------------------------------------------
+
+    def command_result(self, command_id: str) -> Row | None:
+        return self._one(
+            "select command_id, command_type, status, reason, field, events, output "
+            "from {s}.command_results where command_id = :id",
+            id=command_id,
+        )

@@ -1,0 +1,50 @@
+"""Small helpers the routes share: envelopes and the state checks every write route makes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from api.errors import conflict, not_found
+from api.queries import ReadModels, Row
+from commands.envelope import CommandEnvelope
+
+ACTOR = "api"
+
+
+def envelope(
+    *,
+    request_id: str,
+    command: BaseModel | dict[str, Any],
+    type_: str | None = None,
+    aggregate_id: str,
+    correlation_id: str | None = None,
+) -> CommandEnvelope:
+    payload = command if isinstance(command, dict) else command.model_dump(mode="json")
+    return CommandEnvelope(
+        command_id=request_id,
+        type=type_ or type(command).__name__,
+        aggregate_id=aggregate_id,
+        actor=ACTOR,
+        correlation_id=correlation_id,
+        payload=payload,
+    )
+
+
+def active_session(reads: ReadModels, session_id: str) -> Row:
+    session = reads.session(session_id)
+    if session is None:
+        raise not_found(f"session {session_id} not found", field="session_id")
+    if session["status"] != "active":
+        raise conflict(f"session {session_id} has ended", field="session_id")
+    return session
+
+
+def active_run(reads: ReadModels, run_id: str) -> Row:
+    run = reads.run(run_id)
+    if run is None:
+        raise not_found(f"run {run_id} not found", field="run_id")
+    if run["status"] != "active":
+        raise conflict(f"run {run_id} is stopped ({run['stop_reason']})", field="run_id")
+    return run

@@ -1,0 +1,139 @@
+"""Checkpoints: listings, details, per-file presigned URLs (paginated), deletion."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter, Query, status
+
+from api.deps import (
+    ApiSettingsDep,
+    IdempotencyHeader,
+    ReadDep,
+    RequestIdQuery,
+    StoreDep,
+    SubmitterDep,
+)
+from api.errors import ApiError, not_found
+from api.models import (
+    CheckpointFilesPage,
+    CheckpointPublic,
+    CheckpointsPublic,
+    PresignedUrl,
+    RequestAccepted,
+)
+from api.pagination import InvalidPageToken, decode_page_token, encode_page_token
+from api.queries import ReadModels, Row
+from api.routes._common import envelope
+from api.submit import resolve_request_id
+from commands.loops import DeleteCheckpoint
+from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
+
+router = APIRouter(prefix="/v1/loops", tags=["checkpoints"])
+
+
+def _checkpoint(reads: ReadModels, checkpoint_id: str) -> Row:
+    row = reads.checkpoint(checkpoint_id)
+    if row is None:
+        raise not_found(f"checkpoint {checkpoint_id} not found", field="checkpoint_id")
+    return row
+
+
+@router.get("/runs/{run_id}/checkpoints")
+def list_run_checkpoints(
+    run_id: str,
+    reads: ReadDep,
+    include_deleted: bool = Query(False, description="also list deleted/expired checkpoints"),
+) -> CheckpointsPublic:
+    if reads.run(run_id) is None:
+        raise not_found(f"run {run_id} not found", field="run_id")
+    rows = reads.checkpoints_of_run(run_id, include_deleted=include_deleted)
+    return CheckpointsPublic(
+        data=[CheckpointPublic.model_validate(r) for r in rows], count=len(rows)
+    )
+
+
+@router.get("/checkpoints/{checkpoint_id}")
+def get_checkpoint(checkpoint_id: str, reads: ReadDep) -> CheckpointPublic:
+    return CheckpointPublic.model_validate(_checkpoint(reads, checkpoint_id))
+
+
+@router.get(
+    "/checkpoints/{checkpoint_id}/files",
+    responses={400: {"description": "bad page_token"}, 410: {"description": "deleted"}},
+)
+def list_checkpoint_files(
+    checkpoint_id: str,
+    reads: ReadDep,
+    store: StoreDep,
+    api_settings: ApiSettingsDep,
+    page_size: int = Query(100, ge=1, le=1000),
+    page_token: str | None = Query(None, description="next_page_token of the previous page"),
+) -> CheckpointFilesPage:
+    """One presigned GET URL per file of the checkpoint folder, `page_size` at a time."""
+    row = _checkpoint(reads, checkpoint_id)
+    if row["status"] != "active":
+        raise ApiError(
+            status.HTTP_410_GONE,
+            f"checkpoint {checkpoint_id} was deleted ({row['delete_reason']})",
+            field="checkpoint_id",
+        )
+    secret = api_settings.page_token_secret
+    offset = 0
+    if page_token is not None:
+        try:
+            offset = decode_page_token(page_token, checkpoint_id=checkpoint_id, secret=secret)
+        except InvalidPageToken as exc:
+            raise ApiError(status.HTTP_400_BAD_REQUEST, str(exc), field="page_token") from exc
+    # A stable order makes offsets meaningful across pages.
+    files = sorted(row["files"], key=lambda f: f["relative_file_name"])
+    if offset > len(files):
+        raise ApiError(
+            status.HTTP_400_BAD_REQUEST, "page_token is past the end", field="page_token"
+        )
+    prefix = CheckpointStore(store).prefix(CheckpointRef(row["run_id"], row["kind"], row["name"]))
+    expires = timedelta(seconds=api_settings.presigned_url_ttl_s)
+    page = files[offset : offset + page_size]
+    end = offset + len(page)
+    return CheckpointFilesPage(
+        presigned_urls=[
+            PresignedUrl(
+                url=store.presigned_get_url(prefix + f["relative_file_name"], expires=expires),
+                relative_file_name=f["relative_file_name"],
+                size_bytes=f["size_bytes"],
+            )
+            for f in page
+        ],
+        total_count=len(files),
+        next_page_token=(
+            encode_page_token(checkpoint_id=checkpoint_id, offset=end, secret=secret)
+            if end < len(files)
+            else None
+        ),
+    )
+
+
+@router.delete("/checkpoints/{checkpoint_id}", status_code=status.HTTP_202_ACCEPTED)
+def delete_checkpoint(
+    checkpoint_id: str,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)
+    row = _checkpoint(reads, checkpoint_id)
+    if row["status"] != "active" and not submitter.already_submitted(key):
+        raise ApiError(
+            status.HTTP_410_GONE, f"checkpoint {checkpoint_id} is already deleted",
+            field="checkpoint_id",
+        )  # fmt: skip
+    submitter.submit(
+        envelope(
+            request_id=key,
+            command=DeleteCheckpoint(checkpoint_id=checkpoint_id),
+            aggregate_id=row["session_id"],
+        ),
+        to="commands",
+    )
+    return RequestAccepted(request_id=key)

@@ -1,0 +1,76 @@
+"""Futures: what became of a request, long-polled from the futures table.
+
+Rule for ids without a result (documented in the OpenAPI description):
+- sent by this API process within `request_retention_s` -> 200 `pending` when `wait` runs out;
+- otherwise -> 404 "unknown request, resubmit": the result expired, was never produced (a worker
+  restarted before answering), or the request never reached this API. Resubmitting with the same
+  idempotency key is always safe: whoever already did the work dedupes it by that key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ApiSettingsDep, EngineDep, SettingsDep, StateDep
+from api.errors import not_found
+from api.models import EventRefPublic, FuturePublic
+from api.queries import ReadModels, Row
+
+router = APIRouter(prefix="/v1/loops/futures", tags=["futures"])
+
+# The futures table is read by primary key: polling it this often is cheap, and it bounds the
+# latency a long-poll adds to a result at about one poll interval.
+POLL_INTERVAL_S = 0.02
+
+
+def _to_future(request_id: str, row: Row) -> FuturePublic:
+    events: list[Any] = row["events"] or []
+    return FuturePublic(
+        request_id=request_id,
+        status=row["status"],
+        request_type=row["command_type"],
+        result=row["output"],
+        reason=row["reason"],
+        field=row["field"],
+        events=[EventRefPublic.model_validate(e) for e in events],
+    )
+
+
+@router.get(
+    "/{request_id}",
+    responses={404: {"description": "unknown request, resubmit (same idempotency key)"}},
+)
+async def get_future(
+    request_id: str,
+    settings: SettingsDep,
+    api_settings: ApiSettingsDep,
+    engine: EngineDep,
+    state: StateDep,
+    wait: float = Query(0.0, ge=0, le=60, description="seconds to wait for a result"),
+) -> FuturePublic:
+    """The request's status and result; waits up to `wait` seconds for one to arrive."""
+
+    def lookup() -> Row | None:
+        with engine.connect() as conn:
+            return ReadModels(conn, settings.read_schema).command_result(request_id)
+
+    deadline = time.monotonic() + min(wait, api_settings.future_max_wait_s)
+    while True:
+        row = await run_in_threadpool(lookup)
+        if row is not None:
+            return _to_future(request_id, row)
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(POLL_INTERVAL_S)
+    if state.sent.recently_sent(request_id):
+        return FuturePublic(request_id=request_id, status="pending")
+    raise not_found(
+        f"unknown request {request_id}, resubmit: no result, and this API did not send it in "
+        f"the last {api_settings.request_retention_s:.0f}s",
+        field="request_id",
+    )

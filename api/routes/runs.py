@@ -1,0 +1,53 @@
+"""Runs: a trainer server and its paired sampler, provisioned in one call."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
+from api.errors import not_found
+from api.models import RunAccepted, RunCreate, RunPublic
+from api.routes._common import active_session, envelope
+from api.submit import derived_resource_id, new_resource_id, resolve_request_id
+from commands.loops import CreateRun
+
+router = APIRouter(prefix="/v1/loops/runs", tags=["runs"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def create_run(
+    body: RunCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RunAccepted:
+    """Provision a run (trainer) and its sampler; both ids come back at once."""
+    key, chosen = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    if not submitter.already_submitted(key):
+        active_session(reads, body.session_id)
+    if chosen:  # the same key names the same run and sampler
+        run_id, sampler_id = derived_resource_id(key, "run"), derived_resource_id(key, "sampler")
+    else:
+        run_id, sampler_id = new_resource_id(), new_resource_id()
+    command = CreateRun(
+        run_id=run_id,
+        sampler_id=sampler_id,
+        max_seq_len=body.max_seq_len,
+        lora_rank=body.lora_rank,
+        from_checkpoint=body.from_checkpoint,
+    )
+    submitter.submit(
+        envelope(request_id=key, command=command, aggregate_id=body.session_id), to="commands"
+    )
+    return RunAccepted(
+        run_id=run_id, sampler_id=sampler_id, session_id=body.session_id, request_id=key
+    )
+
+
+@router.get("/{run_id}")
+def get_run(run_id: str, reads: ReadDep) -> RunPublic:
+    row = reads.run(run_id)
+    if row is None:
+        raise not_found(f"run {run_id} not found", field="run_id")
+    return RunPublic.model_validate(row)

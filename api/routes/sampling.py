@@ -1,0 +1,56 @@
+"""Sampling on a sampler: a work request for the sampler worker and a future."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
+from api.errors import conflict, not_found, unprocessable
+from api.models import RequestAccepted, SampleCreate
+from api.routes._common import envelope
+from api.submit import resolve_request_id
+from commands.work import Sample
+
+router = APIRouter(prefix="/v1/loops/samplers", tags=["sampling"])
+
+
+@router.post("/{sampler_id}/sample", status_code=status.HTTP_202_ACCEPTED)
+def sample(
+    sampler_id: str,
+    body: SampleCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Generate `num_samples` completions. `checkpoint_uri` pins the weights; without it the
+    sampler uses the latest weights it has. `affinity_key` groups rollouts (sent as the
+    request's correlation id)."""
+    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    if not submitter.already_submitted(key):
+        sampler = reads.sampler(sampler_id)
+        if sampler is None:
+            raise not_found(f"sampler {sampler_id} not found", field="sampler_id")
+        if sampler["status"] != "active":
+            raise conflict(
+                f"sampler {sampler_id} is stopped: session ended ({sampler['stop_reason']})",
+                field="sampler_id",
+            )
+        max_seq_len = sampler["max_seq_len"]
+        if body.prompt_tokens is not None and max_seq_len and len(body.prompt_tokens) > max_seq_len:
+            raise unprocessable(
+                f"prompt_tokens: {len(body.prompt_tokens)} tokens, more than the run's "
+                f"max_seq_len {max_seq_len}",
+                field="prompt_tokens",
+            )
+    request = Sample.model_validate(body.model_dump(exclude={"affinity_key", "request_id"}))
+    submitter.submit(
+        envelope(
+            request_id=key,
+            command=request,
+            aggregate_id=sampler_id,
+            correlation_id=body.affinity_key,
+        ),
+        to="sampler-requests",
+    )
+    return RequestAccepted(request_id=key)

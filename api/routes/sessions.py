@@ -1,0 +1,91 @@
+"""Sessions: the container of one base model's trainer run, sampler and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, status
+
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
+from api.errors import not_found
+from api.models import (
+    CheckpointPublic,
+    RequestAccepted,
+    RunPublic,
+    SamplerPublic,
+    SessionAccepted,
+    SessionCreate,
+    SessionDetail,
+    SessionPublic,
+    SessionsPublic,
+)
+from api.routes._common import active_session, envelope
+from api.submit import derived_resource_id, new_resource_id, resolve_request_id
+from commands.loops import CreateSession, EndSession
+
+router = APIRouter(prefix="/v1/loops/sessions", tags=["sessions"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def create_session(
+    body: SessionCreate,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> SessionAccepted:
+    """Create a session; `request_id` is the future of its CreateSession command."""
+    key, chosen = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    # A re-post with the same key must name the same session, so the id derives from the key.
+    session_id = derived_resource_id(key, "session") if chosen else new_resource_id()
+    command = CreateSession(base_model=body.base_model, project=body.project, name=body.name)
+    submitter.submit(
+        envelope(request_id=key, command=command, aggregate_id=session_id), to="commands"
+    )
+    return SessionAccepted(session_id=session_id, request_id=key)
+
+
+@router.get("")
+def list_sessions(
+    reads: ReadDep,
+    status_: Literal["active", "ended"] | None = Query(None, alias="status"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> SessionsPublic:
+    rows, total = reads.sessions(status=status_, limit=limit, offset=offset)
+    return SessionsPublic(data=[SessionPublic.model_validate(r) for r in rows], count=total)
+
+
+@router.get("/{session_id}")
+def get_session(session_id: str, reads: ReadDep) -> SessionDetail:
+    """The session with its runs, samplers and checkpoints (deleted ones included)."""
+    row = reads.session(session_id)
+    if row is None:
+        raise not_found(f"session {session_id} not found", field="session_id")
+    return SessionDetail(
+        **SessionPublic.model_validate(row).model_dump(),
+        runs=[RunPublic.model_validate(r) for r in reads.runs_of_session(session_id)],
+        samplers=[SamplerPublic.model_validate(r) for r in reads.samplers_of_session(session_id)],
+        checkpoints=[
+            CheckpointPublic.model_validate(r) for r in reads.checkpoints_of_session(session_id)
+        ],
+    )
+
+
+@router.delete("/{session_id}", status_code=status.HTTP_202_ACCEPTED)
+def end_session(
+    session_id: str,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+    reason: str = Query("ended by user", max_length=500),
+) -> RequestAccepted:
+    """End the session: its run and sampler stop and their workers release them."""
+    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)
+    if not submitter.already_submitted(key):
+        active_session(reads, session_id)
+    command = EndSession(reason=reason)
+    submitter.submit(
+        envelope(request_id=key, command=command, aggregate_id=session_id), to="commands"
+    )
+    return RequestAccepted(request_id=key)

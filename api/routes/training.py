@@ -1,0 +1,158 @@
+"""Training calls on a run: each one is a work request for the trainer worker and a future.
+
+Checks made here are the ones the read models can answer at once (the run exists and is active,
+sequences fit the run's max_seq_len); everything else is the worker's to judge, and its verdict
+arrives in the future.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel
+
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
+from api.errors import unprocessable
+from api.models import (
+    ComputeLogprobsCreate,
+    ForwardBackwardCreate,
+    OptimStepCreate,
+    RequestAccepted,
+    SaveWeightsCreate,
+)
+from api.queries import ReadModels
+from api.routes._common import active_run, envelope
+from api.submit import Submitter, resolve_request_id
+from commands.work import ComputeLogprobs, ForwardBackward, OptimStep, SaveWeights, WorkRequest
+
+router = APIRouter(prefix="/v1/loops/runs", tags=["training"])
+
+
+def _check_lengths(sequences: list[list[int]], *, max_seq_len: int, field: str) -> None:
+    for i, tokens in enumerate(sequences):
+        if len(tokens) > max_seq_len:
+            raise unprocessable(
+                f"{field.format(i=i)}: {len(tokens)} tokens, more than the run's "
+                f"max_seq_len {max_seq_len}",
+                field=field.format(i=i),
+            )
+
+
+def _submit(
+    *,
+    run_id: str,
+    request: WorkRequest,
+    body: BaseModel,
+    reads: ReadModels,
+    submitter: Submitter,
+    header_key: str | None,
+    query_key: str | None,
+    sequences: list[list[int]] | None = None,
+    sequences_field: str = "",
+) -> RequestAccepted:
+    key, _ = resolve_request_id(
+        header=header_key, query=query_key, body=getattr(body, "request_id", None)
+    )
+    if not submitter.already_submitted(key):
+        run = active_run(reads, run_id)
+        if sequences is not None:
+            _check_lengths(sequences, max_seq_len=run["max_seq_len"], field=sequences_field)
+    submitter.submit(
+        envelope(request_id=key, command=request, aggregate_id=run_id), to="trainer-requests"
+    )
+    return RequestAccepted(request_id=key)
+
+
+@router.post("/{run_id}/forward_backward", status_code=status.HTTP_202_ACCEPTED)
+def forward_backward(
+    run_id: str,
+    body: ForwardBackwardCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Forward and backward pass on a batch; gradients accumulate until optim_step."""
+    request = ForwardBackward(data=body.data, loss_fn=body.loss_fn)
+    return _submit(
+        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        header_key=idempotency_key, query_key=request_id,
+        sequences=[d.model_input for d in body.data], sequences_field="data.{i}.model_input",
+    )  # fmt: skip
+
+
+@router.post("/{run_id}/optim_step", status_code=status.HTTP_202_ACCEPTED)
+def optim_step(
+    run_id: str,
+    body: OptimStepCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """One AdamW step with this call's hyper-parameters (Tinker's AdamParams defaults)."""
+    return _submit(
+        run_id=run_id, request=OptimStep(adam_params=body.adam_params), body=body, reads=reads,
+        submitter=submitter, header_key=idempotency_key, query_key=request_id,
+    )  # fmt: skip
+
+
+@router.post("/{run_id}/compute_logprobs", status_code=status.HTTP_202_ACCEPTED)
+def compute_logprobs(
+    run_id: str,
+    body: ComputeLogprobsCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Per-token logprobs of each sequence under the run's current weights."""
+    return _submit(
+        run_id=run_id, request=ComputeLogprobs(sequences=body.sequences), body=body,
+        reads=reads, submitter=submitter, header_key=idempotency_key, query_key=request_id,
+        sequences=body.sequences, sequences_field="sequences.{i}",
+    )  # fmt: skip
+
+
+def _save(
+    kind: Literal["weights", "sampler_weights"],
+    run_id: str,
+    body: SaveWeightsCreate,
+    reads: ReadModels,
+    submitter: Submitter,
+    idempotency_key: str | None,
+    request_id: str | None,
+) -> RequestAccepted:
+    request = SaveWeights(name=body.name, kind=kind, ttl_seconds=body.ttl_seconds)
+    return _submit(
+        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        header_key=idempotency_key, query_key=request_id,
+    )  # fmt: skip
+
+
+@router.post("/{run_id}/save_weights", status_code=status.HTTP_202_ACCEPTED)
+def save_weights(
+    run_id: str,
+    body: SaveWeightsCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Save the full training state (resumable): bt://loops:<run_id>/weights/<name>."""
+    return _save("weights", run_id, body, reads, submitter, idempotency_key, request_id)
+
+
+@router.post("/{run_id}/save_weights_for_sampler", status_code=status.HTTP_202_ACCEPTED)
+def save_weights_for_sampler(
+    run_id: str,
+    body: SaveWeightsCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Save sampler weights (bt://loops:<run_id>/sampler_weights/<name>); the run's sampler
+    loads them without a restart."""
+    return _save("sampler_weights", run_id, body, reads, submitter, idempotency_key, request_id)
