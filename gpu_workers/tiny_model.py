@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 NUM_BYTES = 256
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -103,6 +104,7 @@ def ensure_tiny_model(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    hf_logging.disable_progress_bar()  # a shard-writing progress bar is noise in a worker's log
     try:
         model = build_tiny_model(TinyModelConfig(), seed=seed)
         model.save_pretrained(staging)
