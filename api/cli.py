@@ -26,6 +26,14 @@ from projections.cli import projections_app, replay  # noqa: E402
 app.add_typer(projections_app, name="projections")
 app.command("replay")(replay)
 
+# --- the Loops REST API and its resources (api/cli_loops.py) ---
+from api.cli_loops import checkpoints_app, runs_app, serve_api, sessions_app  # noqa: E402
+
+app.command("api")(serve_api)
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(runs_app, name="runs")
+app.add_typer(checkpoints_app, name="checkpoints")
+
 console = Console(stderr=True)
 
 
