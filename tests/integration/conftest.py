@@ -8,6 +8,7 @@ always means the real services were exercised.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,10 @@ def services(settings: Settings) -> Iterator[Settings]:
     yield settings
     if started_here:
         services_down(settings)
+
+
+@pytest.fixture
+def loop(services: Settings) -> tuple[Any, str, str, str]:
+    from tests.integration.driver import new_loop
+
+    return new_loop(services)

@@ -8,7 +8,6 @@ Create Date: 2026-11-27
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0003"
 down_revision = "0002"
@@ -19,7 +18,9 @@ SCHEMA = "loops"
 
 
 def upgrade() -> None:
-    op.add_column("command_results", sa.Column("output", JSONB), schema=SCHEMA)
+    # json, not jsonb: generated text may hold U+0000, which jsonb (and PostgreSQL text)
+    # cannot store, and a result the futures table refuses would leave its caller waiting.
+    op.add_column("command_results", sa.Column("output", sa.JSON), schema=SCHEMA)
     op.drop_constraint("ck_command_results_status", "command_results", schema=SCHEMA)
     op.create_check_constraint(
         "ck_command_results_status",
