@@ -104,6 +104,9 @@ class CreateRun(Command):
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
     from_checkpoint: str | None = Field(default=None, description="bt://loops:... URI")
+    keep_last_checkpoints: int | None = Field(
+        default=None, ge=1, description="per kind, older checkpoints are deleted (retention)"
+    )
 
     @field_validator("from_checkpoint")
     @classmethod
@@ -149,6 +152,7 @@ class RunState:
     max_seq_len: int
     lora_rank: int
     from_checkpoint: str | None
+    keep_last_checkpoints: int | None = None
     active: bool = True
 
 
@@ -215,7 +219,8 @@ def decide(state: SessionState, command: Command, *, now: datetime) -> list[Doma
         ]
     if state.status == "absent":
         raise Rejected(f"session {state.session_id} does not exist", field="aggregate_id")
-    if state.status == "ended":
+    # Cleaning up stays possible after the end: expiry and users may still delete checkpoints.
+    if state.status == "ended" and not isinstance(command, DeleteCheckpoint):
         raise Rejected(f"session {state.session_id} has ended", field="aggregate_id")
     return _decide_in_active_session(command, state, now)
 
@@ -284,6 +289,7 @@ def _(command: CreateRun, state: SessionState, now: datetime) -> list[DomainEven
             max_seq_len=command.max_seq_len,
             lora_rank=command.lora_rank,
             from_checkpoint=command.from_checkpoint,
+            keep_last_checkpoints=command.keep_last_checkpoints,
         ),
         SamplerCreated(
             sampler_id=command.sampler_id,
@@ -332,6 +338,7 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
             expires_at=expires_at,
         )
     ]
+    saved += _retention(state, run, command.kind)
     if command.kind == "sampler_weights":
         saved.append(
             WeightsReady(
@@ -344,6 +351,29 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
             )
         )
     return saved
+
+
+def _retention(state: SessionState, run: RunState, kind: str) -> list[DomainEvent]:
+    """Deletions that keep the run's newest `keep_last_checkpoints` of this kind, counting the
+    one being saved now. Checkpoints are kept in the order they were saved."""
+    if run.keep_last_checkpoints is None:
+        return []
+    live = [
+        c
+        for c in state.checkpoints.values()
+        if not c.deleted and c.run_id == run.run_id and c.kind == kind
+    ]
+    excess = len(live) + 1 - run.keep_last_checkpoints
+    return [
+        CheckpointDeleted(
+            checkpoint_id=c.checkpoint_id,
+            run_id=c.run_id,
+            session_id=state.session_id,
+            uri=c.uri,
+            reason="retention",
+        )
+        for c in live[: max(excess, 0)]
+    ]
 
 
 @_decide_in_active_session.register
@@ -399,6 +429,7 @@ def _(event: RunCreated, state: SessionState) -> SessionState:
         max_seq_len=event.max_seq_len,
         lora_rank=event.lora_rank,
         from_checkpoint=event.from_checkpoint,
+        keep_last_checkpoints=event.keep_last_checkpoints,
     )
     return replace(state, runs=MappingProxyType({**state.runs, run.run_id: run}))
 

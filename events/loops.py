@@ -46,6 +46,7 @@ class RunCreated(DomainEvent):
     max_seq_len: int
     lora_rank: int = Field(description="0 means full-parameter training")
     from_checkpoint: str | None = None
+    keep_last_checkpoints: int | None = None
 
 
 class SamplerCreated(DomainEvent):

@@ -24,6 +24,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("projections", ("-m", "api.cli", "projections", "run")),
     ServiceSpec("trainer-worker", ("-m", "gpu_workers.trainer_worker")),
     ServiceSpec("sampler-worker", ("-m", "gpu_workers.sampler_worker")),
+    ServiceSpec("janitor", ("-m", "commands.janitor")),
     ServiceSpec("api", ("-m", "api.app")),
 )
 

@@ -19,6 +19,7 @@ from commands.loops import (
 )
 from commands.registry import SESSION
 from events.loops import (
+    CheckpointDeleted,
     CheckpointFile,
     CheckpointSaved,
     DomainEvent,
@@ -175,3 +176,20 @@ def test_command_models_name_the_bad_field() -> None:
         CreateRun(run_id="r1", sampler_id="p1", max_seq_len=8, from_checkpoint="s3://x/y")
     with pytest.raises(ValueError, match="lora_rank"):
         CreateRun(run_id="r1", sampler_id="p1", max_seq_len=8, lora_rank=-1)
+
+
+def test_keep_last_deletes_the_oldest_of_the_same_kind_on_save() -> None:
+    history: list[DomainEvent] = [
+        *created(),
+        RunCreated(
+            run_id="r1", session_id="s1", sampler_id="p1", base_model="tiny", max_seq_len=8,
+            lora_rank=0, keep_last_checkpoints=2,
+        ),
+    ]  # fmt: skip
+    for i in range(3):
+        events = decide(given(*history), record(f"step-{i}", f"c{i}"), now=NOW)
+        history += events
+    deleted = [e for e in history if isinstance(e, CheckpointDeleted)]
+    assert [(e.checkpoint_id, e.reason) for e in deleted] == [("c0", "retention")]
+    state = given(*history)
+    assert [c.checkpoint_id for c in state.checkpoints.values() if not c.deleted] == ["c1", "c2"]

@@ -1,0 +1,130 @@
+"""The checkpoint janitor: a process manager for checkpoint expiry and object deletion.
+
+    python -m commands.janitor
+
+It reacts to events and acts on the world:
+- `CheckpointSaved` with an `expires_at`: when that time passes, it sends `DeleteCheckpoint`
+  (reason `expired`) to the session, with a command id derived from the checkpoint, so a
+  repeated decision is a duplicate and changes nothing;
+- `CheckpointDeleted` (by a user, by expiry, by keep-last retention): it removes the
+  checkpoint's objects from the S3 store. Deleting a prefix twice is harmless.
+
+Its state (checkpoints waiting to expire) is rebuilt by reading the event log from the start,
+so it needs no store of its own; it keeps no consumer-group offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from commands.bus import CommandBus
+from commands.envelope import CommandEnvelope
+from events.catalog import decode_payload
+from events.envelope import EventEnvelope, utc_now
+from events.kafka_log import consumer_config, partition_count
+from events.loops import CheckpointDeleted, CheckpointSaved
+from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
+from infra.s3 import ObjectStore
+from infra.settings import Settings
+
+log = logging.getLogger("loopstream.janitor")
+
+WATCHED = {b"CheckpointSaved", b"CheckpointDeleted"}
+
+
+@dataclass(frozen=True)
+class Expiring:
+    checkpoint_id: str
+    session_id: str
+    expires_at: datetime
+
+
+class CheckpointJanitor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus = CommandBus(settings)
+        self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
+        self.expiring: dict[str, Expiring] = {}
+        self.expiry_sent: set[str] = set()
+        self.stop_requested = threading.Event()
+        topic = settings.topic("events")
+        self.consumer = Consumer(
+            consumer_config(settings, group_id=f"{settings.topic_prefix}-janitor")
+        )
+        self.consumer.assign(
+            [
+                TopicPartition(topic, p, OFFSET_BEGINNING)
+                for p in range(partition_count(settings, topic))
+            ]
+        )
+
+    def run(self) -> None:
+        log.info("janitor started")
+        try:
+            while not self.stop_requested.is_set():
+                for message in self.consumer.consume(num_messages=500, timeout=0.5):
+                    if message.error() is None:
+                        self.observe(message.headers() or [], message.value())
+                self.expire(now=utc_now())
+        finally:
+            self.consumer.close()
+
+    def observe(self, headers: list, value: bytes | None) -> None:
+        if dict(headers).get("event_type") not in WATCHED:
+            return
+        envelope = EventEnvelope.from_bytes(value)
+        event = decode_payload(envelope)
+        if isinstance(event, CheckpointSaved) and event.expires_at is not None:
+            self.expiring[event.checkpoint_id] = Expiring(
+                event.checkpoint_id, event.session_id, event.expires_at
+            )
+        elif isinstance(event, CheckpointDeleted):
+            self.expiring.pop(event.checkpoint_id, None)
+            removed = self.checkpoints.delete(CheckpointRef.from_uri(event.uri))
+            if removed:
+                log.info(
+                    "checkpoint objects removed",
+                    extra={"uri": event.uri, "objects": removed, "reason": event.reason},
+                )
+
+    def expire(self, *, now: datetime) -> list[str]:
+        due = [
+            e
+            for e in self.expiring.values()
+            if e.expires_at <= now and e.checkpoint_id not in self.expiry_sent
+        ]
+        if not due:
+            return []
+        self.bus.send_many(
+            CommandEnvelope(
+                command_id=f"expire-{e.checkpoint_id}",
+                type="DeleteCheckpoint",
+                aggregate_id=e.session_id,
+                actor="janitor",
+                payload={"checkpoint_id": e.checkpoint_id, "reason": "expired"},
+            )
+            for e in due
+        )
+        self.expiry_sent.update(e.checkpoint_id for e in due)
+        return [e.checkpoint_id for e in due]
+
+
+def main() -> None:
+    from infra.logs import configure_logging
+    from infra.settings import get_settings
+
+    configure_logging()
+    janitor = CheckpointJanitor(get_settings())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: janitor.stop_requested.set())
+    janitor.run()
+
+
+if __name__ == "__main__":
+    main()
