@@ -100,10 +100,11 @@ class _Http:
         attempts = 3 if request_id or method == "GET" else 1
         for attempt in range(attempts):
             try:
+                # Only long-polls need a timeout of their own; the rest use the client's.
+                extra: dict[str, Any] = {"timeout": timeout_s} if timeout_s else {}
                 response = self.client.request(
-                    method, path, json=json, params=params, headers=headers,
-                    timeout=timeout_s or self.timeout_s,
-                )  # fmt: skip
+                    method, path, json=json, params=params, headers=headers, **extra
+                )
                 break
             except httpx.TransportError:
                 if attempt == attempts - 1:

@@ -53,7 +53,12 @@ async def get_future(
     state: StateDep,
     wait: float = Query(0.0, ge=0, le=60, description="seconds to wait for a result"),
 ) -> FuturePublic:
-    """The request's status and result; waits up to `wait` seconds for one to arrive."""
+    """The request's status and result; waits up to `wait` seconds for one to arrive.
+
+    `status`: pending | accepted | rejected | failed; `result` is what the worker computed;
+    `reason` and `field` say why a request was rejected or failed. An id with no result answers
+    `pending` if this API process sent it in the last `request_retention_s` seconds, and 404
+    "unknown request, resubmit" otherwise (resubmitting under the same key is always safe)."""
 
     def lookup() -> Row | None:
         with engine.connect() as conn:
