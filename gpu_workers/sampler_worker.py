@@ -61,6 +61,8 @@ class SamplerWorker(WorkerService):
     requests_topic = "sampler-requests"
     aggregate_type = "sampler"
     request_types = SAMPLER_REQUESTS
+    # New weights are looked for between waits: keep the waits short.
+    poll_timeout_s = 0.01
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)

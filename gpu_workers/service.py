@@ -58,6 +58,8 @@ class WorkerService:
     requests_topic: str  # catalog name, "trainer-requests"
     aggregate_type: str  # "trainer"
     request_types: tuple[type[WorkRequest], ...]
+    # How long one wait for requests may last; `between_batches` runs at least this often.
+    poll_timeout_s: float = 0.1
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -71,7 +73,7 @@ class WorkerService:
                 instance_id=settings.worker_instance_id,
                 topics=(settings.topic(self.requests_topic),),
                 batch_size=64,
-                poll_timeout_s=0.1,
+                poll_timeout_s=self.poll_timeout_s,
                 transaction_timeout_ms=settings.worker_transaction_timeout_ms,
             ),
             on_assign=self._on_assign,
