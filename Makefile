@@ -11,7 +11,7 @@ export UV_CACHE_DIR ?= $(HOME)/.cache/loopstream/uv
 demo: install up
 	$(BIN)/loopstream db migrate
 	$(BIN)/loopstream services up
-	$(BIN)/loopstream smoke
+	$(BIN)/python examples/rl_loop.py
 
 # The whole suite against the real stack; the stack is stopped at the end whatever happened.
 test: install lint
