@@ -27,6 +27,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.results.start()
         yield
         state.close()  # flush anything the producer still holds
 

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from api.config import ApiSettings, get_api_settings
 from api.queries import ReadModels
+from api.result_feed import ResultFeed
 from api.submit import SentRequests, Submitter
 from commands.bus import CommandBus
 from infra.s3 import ObjectStore
@@ -31,6 +32,7 @@ class AppState:
     def __init__(self, settings: Settings, api_settings: ApiSettings) -> None:
         self.settings = settings
         self.sent = SentRequests(api_settings.request_retention_s)
+        self.results = ResultFeed(settings)
         self._bus: CommandBus | None = None
         self._store: ObjectStore | None = None
         self._lock = threading.Lock()
@@ -50,6 +52,7 @@ class AppState:
             return self._store
 
     def close(self) -> None:
+        self.results.stop()
         if self._bus is not None:
             self._bus.producer.flush(5.0)
 

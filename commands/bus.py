@@ -29,7 +29,8 @@ class CommandBus:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = Producer(producer_config(settings))
+        # No linger: a command is one message a caller is waiting on, not part of a stream.
+        self.producer = Producer({**producer_config(settings), "linger.ms": 0})
 
     def send(
         self, command: CommandEnvelope, *, to: Destination = "commands", timeout_s: float = 30.0

@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from infra.processes import ManagedProcess, StackError
+from infra.processes import ManagedProcess, StackError, wait_until
 from infra.settings import REPO_ROOT, Settings
+
+
+def _api_answers() -> bool:
+    import httpx
+
+    from api.config import get_api_settings
+
+    return httpx.get(f"{get_api_settings().base_url}/openapi.json", timeout=1).status_code == 200
 
 
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
     module_argv: tuple[str, ...]
+    # A real readiness check where "the process runs" is not enough (callers connect to it).
+    ready: Callable[[], bool] | None = None
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
@@ -25,7 +36,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("trainer-worker", ("-m", "gpu_workers.trainer_worker")),
     ServiceSpec("sampler-worker", ("-m", "gpu_workers.sampler_worker")),
     ServiceSpec("janitor", ("-m", "commands.janitor")),
-    ServiceSpec("api", ("-m", "api.app")),
+    ServiceSpec("api", ("-m", "api.app"), ready=_api_answers),
 )
 
 
@@ -54,6 +65,15 @@ def services_up(settings: Settings) -> dict[str, str]:
         tails = "\n".join(f"--- {n}:\n{_process(settings, s).log_tail(15)}" for s in SERVICES
                           for n in [s.name] if n in dead)  # fmt: skip
         raise StackError(f"{', '.join(dead)} exited right after start:\n{tails}")
+    for spec in SERVICES:
+        if spec.ready is not None:
+            process = _process(settings, spec)
+            wait_until(
+                spec.ready,
+                timeout_s=60,
+                what=f"{spec.name} to answer (log: {process.log_file})",
+                alive=lambda p=process: p.pid() is not None,  # type: ignore[misc]
+            )
     return report
 
 

@@ -29,7 +29,7 @@ console = Console(stderr=True)
 def run(
     projection: str = typer.Option("loops", help="projection name (= its PostgreSQL schema)"),
     batch_size: int = typer.Option(2000, help="events per PostgreSQL transaction, at most"),
-    within: float = typer.Option(0.2, help="seconds a partial batch waits for more events"),
+    within: float = typer.Option(0.01, help="seconds a partial batch waits for more events"),
     supervise: bool = typer.Option(
         True, help="restart the runner when it exits to resync from PostgreSQL"
     ),
