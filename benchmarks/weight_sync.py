@@ -62,10 +62,7 @@ def wait_for_loaded(feed: Consumer, sampler_id: str, uri: str) -> float:
             ):
                 continue
             envelope = EventEnvelope.from_bytes(message.value())
-            if (
-                envelope.aggregate_id == sampler_id
-                and envelope.payload["uri"] == uri
-            ):
+            if envelope.aggregate_id == sampler_id and envelope.payload["uri"] == uri:
                 return time.perf_counter()
 
 
