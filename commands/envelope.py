@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.envelope import utc_now
+from events.envelope import EventEnvelope, utc_now
+from events.loops import DomainEvent
 
 
 class CommandEnvelope(BaseModel):
@@ -62,3 +63,29 @@ class CommandResult(BaseModel):
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
+
+
+def caused_event(
+    event: DomainEvent,
+    *,
+    command: CommandEnvelope,
+    sequence: int,
+    occurred_at: datetime,
+    event_id: str,
+) -> EventEnvelope:
+    """The envelope of an event `command` caused: the command is its cause, and it carries the
+    command's id, correlation and actor, whoever (processor or worker) wrote it."""
+    return EventEnvelope(
+        event_id=event_id,
+        type=type(event).__name__,
+        schema_version=event.schema_version,
+        aggregate_type=event.aggregate_type,
+        aggregate_id=command.aggregate_id,
+        sequence=sequence,
+        occurred_at=occurred_at,
+        command_id=command.command_id,
+        causation_id=command.command_id,
+        correlation_id=command.correlation_id or command.command_id,
+        actor=command.actor,
+        payload=event.model_dump(mode="json"),
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from commands.envelope import CommandEnvelope, CommandResult, EventRef
+from commands.envelope import CommandEnvelope, CommandResult, EventRef, caused_event
 from commands.loops import Rejected
 from commands.registry import COMMAND_TYPES, AggregateSpec
 from events.envelope import EventEnvelope
@@ -118,19 +118,8 @@ def handle_command(
     envelopes = []
     for event in domain_events:
         sequence = state.version + 1
-        event_envelope = EventEnvelope(
-            event_id=new_event_id(),
-            type=type(event).__name__,
-            schema_version=event.schema_version,
-            aggregate_type=spec.aggregate_type,
-            aggregate_id=envelope.aggregate_id,
-            sequence=sequence,
-            occurred_at=now,
-            command_id=command_id,
-            causation_id=envelope.causation_id or command_id,
-            correlation_id=envelope.correlation_id or command_id,
-            actor=envelope.actor,
-            payload=event.model_dump(mode="json"),
+        event_envelope = caused_event(
+            event, command=envelope, sequence=sequence, occurred_at=now, event_id=new_event_id()
         )
         state = spec.advance(state, event, sequence)
         envelopes.append(event_envelope)

@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import Message, Producer, TopicPartition
 from pydantic import BaseModel, ValidationError
 
-from commands.envelope import CommandEnvelope, CommandResult, EventRef
+from commands.envelope import CommandEnvelope, CommandResult, EventRef, caused_event
 from commands.handling import first_validation_error
 from commands.work import WorkRequest
 from events.envelope import EventEnvelope, utc_now
@@ -220,19 +220,8 @@ class WorkerService:
         now = utc_now()
         for event in done.events:
             version += 1
-            event_envelope = EventEnvelope(
-                event_id=new_event_id(),
-                type=type(event).__name__,
-                schema_version=event.schema_version,
-                aggregate_type=self.aggregate_type,
-                aggregate_id=envelope.aggregate_id,
-                sequence=version,
-                occurred_at=now,
-                command_id=envelope.command_id,
-                causation_id=envelope.command_id,
-                correlation_id=envelope.correlation_id or envelope.command_id,
-                actor=envelope.actor,
-                payload=event.model_dump(mode="json"),
+            event_envelope = caused_event(
+                event, command=envelope, sequence=version, occurred_at=now, event_id=new_event_id()
             )
             producer.produce(
                 self.settings.topic("events"),
