@@ -39,7 +39,7 @@ from projections.names import topics_for  # noqa: E402
 from projections.pipeline import SourceRecord, plan_batch  # noqa: E402
 from projections.replay import create_shadow, replay_into_shadow  # noqa: E402
 from projections.rows import merge_changes  # noqa: E402
-from projections.store import ReadModelWriter, _with_json  # noqa: E402
+from projections.store import ReadModelWriter, _with_json, json_encoders  # noqa: E402
 from tests.integration.projection_support import (  # noqa: E402
     Isolated,
     caught_up,
@@ -106,8 +106,8 @@ def final_rows(settings: Settings, records: list[SourceRecord]) -> dict[str, lis
     for change in merge_changes(changes, TABLES):
         spec = TABLES[change.table]
         row = tuple(change.values.get(c) for c in spec.columns)
-        json_at = [i for i, c in enumerate(spec.columns) if c in spec.json_columns]
-        rows.setdefault(change.table, []).append(_with_json(row, json_at))
+        encoders = json_encoders(spec, spec.columns)
+        rows.setdefault(change.table, []).append(_with_json(row, encoders))
     return rows
 
 

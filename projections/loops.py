@@ -73,6 +73,7 @@ TABLES: dict[str, TableSpec] = {
             ),
             insert_only=True,
             json_columns=frozenset({"events", "output"}),
+            json_text_columns=frozenset({"output"}),  # migration 0003: `json`, not `jsonb`
         ),
         TableSpec(
             "event_log",

@@ -22,6 +22,9 @@ class TableSpec:
     # same event or result seen again is the same fact, so there is nothing to update.
     insert_only: bool = False
     json_columns: frozenset[str] = frozenset()
+    # Of those, the `json` (not `jsonb`) columns: PostgreSQL keeps their text as sent, so they
+    # must be serialised exactly as before (pydantic-core); `jsonb` normalises any JSON text.
+    json_text_columns: frozenset[str] = frozenset()
 
 
 class RowChange(NamedTuple):
