@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import singledispatch
 from typing import Any
 
+from pydantic import BaseModel
+
 from commands.envelope import CommandResult
 from events.envelope import EventEnvelope
 from events.loops import (
@@ -90,8 +92,13 @@ TABLES: dict[str, TableSpec] = {
 }  # fmt: skip
 
 
-def event_log_row(envelope: EventEnvelope, *, partition: int, offset: int) -> RowChange:
-    """Every envelope, as it was written, for audit queries."""
+def event_log_row(
+    envelope: EventEnvelope, *, partition: int, offset: int, payload: dict[str, Any] | None = None
+) -> RowChange:
+    """Every envelope, as it was written, for audit queries.
+
+    `payload`: the wire payload, when the caller validated the envelope with a typed payload.
+    """
     return RowChange(
         table="event_log",
         key=(envelope.event_id,),
@@ -109,7 +116,7 @@ def event_log_row(envelope: EventEnvelope, *, partition: int, offset: int) -> Ro
             "causation_id": envelope.causation_id,
             "correlation_id": envelope.correlation_id,
             "actor": envelope.actor,
-            "payload": envelope.payload,
+            "payload": envelope.payload if payload is None else payload,
             "kafka_partition": partition,
             "kafka_offset": offset,
         },
@@ -130,7 +137,7 @@ def project_result(result: CommandResult, *, partition: int, offset: int) -> Row
             "status": result.status,
             "reason": result.reason,
             "field": result.field,
-            "events": [ref.model_dump() for ref in result.events],
+            "events": [_plain(ref) for ref in result.events],
             "correlation_id": result.correlation_id,
             "processed_at": result.processed_at,
             "kafka_partition": partition,
@@ -138,6 +145,11 @@ def project_result(result: CommandResult, *, partition: int, offset: int) -> Row
             "output": result.output,
         },
     )
+
+
+def _plain(model: BaseModel) -> dict[str, Any]:
+    # model_dump() without its Python-side argument handling: half the cost, same dict.
+    return model.__pydantic_serializer__.to_python(model)  # type: ignore[no-any-return]
 
 
 def project_event(envelope: EventEnvelope, event: DomainEvent) -> list[RowChange]:
@@ -252,7 +264,7 @@ def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
         "name": event.name,
         "kind": event.kind,
         "uri": event.uri,
-        "files": [file.model_dump() for file in event.files],
+        "files": [_plain(file) for file in event.files],
         "total_size_bytes": event.total_size_bytes,
         "step": event.step,
         "expires_at": event.expires_at,
