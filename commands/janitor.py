@@ -20,6 +20,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -75,7 +76,7 @@ class CheckpointJanitor:
         finally:
             self.consumer.close()
 
-    def observe(self, headers: list, value: bytes | None) -> None:
+    def observe(self, headers: Any, value: bytes | None) -> None:
         if dict(headers).get("event_type") not in WATCHED:
             return
         envelope = EventEnvelope.from_bytes(value)

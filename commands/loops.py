@@ -324,7 +324,7 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
         raise Rejected("relative_file_name must stay inside the checkpoint folder", field="files")
     expires_at = now + timedelta(seconds=command.ttl_seconds) if command.ttl_seconds else None
     uri = checkpoint_uri(command.run_id, command.kind, command.name)
-    saved = [
+    saved: list[DomainEvent] = [
         CheckpointSaved(
             checkpoint_id=command.checkpoint_id,
             run_id=command.run_id,
