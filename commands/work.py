@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI
 
-LossFn = Literal["cross_entropy", "importance_sampling"]
+LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+# The loss_fn_config keys each loss takes (gpu_workers.engine.types has their defaults).
+LOSS_FN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": (),
+    "importance_sampling": (),
+    "ppo": ("clip_low_threshold", "clip_high_threshold"),
+    "cispo": ("clip_low_threshold", "clip_high_threshold"),
+    "dro": ("beta",),
+}
 IGNORE_INDEX = -100  # cross_entropy ignores target positions marked with it
 
 
@@ -29,8 +37,8 @@ class LossFnInputs(BaseModel):
 
     target_tokens: list[int] = Field(min_length=1)
     weights: list[float] | None = None  # cross_entropy
-    logprobs: list[float] | None = None  # importance_sampling: the sampler's logprobs
-    advantages: list[float] | None = None  # importance_sampling
+    logprobs: list[float] | None = None  # policy-gradient losses: the sampler's logprobs
+    advantages: list[float] | None = None  # policy-gradient losses
 
 
 class Datum(BaseModel):
@@ -57,13 +65,20 @@ class Datum(BaseModel):
 class ForwardBackward(WorkRequest):
     data: list[Datum] = Field(min_length=1)
     loss_fn: LossFn = "cross_entropy"
+    # Per-loss parameters (ppo/cispo: clip_low_threshold, clip_high_threshold; dro: beta).
+    loss_fn_config: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _inputs_for_loss(self) -> ForwardBackward:
-        needed = {
-            "cross_entropy": ("weights",),
-            "importance_sampling": ("logprobs", "advantages"),
-        }[self.loss_fn]
+        for key in self.loss_fn_config or {}:
+            if key not in LOSS_FN_CONFIG_KEYS[self.loss_fn]:
+                raise ValueError(
+                    f"loss_fn_config.{key} is not a parameter of {self.loss_fn}; it takes "
+                    f"{list(LOSS_FN_CONFIG_KEYS[self.loss_fn]) or 'none'}"
+                )
+        # cross_entropy without weights would be a silent weight of 1 everywhere in Tinker; the
+        # loops API asks for them explicitly (the Tinker front door fills in ones).
+        needed = ("weights",) if self.loss_fn == "cross_entropy" else ("logprobs", "advantages")
         for i, datum in enumerate(self.data):
             for name in needed:
                 if getattr(datum.loss_fn_inputs, name) is None:
@@ -71,6 +86,10 @@ class ForwardBackward(WorkRequest):
                         f"data.{i}.loss_fn_inputs.{name} is required by {self.loss_fn}"
                     )
         return self
+
+
+class Forward(ForwardBackward):
+    """The loss and logprobs of a batch without touching the gradients (evaluation)."""
 
 
 class AdamParams(BaseModel):
@@ -110,13 +129,18 @@ class Sample(WorkRequest):
     max_tokens: int = Field(default=16, ge=1, le=8192)
     temperature: float = Field(default=1.0, ge=0, le=10)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=-1, ge=-1, description="-1 = off; else the k most likely tokens")
     seed: int | None = None
     stop: list[str] | None = None
+    # Also answer logp(prompt[t] | prompt[:t]) for every prompt position (None for the first).
+    prompt_logprobs: bool = False
     # Pinned to one checkpoint, or None to follow the latest weights the sampler has.
     checkpoint_uri: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Sample:
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1")
         if (self.prompt_tokens is None) == (self.prompt is None):
             raise ValueError("give exactly one of prompt_tokens or prompt")
         if self.checkpoint_uri is not None and not CHECKPOINT_URI.match(self.checkpoint_uri):
@@ -124,8 +148,24 @@ class Sample(WorkRequest):
         return self
 
 
+class LoadState(WorkRequest):
+    """Load a `weights` (full state) checkpoint into the run: its weights, and its AdamW state
+    and step too when `optimizer` is set (else the optimizer starts afresh)."""
+
+    checkpoint_uri: str
+    optimizer: bool = True
+
+    @model_validator(mode="after")
+    def _uri(self) -> LoadState:
+        if not CHECKPOINT_URI.match(self.checkpoint_uri):
+            raise ValueError("checkpoint_uri must look like bt://loops:<run_id>/weights/<name>")
+        return self
+
+
 TRAINER_REQUESTS: tuple[type[WorkRequest], ...] = (
     ForwardBackward,
+    Forward,
+    LoadState,
     OptimStep,
     ComputeLogprobs,
     SaveWeights,

@@ -28,6 +28,24 @@ class ForwardBackwardCompleted(TrainerEvent):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class ForwardCompleted(TrainerEvent):
+    """A forward pass only (evaluation): the loss of a batch, gradients untouched."""
+
+    loss_fn: str
+    loss: float
+    num_sequences: int
+    num_tokens: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class StateLoaded(TrainerEvent):
+    """The run now holds a `weights` checkpoint's weights (and its optimizer state, if asked)."""
+
+    uri: str
+    with_optimizer: bool
+    step: int
+
+
 class OptimStepCompleted(TrainerEvent):
     step: int
     learning_rate: float
@@ -72,6 +90,8 @@ class SamplesGenerated(SamplerEvent):
 
 WORK_EVENTS: tuple[type[DomainEvent], ...] = (
     ForwardBackwardCompleted,
+    ForwardCompleted,
+    StateLoaded,
     OptimStepCompleted,
     LogprobsComputed,
     WeightsSaved,

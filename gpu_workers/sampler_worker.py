@@ -171,10 +171,13 @@ class SamplerWorker(WorkerService):
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
+            top_k=request.top_k,
             seed=request.seed,
             stop=request.stop,
         )
         sequences = engine.sample(prompt, request.num_samples, params)
+        # Scored by the same weights, before any new ones can be picked up between requests.
+        prompt_logprobs = engine.compute_logprobs(prompt) if request.prompt_logprobs else None
         weights = {"checkpoint_id": version.checkpoint_id, "uri": hosted.uri,
                    "digest": version.digest}  # fmt: skip
         events.append(
@@ -199,6 +202,7 @@ class SamplerWorker(WorkerService):
                     for s in sequences
                 ],
                 "weights_version": weights,
+                "prompt_logprobs": prompt_logprobs,
             },
             events=events,
         )

@@ -27,14 +27,18 @@ from commands.loops import CHECKPOINT_URI, checkpoint_uri
 from commands.work import (
     TRAINER_REQUESTS,
     ComputeLogprobs,
+    Forward,
     ForwardBackward,
+    LoadState,
     OptimStep,
     SaveWeights,
 )
 from events.work import (
     ForwardBackwardCompleted,
+    ForwardCompleted,
     LogprobsComputed,
     OptimStepCompleted,
+    StateLoaded,
     WeightsSaved,
 )
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
@@ -85,8 +89,11 @@ class TrainerWorker(WorkerService):
                 )
                 for d in request.data
             ]
-            out = run.engine.forward_backward(data, request.loss_fn)
-            num_tokens = sum(len(d.model_input) for d in request.data)
+            # Forward is a ForwardBackward that leaves the gradients alone.
+            forward_only = isinstance(request, Forward)
+            run_pass = run.engine.forward if forward_only else run.engine.forward_backward
+            out = run_pass(data, request.loss_fn, request.loss_fn_config)
+            event_type = ForwardCompleted if forward_only else ForwardBackwardCompleted
             return WorkDone(
                 output={
                     "loss": out.loss,
@@ -94,16 +101,18 @@ class TrainerWorker(WorkerService):
                     "loss_fn_outputs": out.loss_fn_outputs,
                 },
                 events=[
-                    ForwardBackwardCompleted(
+                    event_type(
                         request_id=request_id,
                         loss_fn=request.loss_fn,
                         loss=out.loss,
                         num_sequences=len(data),
-                        num_tokens=num_tokens,
+                        num_tokens=sum(len(d.model_input) for d in request.data),
                         metrics=out.metrics,
                     )
                 ],
             )
+        if isinstance(request, LoadState):
+            return self._load_state(run, request_id, request)
         if isinstance(request, OptimStep):
             params = EngineAdamParams(**request.adam_params.model_dump())
             step = run.engine.optim_step(params)
@@ -133,6 +142,34 @@ class TrainerWorker(WorkerService):
         if isinstance(request, SaveWeights):
             return self._save(run, envelope, request)
         raise WorkRejected(f"unsupported request {type(request).__name__}", field="type")
+
+    def _load_state(self, run: RunEngine, request_id: str, request: LoadState) -> WorkDone:
+        if _kind(request.checkpoint_uri) != "weights":
+            raise WorkRejected(
+                "load_state needs a full-state (weights) checkpoint, not sampler weights",
+                field="checkpoint_uri",
+            )
+        with tempfile.TemporaryDirectory(prefix="loopstream-load-") as tmp:
+            folder = Path(tmp) / "checkpoint"
+            try:
+                self.checkpoints.download(CheckpointRef.from_uri(request.checkpoint_uri), folder)
+            except Exception as exc:  # a missing or deleted checkpoint is the caller's mistake
+                raise WorkRejected(
+                    f"checkpoint {request.checkpoint_uri} cannot be read: {exc}",
+                    field="checkpoint_uri",
+                ) from exc
+            run.engine.load_state(folder, optimizer=request.optimizer)
+        return WorkDone(
+            output={"path": request.checkpoint_uri, "step": run.engine.step},
+            events=[
+                StateLoaded(
+                    request_id=request_id,
+                    uri=request.checkpoint_uri,
+                    with_optimizer=request.optimizer,
+                    step=run.engine.step,
+                )
+            ],
+        )
 
     # --- runs ----------------------------------------------------------------------------------
 

@@ -218,9 +218,13 @@ class SamplerEngine:
 def _choose(
     logits_N_V: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]
 ) -> torch.Tensor:
-    """The next token of every row: greedy at temperature 0, else temperature + top_p sampling."""
+    """The next token of every row: greedy at temperature 0, else top_k, temperature, top_p."""
     if params.temperature == 0:
         return logits_N_V.argmax(dim=-1)
+    if 0 < params.top_k < logits_N_V.shape[-1]:
+        # Everything below the k-th largest logit is out before the softmax (ties stay in).
+        kth_N_1 = logits_N_V.topk(params.top_k, dim=-1).values[:, -1:]
+        logits_N_V = logits_N_V.masked_fill(logits_N_V < kth_N_1, float("-inf"))
     probs_N_V = torch.softmax(logits_N_V / params.temperature, dim=-1)
     if params.top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p.

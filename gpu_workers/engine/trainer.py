@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from gpu_workers.engine.types import (
     LossFn,
     OptimStepOutput,
     check_batch,
+    check_loss_fn_config,
     check_token_range,
 )
 from gpu_workers.manifest import Manifest, verify_folder, write_manifest
@@ -111,14 +112,22 @@ class TrainerEngine:
     # ------------------------------------------------------------------ training
 
     def forward_backward(
-        self, data: Sequence[Datum], loss_fn: LossFn | str
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFn | str,
+        loss_fn_config: Mapping[str, float] | None = None,
     ) -> ForwardBackwardOutput:
         """Loss of `data` under `loss_fn`; its gradients are added to those already accumulated."""
-        return self._run(data, loss_fn, backward=True)
+        return self._run(data, loss_fn, loss_fn_config, backward=True)
 
-    def forward(self, data: Sequence[Datum], loss_fn: LossFn | str) -> ForwardBackwardOutput:
+    def forward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: LossFn | str,
+        loss_fn_config: Mapping[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
         """Like forward_backward, without touching the gradients (e.g. for evaluation)."""
-        return self._run(data, loss_fn, backward=False)
+        return self._run(data, loss_fn, loss_fn_config, backward=False)
 
     def optim_step(self, params: AdamParams | None = None) -> OptimStepOutput:
         """One AdamW step with these hyper-parameters on the accumulated gradients; zero them."""
@@ -187,8 +196,9 @@ class TrainerEngine:
             self._save_config_and_tokenizer(staging)
             return write_manifest(staging, kind="state", metadata=metadata)
 
-    def load_state(self, folder: str | os.PathLike[str]) -> Manifest:
-        """Restore a `save_state` folder (verified against its manifest) into this engine."""
+    def load_state(self, folder: str | os.PathLike[str], *, optimizer: bool = True) -> Manifest:
+        """Restore a `save_state` folder (verified against its manifest) into this engine; with
+        `optimizer=False` only the weights and step, the AdamW moments start afresh."""
         folder = Path(folder)
         manifest = verify_folder(folder)
         if manifest.kind != "state":
@@ -216,9 +226,12 @@ class TrainerEngine:
                 )
         else:
             load_weights_into(self.model, [folder / WEIGHTS_NAME])
-        self._load_optimizer_tensors(
-            load_file(str(folder / OPTIMIZER_NAME), device=self.config.device)
-        )
+        if optimizer:
+            self._load_optimizer_tensors(
+                load_file(str(folder / OPTIMIZER_NAME), device=self.config.device)
+            )
+        else:
+            self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = int(state["step"])
         return manifest
@@ -233,10 +246,18 @@ class TrainerEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, data: Sequence[Datum], loss_fn: str, *, backward: bool) -> ForwardBackwardOutput:
+    def _run(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: Mapping[str, float] | None,
+        *,
+        backward: bool,
+    ) -> ForwardBackwardOutput:
         loss_fn = check_batch(
             data, loss_fn, max_seq_len=self.config.max_seq_len, vocab_size=self.vocab_size
         )
+        config = check_loss_fn_config(loss_fn, loss_fn_config)
         with torch.set_grad_enabled(backward):
             logp_B_T, valid_B_T = self._target_logprobs(data)
             T = logp_B_T.shape[1]
@@ -244,12 +265,15 @@ class TrainerEngine:
             metrics: dict[str, float] = {}
             if loss_fn == "cross_entropy":
                 loss = -(weights_B_T * logp_B_T).sum()
-            else:  # importance_sampling: -sum(p_theta / q_sampler * A)
+            else:  # the policy-gradient losses, on the ratio p_theta / q_sampler per token
                 mask_B_T = valid_B_T * (weights_B_T > 0)
                 sampler_logp_B_T = self._pad_input(data, "logprobs", T)
                 advantages_B_T = self._pad_input(data, "advantages", T)
                 ratio_B_T = torch.exp(logp_B_T - sampler_logp_B_T)
-                loss = -(ratio_B_T * advantages_B_T * mask_B_T).sum()
+                objective_B_T = _policy_objective(
+                    loss_fn, config, logp_B_T, sampler_logp_B_T, ratio_B_T, advantages_B_T
+                )
+                loss = -(objective_B_T * mask_B_T).sum()
                 n = mask_B_T.sum().clamp(min=1)
                 gap = ((sampler_logp_B_T - logp_B_T.detach()).abs() * mask_B_T).sum() / n
                 metrics["logprob_gap:mean"] = float(gap)
@@ -365,6 +389,28 @@ class TrainerEngine:
             "max_seq_len": self.config.max_seq_len,
             "seed": self.config.seed,
         }
+
+
+def _policy_objective(
+    loss_fn: str,
+    config: Mapping[str, float],
+    logp_B_T: torch.Tensor,
+    sampler_logp_B_T: torch.Tensor,
+    ratio_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token objective (to maximise) of each policy-gradient loss, as Tinker defines them."""
+    if loss_fn == "importance_sampling":  # ratio * A
+        return ratio_B_T * advantages_B_T
+    if loss_fn == "ppo":  # min(ratio * A, clip(ratio) * A): never gains from leaving the clip
+        clipped_B_T = ratio_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+        return torch.minimum(ratio_B_T * advantages_B_T, clipped_B_T * advantages_B_T)
+    if loss_fn == "cispo":  # sg(clip(ratio)) * logp * A: the clipped ratio only weighs tokens
+        clipped_B_T = ratio_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+        return clipped_B_T.detach() * logp_B_T * advantages_B_T
+    if loss_fn == "dro":  # logp * A - beta / 2 * (logp - q)^2: a quadratic pull towards q
+        return logp_B_T * advantages_B_T - 0.5 * config["beta"] * (logp_B_T - sampler_logp_B_T) ** 2
+    raise InvalidInputError("loss_fn", f"not a policy-gradient loss: {loss_fn!r}")
 
 
 def _torch_adam(params: AdamParams) -> dict[str, object]:

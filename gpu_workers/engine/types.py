@@ -17,17 +17,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-LossFn = Literal["cross_entropy", "importance_sampling"]
+LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 LOSS_FNS: tuple[str, ...] = get_args(LossFn)
+_POLICY_INPUTS = ("target_tokens", "logprobs", "advantages")
 # Which loss_fn_inputs each loss needs, and which it may take. In importance_sampling `weights`
 # is an optional 0/1 mask (e.g. to leave prompt positions out of the logprob-gap metric).
 REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens",),
-    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "importance_sampling": _POLICY_INPUTS,
+    "ppo": _POLICY_INPUTS,
+    "cispo": _POLICY_INPUTS,
+    "dro": _POLICY_INPUTS,
 }
-OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": ("weights",),
-    "importance_sampling": ("weights",),
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {name: ("weights",) for name in LOSS_FNS}
+# loss_fn_config keys each loss takes, with their defaults (Tinker's names). PPO and CISPO clip
+# the ratio p_theta / q to [clip_low_threshold, clip_high_threshold] (Tinker: 1 -/+ 0.2); DRO's
+# quadratic penalty has weight beta (0.05 is loopstream's default: Tinker's docs name no default).
+LOSS_FN_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
+    "cross_entropy": {},
+    "importance_sampling": {},
+    "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "dro": {"beta": 0.05},
 }
 IGNORE_INDEX = -100  # a target token of -100 contributes nothing (PyTorch's convention)
 StopReason = Literal["stop", "length"]
@@ -118,6 +129,7 @@ class SamplingParams:
     max_tokens: int = 16  # new tokens to generate at most
     temperature: float = 1.0  # softmax temperature; 0 = greedy
     top_p: float = 1.0  # nucleus sampling mass; 1 = off
+    top_k: int = -1  # sample among the k most likely tokens only; -1 = off (Tinker's default)
     seed: int | None = None  # same seed + same weights + same prompt -> same tokens
     stop: list[str] | list[int] | None = None  # stop strings or stop token ids
     stop_at_eos: bool = True  # the model's eos token ends a sequence (it is kept in `tokens`)
@@ -131,6 +143,10 @@ class SamplingParams:
             raise InvalidInputError("temperature", f"must be >= 0, got {self.temperature!r}")
         if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise InvalidInputError("top_k", f"must be an int, got {self.top_k!r}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise InvalidInputError("top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
@@ -190,6 +206,28 @@ def check_loss_fn(loss_fn: str) -> LossFn:
             "loss_fn", f"unknown loss function {loss_fn!r}; expected one of {list(LOSS_FNS)}"
         )
     return loss_fn  # type: ignore[return-value]
+
+
+def check_loss_fn_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str, float]:
+    """The loss's config with defaults filled in; unknown keys and non-numbers are refused."""
+    defaults = LOSS_FN_CONFIG_DEFAULTS[check_loss_fn(loss_fn)]
+    resolved = dict(defaults)
+    for key, value in (config or {}).items():
+        if key not in defaults:
+            raise InvalidInputError(
+                f"loss_fn_config.{key}",
+                f"not a parameter of loss_fn {loss_fn!r}; it takes {sorted(defaults) or 'none'}",
+            )
+        if not _finite(value):
+            raise InvalidInputError(f"loss_fn_config.{key}", f"not a finite number: {value!r}")
+        resolved[key] = float(value)
+    if "clip_low_threshold" in resolved and not (
+        0 <= resolved["clip_low_threshold"] <= 1 <= resolved["clip_high_threshold"]
+    ):
+        raise InvalidInputError(
+            "loss_fn_config", "needs 0 <= clip_low_threshold <= 1 <= clip_high_threshold"
+        )
+    return resolved
 
 
 def check_batch(

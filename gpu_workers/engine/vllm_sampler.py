@@ -127,6 +127,7 @@ class VllmSamplerEngine:
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            top_k=params.top_k,
             seed=params.seed,
             stop=params.stop_strings or None,
             stop_token_ids=params.stop_token_ids or None,

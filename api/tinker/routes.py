@@ -1,0 +1,683 @@
+"""The Tinker wire protocol (`/api/v1/...`), so the official `tinker` SDK runs unchanged.
+
+Another shape over the same commands as /v1/loops: create_model is CreateSession + CreateRun on
+a loops session, forward_backward the same ForwardBackward work request, futures the same
+CommandResults (Kafka result feed first, then the futures table). Only the encodings differ
+(api/tinker/wire.py) and the ids (api/tinker/ids.py).
+
+Errors: what this API can judge at once (unknown model, unknown loss, a sequence longer than the
+run's max_seq_len, a bad path) is a 400 whose body carries the message, raised by the SDK as its
+`BadRequestError`; what a worker refuses arrives in the future as `RequestFailedResponse`
+(category `user` for a rejection, `server` for a worker failure), raised as `RequestFailedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import EngineDep, ReadDep, SettingsDep, StateDep, SubmitterDep
+from api.errors import ApiError
+from api.queries import ReadModels, Row
+from api.routes._common import envelope
+from api.submit import Submitter, new_resource_id
+from api.tinker import ids
+from api.tinker.wire import (
+    WireError,
+    decode_forward_backward,
+    encode_forward_backward_output,
+    encode_sample_response,
+    model_input_from_json,
+)
+from commands.envelope import CommandResult
+from commands.loops import CreateRun, CreateSession
+from commands.work import (
+    AdamParams,
+    Forward,
+    ForwardBackward,
+    LoadState,
+    OptimStep,
+    Sample,
+    SaveWeights,
+)
+from gpu_workers.models import UnknownBaseModel, available_base_models, resolve_base_model
+from infra.settings import Settings
+
+PROTO = "application/x-protobuf"
+DEFAULT_MAX_SEQ_LEN = 2048  # a Tinker training client names no context length; capped by the model
+# How long one retrieve_future waits for a result before answering try_again (the SDK's own
+# request timeout is 45 s).
+LONG_POLL_S = 20.0
+SEQ_GATE_WAIT_S = 30.0  # how long a request waits for the seq_ids before it to be sent
+
+
+def bad_request(detail: str, field: str | None = None) -> ApiError:
+    return ApiError(400, detail, field=field)
+
+
+def require_api_key(x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> str:
+    """The SDK sends its key as X-API-Key and refuses to start unless it begins with `tml-`;
+    loopstream accepts any such key on its local stack (who is calling is the actor of the
+    commands, not a permission)."""
+    if not x_api_key or not x_api_key.startswith("tml-"):
+        raise ApiError(401, "an API key starting with 'tml-' is required (X-API-Key header)")
+    return x_api_key
+
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(require_api_key)])
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ------------------------------------------------------------------ seq_id ordering
+
+
+class SeqGate:
+    """Sends each client's requests to Kafka in seq_id order.
+
+    One run is one partition and the trainer runs a partition in order, so the order of sends is
+    the order of execution. The SDK already posts one request at a time per client, but a retried
+    or concurrent post could overtake: a request waits here (bounded) until every lower seq_id of
+    its client was sent. A client this process has not seen starts at whatever arrives first.
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+        self._cond = threading.Condition()
+
+    def send_in_order(self, client: str, seq_id: int | None, send: Any) -> None:
+        if seq_id is None:
+            send()
+            return
+        deadline = time.monotonic() + SEQ_GATE_WAIT_S
+        with self._cond:
+            self._next.setdefault(client, seq_id)
+            while seq_id > self._next[client] and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+        send()
+        with self._cond:
+            self._next[client] = max(self._next[client], seq_id + 1)
+            self._cond.notify_all()
+
+
+_GATE = SeqGate()
+
+
+def _command_id(client: str, seq_id: int | None) -> str:
+    # Derived from (client, seq_id): a retried post of the same call is the same command.
+    return f"tinker:{client}:{seq_id}" if seq_id is not None else f"tinker:{new_resource_id(16)}"
+
+
+def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
+    return {"request_id": request_id, "model_id": model_id}
+
+
+def _validated(model: type[BaseModel], **values: Any) -> Any:
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise bad_request(f"{where + ': ' if where else ''}{error['msg']}", where or None) from exc
+
+
+# ------------------------------------------------------------------ service
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post("/client/config")
+def client_config() -> dict[str, Any]:
+    # Plain API keys, httpx transport, uncompressed protobuf; no server-side custom losses.
+    return {
+        "pjwt_auth_enabled": False,
+        "credential_default_source": "api_key",
+        "use_pyqwest_transport": False,
+        "proto_compress_fwdbwd": False,
+        "parallel_fwdbwd_chunks": False,
+        "sample_use_retrieve_futures": False,
+        "custom_loss_server_side": False,
+        "sample_join_sampling_session": False,
+    }
+
+
+@router.post("/client/dynamic_config")
+def client_dynamic_config() -> dict[str, Any]:
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+
+@router.get("/get_server_capabilities")
+def get_server_capabilities(settings: SettingsDep) -> dict[str, Any]:
+    return {
+        "supported_models": [
+            {"model_name": name, "trainable": True, "sampleable": True}
+            for name in available_base_models(settings)
+        ]
+    }
+
+
+@router.post("/create_session")
+def create_session(body: _Body) -> dict[str, Any]:
+    """A Tinker session only groups the client's models and samplers; each model gets a loops
+    session of its own (see api/tinker/ids.py), so nothing is recorded here."""
+    return {"type": "create_session", "session_id": new_resource_id(10)}
+
+
+@router.post("/session_heartbeat")
+def session_heartbeat(body: _Body) -> dict[str, Any]:
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish")
+def finish_session(session_id: str, body: _Body) -> Response:
+    return Response(status_code=200, content=b"null", media_type="application/json")
+
+
+@router.post("/telemetry")
+def telemetry(body: _Body) -> dict[str, Any]:
+    return {"status": "accepted"}
+
+
+# ------------------------------------------------------------------ models
+
+
+def _check_model(settings: Settings, base_model: str) -> None:
+    try:
+        resolve_base_model(settings, base_model)
+    except UnknownBaseModel as exc:
+        raise bad_request(str(exc), "base_model") from exc
+
+
+def _create_run(
+    *,
+    submitter: Submitter,
+    model_id: str,
+    base_model: str,
+    lora_rank: int,
+    from_checkpoint: str | None,
+    max_seq_len: int,
+) -> str:
+    """CreateSession + CreateRun on the model's own loops session, in that order on its
+    partition; the future is the CreateRun's."""
+    session_id = ids.run_id_of(model_id).replace("-train-", "-s-")
+    create_session_id = f"tinker:{model_id}:create_session"
+    create_run_id = f"tinker:{model_id}:create_run"
+    submitter.submit(
+        envelope(
+            request_id=create_session_id,
+            command=CreateSession(base_model=base_model, name=f"tinker {model_id}"),
+            aggregate_id=session_id,
+        ),
+        to="commands",
+    )
+    run = CreateRun(
+        run_id=ids.run_id_of(model_id),
+        sampler_id=ids.sampler_id_of(model_id),
+        max_seq_len=max_seq_len,
+        lora_rank=lora_rank,
+        from_checkpoint=from_checkpoint,
+    )
+    submitter.submit(
+        envelope(request_id=create_run_id, command=run, aggregate_id=session_id), to="commands"
+    )
+    return create_run_id
+
+
+def _max_seq_len(settings: Settings, base_model: str) -> int:
+    config = json.loads((resolve_base_model(settings, base_model) / "config.json").read_text())
+    return int(min(DEFAULT_MAX_SEQ_LEN, config.get("max_position_embeddings") or 2048))
+
+
+@router.post("/create_model")
+def create_model(body: _Body, settings: SettingsDep, submitter: SubmitterDep) -> dict[str, Any]:
+    data = body.model_dump()
+    base_model = str(data.get("base_model") or "")
+    _check_model(settings, base_model)
+    model_id = ids.model_id_for(str(data["session_id"]), int(data["model_seq_id"]))
+    lora = data.get("lora_config") or {}
+    request_id = _create_run(
+        submitter=submitter,
+        model_id=model_id,
+        base_model=base_model,
+        lora_rank=int(lora.get("rank") or 0),
+        from_checkpoint=None,
+        max_seq_len=_max_seq_len(settings, base_model),
+    )
+    return _future(request_id, model_id)
+
+
+def _run_row(reads: ReadModels, model_id: str) -> Row:
+    run = reads.run(ids.run_id_of(model_id))
+    if run is None:
+        raise ApiError(404, f"model {model_id} not found", field="model_id")
+    if run["status"] != "active":
+        raise bad_request(f"model {model_id} is stopped ({run['stop_reason']})", "model_id")
+    return run
+
+
+@router.post("/get_info")
+def get_info(body: _Body, reads: ReadDep, settings: SettingsDep) -> dict[str, Any]:
+    model_id = str(body.model_dump().get("model_id"))
+    run = _run_row(reads, model_id)
+    folder = resolve_base_model(settings, run["base_model"])
+    return {
+        "type": "get_info",
+        "model_id": model_id,
+        "model_name": run["base_model"],
+        # A local folder: the SDK's get_tokenizer loads it with AutoTokenizer, no hub needed.
+        "model_data": {
+            "arch": "llama",
+            "model_name": run["base_model"],
+            "tokenizer_id": str(folder),
+        },
+        "is_lora": run["lora_rank"] > 0,
+        "lora_rank": run["lora_rank"] or None,
+    }
+
+
+# ------------------------------------------------------------------ training
+
+
+def _submit_training(
+    *, submitter: Submitter, model_id: str, seq_id: int | None, request: Any
+) -> dict[str, Any]:
+    command_id = _command_id(model_id, seq_id)
+    command = envelope(request_id=command_id, command=request, aggregate_id=ids.run_id_of(model_id))
+    _GATE.send_in_order(model_id, seq_id, lambda: submitter.submit(command, to="trainer-requests"))
+    return _future(command_id, model_id)
+
+
+@router.post("/forward_backward")
+async def forward_backward(request: Request, reads: ReadDep, submitter: SubmitterDep) -> Any:
+    try:
+        call = decode_forward_backward(await request.body())
+    except WireError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+    run = _run_row(reads, call.model_id)
+    for i, datum in enumerate(call.data):
+        n = len(datum["model_input"])
+        if n > run["max_seq_len"]:
+            raise bad_request(
+                f"data.{i}.model_input: sequence of {n} tokens exceeds max_seq_len "
+                f"{run['max_seq_len']}",
+                f"data.{i}.model_input",
+            )
+        if call.loss_fn == "cross_entropy" and "weights" not in datum["loss_fn_inputs"]:
+            datum["loss_fn_inputs"]["weights"] = [1.0] * n  # Tinker's default: every target
+    kind = Forward if call.forward_only else ForwardBackward
+    work = _validated(
+        kind, data=call.data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config
+    )
+    return await run_in_threadpool(
+        _submit_training,
+        submitter=submitter,
+        model_id=call.model_id,
+        seq_id=call.seq_id,
+        request=work,
+    )
+
+
+@router.post("/optim_step")
+def optim_step(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
+    data = body.model_dump()
+    _run_row(reads, str(data.get("model_id")))
+    params = data.get("adam_params")
+    if params is None:
+        raise bad_request("only the adamw optimizer is served (adam_params)", "optim_params")
+    work = OptimStep(adam_params=_validated(AdamParams, **params))
+    return _submit_training(
+        submitter=submitter,
+        model_id=str(data["model_id"]),
+        seq_id=data.get("seq_id"),
+        request=work,
+    )
+
+
+def _save_name(data: dict[str, Any], seq_id: int | None) -> str:
+    # save_weights_and_get_sampling_client names no checkpoint: one per call, ephemeral.
+    return str(data.get("path") or f"ephemeral-{seq_id}-{new_resource_id(6)}")
+
+
+@router.post("/save_weights")
+def save_weights(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
+    data = body.model_dump()
+    _run_row(reads, str(data.get("model_id")))
+    work = _validated(
+        SaveWeights,
+        name=_save_name(data, data.get("seq_id")),
+        kind="weights",
+        ttl_seconds=data.get("ttl_seconds"),
+    )
+    return _submit_training(
+        submitter=submitter,
+        model_id=str(data["model_id"]),
+        seq_id=data.get("seq_id"),
+        request=work,
+    )
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(
+    body: _Body, reads: ReadDep, submitter: SubmitterDep
+) -> dict[str, Any]:
+    data = body.model_dump()
+    _run_row(reads, str(data.get("model_id")))
+    work = _validated(
+        SaveWeights,
+        name=_save_name(data, data.get("seq_id")),
+        kind="sampler_weights",
+        ttl_seconds=data.get("ttl_seconds"),
+    )
+    return _submit_training(
+        submitter=submitter,
+        model_id=str(data["model_id"]),
+        seq_id=data.get("seq_id"),
+        request=work,
+    )
+
+
+@router.post("/load_weights")
+def load_weights(
+    body: _Body, reads: ReadDep, settings: SettingsDep, submitter: SubmitterDep
+) -> dict[str, Any]:
+    data = body.model_dump()
+    try:
+        uri = ids.bt_uri(str(data.get("path")))
+    except ValueError as exc:
+        raise bad_request(str(exc), "path") from exc
+    optimizer = bool(data.get("optimizer"))
+    if data.get("model_id"):  # load_state on an existing training client
+        _run_row(reads, str(data["model_id"]))
+        work = _validated(LoadState, checkpoint_uri=uri, optimizer=optimizer)
+        return _submit_training(
+            submitter=submitter,
+            model_id=str(data["model_id"]),
+            seq_id=data.get("seq_id"),
+            request=work,
+        )
+    # create_training_client_from_state[_with_optimizer]: a new run started from the checkpoint.
+    source = reads.run(ids.run_id_of(ids.model_id_of(uri.split(":", 2)[2].split("/")[0])))
+    if source is None:
+        raise bad_request(f"no run holds {data.get('path')}", "path")
+    base_model = str(data.get("base_model") or source["base_model"])
+    _check_model(settings, base_model)
+    model_id = ids.model_id_for(str(data["session_id"]), int(data["model_seq_id"]))
+    request_id = _create_run(
+        submitter=submitter,
+        model_id=model_id,
+        base_model=base_model,
+        lora_rank=source["lora_rank"],
+        from_checkpoint=uri,
+        max_seq_len=source["max_seq_len"],
+    )
+    if not optimizer:
+        _PENDING_LOADS[request_id] = (model_id, uri)
+    return _future(request_id, model_id)
+
+
+# CreateRun futures of runs started from a state checkpoint without its optimizer: once the run
+# exists, a LoadState(optimizer=False) follows and the future becomes that one's.
+_PENDING_LOADS: dict[str, tuple[str, str]] = {}
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def _sampler_of(reads: ReadModels, run: Row) -> str:
+    if ids.model_id_of(run["run_id"]) != run["run_id"]:
+        return ids.sampler_id_of(ids.model_id_of(run["run_id"]))
+    for sampler in reads.samplers_of_session(run["session_id"]):
+        if sampler["run_id"] == run["run_id"]:
+            return str(sampler["sampler_id"])
+    raise bad_request(f"run {run['run_id']} has no sampler", "model_path")
+
+
+def _wait_visible(engine: Any, settings: Settings, run_id: str, timeout_s: float = 30.0) -> Row:
+    """A run created a moment ago reaches the read models through the projection."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with engine.connect() as conn:
+            run = ReadModels(conn, settings.read_schema).run(run_id)
+        if run is not None or time.monotonic() > deadline:
+            if run is None:
+                raise ApiError(503, f"run {run_id} did not appear in {timeout_s:.0f}s")
+            return run
+        time.sleep(0.01)
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(
+    body: _Body,
+    reads: ReadDep,
+    settings: SettingsDep,
+    engine: EngineDep,
+    submitter: SubmitterDep,
+) -> dict[str, Any]:
+    data = body.model_dump()
+    nonce = new_resource_id(6)
+    if data.get("model_path"):
+        try:
+            uri = ids.bt_uri(str(data["model_path"]))
+        except ValueError as exc:
+            raise bad_request(str(exc), "model_path") from exc
+        if "/sampler_weights/" not in uri:
+            raise bad_request("sampling needs a sampler_weights checkpoint", "model_path")
+        run_id = uri.removeprefix("bt://loops:").split("/")[0]
+        if reads.run(run_id) is None:
+            raise bad_request(f"no run holds {data['model_path']}", "model_path")
+        return {
+            "type": "create_sampling_session",
+            "sampling_session_id": ids.SamplingSession(run_id, uri, nonce).id,
+        }
+    base_model = str(data.get("base_model") or "")
+    _check_model(settings, base_model)
+    # Sampling a bare base model: a run of its own whose sampler serves the base weights.
+    model_id = ids.model_id_for(f"{data['session_id']}-smp{data['sampling_session_seq_id']}", 0)
+    _create_run(
+        submitter=submitter,
+        model_id=model_id,
+        base_model=base_model,
+        lora_rank=0,
+        from_checkpoint=None,
+        max_seq_len=_max_seq_len(settings, base_model),
+    )
+    run_id = ids.run_id_of(model_id)
+    _wait_visible(engine, settings, run_id)
+    return {
+        "type": "create_sampling_session",
+        "sampling_session_id": ids.SamplingSession(run_id, None, nonce).id,
+    }
+
+
+def _sampling_session(sampling_session_id: str) -> ids.SamplingSession:
+    try:
+        return ids.SamplingSession.parse(sampling_session_id)
+    except ValueError as exc:
+        raise ApiError(404, str(exc), field="sampling_session_id") from exc
+
+
+@router.get("/samplers/{sampling_session_id}")
+def get_sampler(sampling_session_id: str, reads: ReadDep) -> dict[str, Any]:
+    session = _sampling_session(sampling_session_id)
+    run = reads.run(session.run_id)
+    if run is None:
+        raise ApiError(404, f"sampler {sampling_session_id} not found", field="sampler_id")
+    path = ids.tinker_path(session.checkpoint_uri) if session.checkpoint_uri else None
+    return {"sampler_id": sampling_session_id, "base_model": run["base_model"], "model_path": path}
+
+
+@router.post("/asample")
+def asample(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
+    data = body.model_dump()
+    session = _sampling_session(str(data.get("sampling_session_id")))
+    run = reads.run(session.run_id)
+    if run is None:
+        raise bad_request(f"sampling session {session.id} has no run", "sampling_session_id")
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+        if data.get(name):
+            raise bad_request(f"{name} is not served by loopstream", name)
+    try:
+        prompt = model_input_from_json(data.get("prompt"), "prompt")
+    except WireError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+    params = data.get("sampling_params") or {}
+    stop = params.get("stop")
+    work = _validated(
+        Sample,
+        prompt_tokens=prompt,
+        num_samples=int(data.get("num_samples") or 1),
+        max_tokens=int(params.get("max_tokens") or 16),
+        temperature=float(params.get("temperature", 1.0)),
+        top_p=float(params.get("top_p", 1.0)),
+        top_k=int(params.get("top_k", -1)),
+        seed=params.get("seed"),
+        stop=[stop] if isinstance(stop, str) else stop,
+        prompt_logprobs=bool(data.get("prompt_logprobs")),
+        checkpoint_uri=session.checkpoint_uri,
+    )
+    seq_id = data.get("seq_id")
+    command_id = _command_id(session.id, seq_id)
+    submitter.submit(
+        envelope(request_id=command_id, command=work, aggregate_id=_sampler_of(reads, run)),
+        to="sampler-requests",
+    )
+    return {
+        "request_id": command_id,
+        "sample_sequence_ids": [f"{command_id}:{i}" for i in range(work.num_samples)],
+    }
+
+
+# ------------------------------------------------------------------ futures
+
+
+def _tinker_response(result: CommandResult) -> Response:
+    """A CommandResult in the shape the SDK expects for that kind of request."""
+    if result.status != "accepted":
+        category = "user" if result.status == "rejected" else "server"
+        return JSONResponse({"error": result.reason or result.status, "category": category})
+    out: dict[str, Any] = result.output or {}
+    kind = result.command_type
+    if kind in ("ForwardBackward", "Forward"):
+        return Response(encode_forward_backward_output(out), media_type=PROTO)
+    if kind == "Sample":
+        return Response(encode_sample_response(out), media_type=PROTO)
+    if kind == "OptimStep":
+        return JSONResponse({"metrics": out.get("metrics") or {}})
+    if kind == "SaveWeights":
+        path = ids.tinker_path(out["path"])
+        run_id = out["path"].removeprefix("bt://loops:").split("/")[0]
+        sampling = ids.SamplingSession(run_id, out["path"], new_resource_id(6)).id
+        return JSONResponse({"path": path, "sampling_session_id": sampling})
+    if kind == "LoadState":
+        return JSONResponse(
+            {
+                "path": ids.tinker_path(out["path"]),
+                "model_id": ids.model_id_of(result.aggregate_id or ""),
+                "type": "load_weights",
+            }
+        )
+    if kind == "CreateRun":
+        model_id = result.command_id.removeprefix("tinker:").removesuffix(":create_run")
+        # No `type`: the same future answers create_model and load_weights (from a state).
+        return JSONResponse({"model_id": model_id})
+    return JSONResponse(out)
+
+
+def _lookup(state: Any, engine: Any, settings: Settings, request_id: str) -> CommandResult | None:
+    fresh = state.results.get(request_id)
+    if fresh is not None:
+        return fresh  # type: ignore[no-any-return]
+    with engine.connect() as conn:
+        row = ReadModels(conn, settings.read_schema).command_result(request_id)
+    if row is None:
+        return None
+    return CommandResult(
+        command_id=request_id,
+        command_type=row["command_type"],
+        aggregate_id=row["aggregate_id"],
+        status=row["status"],
+        reason=row["reason"],
+        field=row["field"],
+        output=row["output"],
+    )
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: _Body, state: StateDep, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    request_id = str(body.model_dump().get("request_id"))
+    deadline = time.monotonic() + LONG_POLL_S
+    started = time.monotonic()
+    next_table_check = started
+    while True:
+        result = state.results.get(request_id)
+        now = time.monotonic()
+        if result is None and now >= next_table_check:
+            result = await run_in_threadpool(_lookup, state, engine, settings, request_id)
+            next_table_check = now + 0.02
+        if result is not None:
+            resolved = await run_in_threadpool(_resolve, result, state, engine, settings)
+            if resolved is not None:
+                return _tinker_response(resolved)
+        if now >= deadline:
+            break
+        await asyncio.sleep(0.001 if now - started < 0.1 else 0.01)
+    if state.sent.recently_sent(request_id) or request_id in _PENDING_LOADS:
+        return JSONResponse(
+            {"type": "try_again", "request_id": request_id, "queue_state": "active"}
+        )
+    # 410: the SDK resubmits the original request (same seq_id, so the same command id).
+    raise ApiError(410, f"unknown request {request_id}, resubmit", field="request_id")
+
+
+def _resolve(
+    result: CommandResult, state: Any, engine: Any, settings: Settings
+) -> CommandResult | None:
+    """A CreateRun counts as done once the run is in the read models (the next call reads it
+    there); one that must drop the checkpoint's optimizer state waits for its LoadState too.
+    A SaveWeights once its checkpoint is recorded."""
+    if result.status != "accepted":
+        return result
+    if result.command_type == "SaveWeights":
+        # The checkpoint is recorded on the session by a follow-up command; a sampler asked for
+        # it right after the save must find it, so the save counts as done once it is recorded.
+        checkpoint_id = (result.output or {}).get("checkpoint_id")
+        with engine.connect() as conn:
+            recorded = ReadModels(conn, settings.read_schema).checkpoint(str(checkpoint_id))
+        return result if recorded is not None else None
+    if result.command_type != "CreateRun":
+        return result
+    model_id = result.command_id.removeprefix("tinker:").removesuffix(":create_run")
+    with engine.connect() as conn:
+        if ReadModels(conn, settings.read_schema).run(ids.run_id_of(model_id)) is None:
+            return None
+    pending = _PENDING_LOADS.get(result.command_id)
+    if pending is None:
+        return result
+    load_id = f"{result.command_id}:load_weights_only"
+    if not state.sent.recently_sent(load_id):
+        work = LoadState(checkpoint_uri=pending[1], optimizer=False)
+        state.bus.send(
+            envelope(request_id=load_id, command=work, aggregate_id=ids.run_id_of(model_id)),
+            to="trainer-requests",
+        )
+        state.sent.remember(load_id)
+    loaded = _lookup(state, engine, settings, load_id)
+    if loaded is None:
+        return None
+    _PENDING_LOADS.pop(result.command_id, None)
+    return result if loaded.status == "accepted" else loaded

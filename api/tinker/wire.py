@@ -1,0 +1,223 @@
+"""The Tinker SDK's wire encodings: protobuf for forward_backward in and out and for sample
+results, JSON for everything else (ModelInput chunks, TensorData dense or sparse CSR).
+
+Pure functions, no I/O: decoded requests become the same `commands.work` payloads the loops API
+builds, and worker outputs (`CommandResult.output`) are encoded back into what the SDK parses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+
+from api.tinker._proto_descriptor import TINKER_PUBLIC_PROTO
+
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.AddSerializedFile(TINKER_PUBLIC_PROTO)
+
+
+def _message(name: str) -> type[Message]:
+    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"tinker_public.{name}"))
+
+
+ForwardBackwardRequestPb = _message("ForwardBackwardRequest")
+ForwardBackwardOutputPb = _message("ForwardBackwardOutput")
+SampleResponsePb = _message("SampleResponse")
+
+# tinker_public.DType / StopReason enum values.
+DTYPE_FLOAT32, DTYPE_INT64, DTYPE_INT32 = 1, 2, 3
+_NUMPY_OF_DTYPE = {DTYPE_FLOAT32: np.float32, DTYPE_INT64: np.int64, DTYPE_INT32: np.int32}
+_STOP_REASON = {"stop": 0, "length": 1}
+_JSON_DTYPES = {"float32": np.float32, "int64": np.int64}
+
+
+class WireError(ValueError):
+    """A request body the Tinker front door cannot read; `field` names where."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ForwardBackwardCall:
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: dict[str, float] | None
+    forward_only: bool
+    data: list[dict[str, Any]]  # commands.work.Datum payloads: model_input, loss_fn_inputs
+
+
+# ------------------------------------------------------------------ tensors
+
+
+def _dense(values: np.ndarray, shape: list[int], where: str) -> list[float]:
+    """A (T,) list from a tensor; a (T, 1) tensor is fine too, anything wider is not."""
+    if shape and math.prod(shape) != values.size:
+        raise WireError(where, f"shape {shape} does not hold {values.size} values")
+    if len(shape) > 1 and math.prod(shape[1:]) != 1:
+        raise WireError(where, f"shape {shape}: one value per position expected")
+    return values.reshape(-1).tolist()
+
+
+def _csr_to_dense(
+    values: np.ndarray, crow: list[int], col: list[int], shape: list[int], where: str
+) -> np.ndarray:
+    if len(shape) not in (1, 2):
+        raise WireError(where, f"sparse tensors must be 1-D or 2-D, got shape {shape}")
+    rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+    if len(crow) != rows + 1 or len(col) != values.size or crow[-1] != values.size:
+        raise WireError(where, "sparse CSR indices do not match the values")
+    dense = np.zeros((rows, cols), dtype=values.dtype)
+    for r in range(rows):
+        for i in range(crow[r], crow[r + 1]):
+            if not 0 <= col[i] < cols:
+                raise WireError(where, f"sparse column index {col[i]} outside [0, {cols})")
+            dense[r, col[i]] = values[i]
+    return dense.reshape(shape)
+
+
+def tensor_from_proto(msg: Any, where: str) -> list[float]:
+    np_dtype = _NUMPY_OF_DTYPE.get(msg.dtype)
+    if np_dtype is None:
+        raise WireError(where, f"unsupported tensor dtype {msg.dtype}")
+    shape = list(msg.shape)
+    if msg.HasField("sparse_csr"):
+        csr = msg.sparse_csr
+        values = np.frombuffer(csr.values, dtype=np_dtype)
+        dense = _csr_to_dense(
+            values,
+            np.frombuffer(csr.crow_indices, dtype=np.int64).tolist(),
+            np.frombuffer(csr.col_indices, dtype=np.int64).tolist(),
+            shape,
+            where,
+        )
+        return _dense(dense, shape, where)
+    return _dense(np.frombuffer(msg.dense, dtype=np_dtype), shape, where)
+
+
+def tensor_from_json(value: Any, where: str) -> list[float]:
+    """A JSON TensorData ({data, dtype, shape, sparse_crow_indices, sparse_col_indices}) or a
+    plain list, as (T,) numbers."""
+    if isinstance(value, list):
+        return [float(v) for v in value]
+    if not isinstance(value, dict) or "data" not in value:
+        raise WireError(where, "expected a TensorData object or a list of numbers")
+    np_dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
+    if np_dtype is None:
+        raise WireError(where, f"unsupported dtype {value.get('dtype')!r}")
+    values = np.asarray(value["data"], dtype=np_dtype).reshape(-1)
+    shape = list(value.get("shape") or [values.size])
+    if value.get("sparse_crow_indices") is not None:
+        values = _csr_to_dense(
+            values,
+            list(value["sparse_crow_indices"]),
+            list(value.get("sparse_col_indices") or []),
+            shape,
+            where,
+        )
+    return _dense(values, shape, where)
+
+
+def model_input_from_json(value: Any, where: str) -> list[int]:
+    """A JSON ModelInput ({chunks: [{type: encoded_text, tokens}]}) as token ids."""
+    chunks = value.get("chunks") if isinstance(value, dict) else None
+    if not isinstance(chunks, list):
+        raise WireError(where, "expected a ModelInput with chunks")
+    tokens: list[int] = []
+    for i, chunk in enumerate(chunks):
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+            kind = chunk.get("type") if isinstance(chunk, dict) else type(chunk).__name__
+            raise WireError(f"{where}.chunks.{i}", f"only encoded_text chunks are served: {kind}")
+        tokens.extend(int(t) for t in chunk.get("tokens", []))
+    return tokens
+
+
+# ------------------------------------------------------------------ forward_backward
+
+
+def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
+    msg: Any = ForwardBackwardRequestPb()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as exc:
+        raise WireError("body", f"not a tinker_public.ForwardBackwardRequest: {exc}") from exc
+    config: dict[str, float] = {}
+    for key, value in msg.loss_fn_config_v2.items():  # v2 wins, as on Tinker's servers
+        if value.WhichOneof("value") == "text":
+            raise WireError(f"loss_fn_config.{key}", "only numeric parameters are served")
+        config[key] = float(value.number)
+    for key, number in msg.loss_fn_config.items():
+        config.setdefault(key, float(number))
+    data: list[dict[str, Any]] = []
+    for i, datum in enumerate(msg.data):
+        tokens: list[int] = []
+        for j, chunk in enumerate(datum.model_input):
+            if chunk.WhichOneof("chunk") != "encoded_text":
+                raise WireError(
+                    f"data.{i}.model_input.chunks.{j}",
+                    f"only encoded_text chunks are served, got {chunk.WhichOneof('chunk')}",
+                )
+            tokens.extend(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist())
+        inputs = {
+            name: tensor_from_proto(tensor, f"data.{i}.loss_fn_inputs.{name}")
+            for name, tensor in datum.loss_fn_inputs.items()
+        }
+        if "target_tokens" in inputs:
+            inputs["target_tokens"] = [int(t) for t in inputs["target_tokens"]]
+        data.append({"model_input": tokens, "loss_fn_inputs": inputs})
+    return ForwardBackwardCall(
+        model_id=msg.model_id,
+        seq_id=int(msg.seq_id),
+        loss_fn=msg.loss_fn,
+        loss_fn_config=config or None,
+        forward_only=bool(msg.forward_only),
+        data=data,
+    )
+
+
+def encode_forward_backward_output(output: dict[str, Any]) -> bytes:
+    """The worker's {loss, metrics, loss_fn_outputs: [{logprobs: (T,)}]} as one ArrayRecord."""
+    msg: Any = ForwardBackwardOutputPb()
+    msg.loss_fn_output_type = "ArrayRecord"
+    for key, value in (output.get("metrics") or {}).items():
+        msg.metrics[key] = float(value)
+    outputs: list[dict[str, list[float]]] = output.get("loss_fn_outputs") or []
+    record = msg.loss_fn_outputs.add()
+    record.type_tag = "ArrayRecord"
+    record.num_datums = len(outputs)
+    names = sorted({name for datum in outputs for name in datum})
+    for name in names:
+        arrays = [np.asarray(datum.get(name, []), dtype=np.float32) for datum in outputs]
+        # Byte offsets of each datum's slice in `data`, n + 1 of them.
+        offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype=np.int64)
+        field = record.fields[name]
+        field.data = b"".join(a.tobytes() for a in arrays)
+        field.offsets = offsets.tobytes()
+        field.dtype = DTYPE_FLOAT32
+    return msg.SerializeToString()
+
+
+# ------------------------------------------------------------------ sample
+
+
+def encode_sample_response(output: dict[str, Any]) -> bytes:
+    msg: Any = SampleResponsePb()
+    for sequence in output.get("sequences") or []:
+        seq = msg.sequences.add()
+        seq.stop_reason = _STOP_REASON[sequence["stop_reason"]]
+        seq.tokens = np.asarray(sequence["tokens"], dtype=np.int32).tobytes()
+        seq.logprobs = np.asarray(sequence["logprobs"], dtype=np.float32).tobytes()
+    prompt_logprobs = output.get("prompt_logprobs")
+    if prompt_logprobs is not None:
+        # The SDK reads NaN as None (the first prompt token has no context).
+        msg.prompt_logprobs = np.asarray(
+            [math.nan if v is None else v for v in prompt_logprobs], dtype=np.float32
+        ).tobytes()
+    return msg.SerializeToString()

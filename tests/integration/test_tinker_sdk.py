@@ -1,0 +1,183 @@
+"""The official `tinker` SDK (pinned, unchanged) against the running stack's Tinker front door.
+
+Every call goes SDK -> /api/v1 -> Kafka -> the same workers as /v1/loops -> CommandResult ->
+retrieve_future. Loss values are checked against torch on the same weights in this process
+(tolerance: rel 1e-4, the workers compute in float32 like the reference).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import tinker
+import torch
+from tinker import types
+
+from infra.settings import Settings
+
+TINY = "loopstream/tiny-llama"
+BOS = 256  # the tiny model's byte vocabulary starts its specials here
+
+
+@pytest.fixture(scope="module")
+def service_client(services: Settings) -> Iterator[tinker.ServiceClient]:
+    from api.config import get_api_settings
+
+    api = get_api_settings()
+    client = tinker.ServiceClient(
+        base_url=f"http://{api.api_host}:{api.api_port}", api_key="tml-loopstream-tests"
+    )
+    yield client
+    client.close("success").result()
+
+
+@pytest.fixture(scope="module")
+def training_client(service_client: tinker.ServiceClient) -> tinker.TrainingClient:
+    return service_client.create_lora_training_client(base_model=TINY, rank=0).result()
+
+
+def _datum(tokens: list[int], **inputs: list[float]) -> tinker.Datum:
+    loss_fn_inputs: dict[str, Any] = {
+        "target_tokens": types.TensorData(data=tokens[1:], dtype="int64", shape=[len(tokens) - 1])
+    }
+    for name, values in inputs.items():
+        loss_fn_inputs[name] = types.TensorData(data=values, dtype="float32", shape=[len(values)])
+    return tinker.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=loss_fn_inputs
+    )
+
+
+def test_capabilities_list_the_tiny_model(service_client: tinker.ServiceClient) -> None:
+    names = [m.model_name for m in service_client.get_server_capabilities().supported_models]
+    assert TINY in names
+
+
+def test_core_loop_trains_saves_and_samples(
+    service_client: tinker.ServiceClient, training_client: tinker.TrainingClient
+) -> None:
+    tokenizer = training_client.get_tokenizer()
+    tokens = [BOS, *tokenizer.encode("aaaa bbbb", add_special_tokens=False)]
+    datum = _datum(tokens, weights=[1.0] * (len(tokens) - 1))
+
+    # Pipelined: submitted without waiting, applied in seq_id order.
+    first = training_client.forward_backward([datum], "cross_entropy")
+    step = training_client.optim_step(types.AdamParams(learning_rate=1e-2))
+    second = training_client.forward_backward([datum], "cross_entropy")
+    loss_before = first.result().metrics["loss:sum"]
+    assert step.result().metrics is not None
+    loss_after = second.result().metrics["loss:sum"]
+    assert loss_after < loss_before  # the step between them was applied first
+
+    saved = training_client.save_weights_for_sampler("core-1").result()
+    assert saved.path.startswith("tinker://") and saved.path.endswith("/sampler_weights/core-1")
+    sampler = service_client.create_sampling_client(model_path=saved.path).result()
+    prompt = types.ModelInput.from_ints(tokens[:3])
+    response = sampler.sample(
+        prompt, 3, types.SamplingParams(max_tokens=6, temperature=1.0, top_k=5, seed=1)
+    ).result()
+    assert len(response.sequences) == 3
+    assert all(1 <= len(s.tokens) <= 6 for s in response.sequences)
+    for sequence in response.sequences:
+        assert sequence.logprobs is not None and len(sequence.logprobs) == len(sequence.tokens)
+
+    logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    assert logprobs[0] is None and len(logprobs) == len(tokens)
+    # The trainer's logprobs of the same tokens, from a forward pass on the same weights.
+    fwd = training_client.forward([datum], "cross_entropy").result()
+    trainer_logprobs = fwd.loss_fn_outputs[0]["logprobs"].tolist()
+    assert logprobs[1:] == pytest.approx(trainer_logprobs, abs=1e-4)
+
+
+def test_save_weights_and_get_sampling_client(training_client: tinker.TrainingClient) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = training_client.save_weights_and_get_sampling_client().result()
+    out = sampler.sample(
+        types.ModelInput.from_ints([BOS, 97]), 1, types.SamplingParams(max_tokens=4, seed=0)
+    ).result()
+    assert len(out.sequences) == 1
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "config"),
+    [
+        ("importance_sampling", None),
+        ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+        ("cispo", None),
+        ("dro", {"beta": 0.5}),
+    ],
+)
+def test_policy_losses_match_torch_reference(
+    training_client: tinker.TrainingClient, loss_fn: str, config: dict[str, float] | None
+) -> None:
+    tokens = [BOS, 97, 98, 99, 97, 100]
+    n = len(tokens) - 1
+    # logprobs under the current weights, through a forward pass.
+    ce = training_client.forward([_datum(tokens, weights=[1.0] * n)], "cross_entropy").result()
+    logp = torch.tensor(ce.loss_fn_outputs[0]["logprobs"].tolist(), dtype=torch.float64)
+    q = (logp - torch.tensor([0.3, -0.2, 0.05, 0.4, -0.1], dtype=torch.float64)).tolist()
+    adv = [1.0, -1.0, 0.5, 2.0, -0.5]
+    out = training_client.forward(
+        [_datum(tokens, logprobs=q, advantages=adv)], loss_fn, config
+    ).result()
+
+    qt, at = torch.tensor(q, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64)
+    ratio = torch.exp(logp - qt)
+    lo, hi = (
+        (config or {}).get("clip_low_threshold", 0.8),
+        (config or {}).get("clip_high_threshold", 1.2),
+    )
+    if loss_fn == "importance_sampling":
+        expected = -(ratio * at).sum()
+    elif loss_fn == "ppo":
+        expected = -torch.minimum(ratio * at, ratio.clamp(lo, hi) * at).sum()
+    elif loss_fn == "cispo":
+        expected = -(ratio.clamp(lo, hi) * logp * at).sum()
+    else:
+        expected = -(logp * at - 0.5 * (config or {})["beta"] * (logp - qt) ** 2).sum()
+    assert out.metrics["loss:sum"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
+def test_ten_pipelined_calls_apply_in_seq_id_order(training_client: tinker.TrainingClient) -> None:
+    tokens = [BOS, 120, 121, 122]
+    datum = _datum(tokens, weights=[1.0] * 3)
+    futures: list[Any] = []
+    for _ in range(5):
+        futures.append(training_client.forward_backward([datum], "cross_entropy"))
+        futures.append(training_client.optim_step(types.AdamParams(learning_rate=5e-3)))
+    results = [f.result() for f in futures]
+    losses = [r.metrics["loss:sum"] for r in results[0::2]]
+    # Each forward_backward saw the optimizer step submitted before it: strictly decreasing.
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == 5
+
+
+def test_state_round_trip_and_training_client_from_state(
+    service_client: tinker.ServiceClient, training_client: tinker.TrainingClient
+) -> None:
+    state = training_client.save_state("state-1").result()
+    assert state.path.endswith("/weights/state-1")
+    tokens = [BOS, 50, 51, 52]
+    datum = _datum(tokens, weights=[1.0] * 3)
+    expected = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+
+    resumed = service_client.create_training_client_from_state_with_optimizer(state.path).result()
+    got = resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert got == pytest.approx(expected, rel=1e-6)
+    info = resumed.get_info()
+    assert info.model_data.model_name == TINY
+
+
+def test_invalid_requests_raise_the_sdk_errors_with_the_server_message(
+    service_client: tinker.ServiceClient, training_client: tinker.TrainingClient
+) -> None:
+    with pytest.raises(tinker.APIStatusError) as unknown_model:
+        service_client.create_lora_training_client(base_model="nope/missing", rank=0).result()
+    assert "nope/missing" in str(unknown_model.value) and TINY in str(unknown_model.value)
+
+    too_long = _datum(list(range(3000)), weights=[1.0] * 2999)
+    with pytest.raises(tinker.APIStatusError) as long_seq:
+        training_client.forward_backward([too_long], "cross_entropy").result()
+    assert "exceeds max_seq_len" in str(long_seq.value)
