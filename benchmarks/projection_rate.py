@@ -193,7 +193,7 @@ def main() -> None:
         )
         print(f"faust runner end to end: {runner['records_per_s']:,.0f} records/s")
 
-        replay = replay_into_shadow(settings, batch_size=args.batch)
+        replay = replay_into_shadow(settings)  # its defaults: 2 workers, 10k-record batches
         print(f"replay: {replay.events_per_s:,.0f} events/s, {replay.records_per_s:,.0f} records/s")
 
         result = {

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 from infra.settings import Settings
 from projections.db import get_engine
 from projections.names import group_id, retired_name, shadow_name, topics_for
-from projections.pipeline import PlannedBatch, SourceRecord, plan_batch
+from projections.pipeline import PlannedBatch, SourceRecord, overlapped, plan_batch, relax_gc
 from projections.pipeline import TopicPartition as TP
 from projections.store import ReadModelWriter, checked_identifier
 
@@ -169,7 +169,7 @@ def replay_into_shadow(
     partitions, report.start_offsets, report.end_offsets = _offset_ranges(
         settings, [topics.events, topics.command_results], from_time
     )
-    shares = [[tp for tp in partitions if tp[1] % workers == worker] for worker in range(workers)]
+    shares = balanced_shares(partitions, report.start_offsets, report.end_offsets, workers)
     jobs = [
         _ReplayJob(settings, projection, shadow, share, report.start_offsets, report.end_offsets,
                    batch_size, timeout_s)
@@ -206,6 +206,23 @@ def replay_into_shadow(
     return report
 
 
+def balanced_shares(
+    partitions: Sequence[TP], starts: dict[TP, int], ends: dict[TP, int], workers: int
+) -> list[list[TP]]:
+    """Whole partitions over `workers`, largest first to the least loaded, by records to read.
+
+    Any split of whole partitions is safe (see `replay_into_shadow`); an even one keeps every
+    core busy to the end. Both topics count: their records cost about the same to apply.
+    """
+    shares: list[list[TP]] = [[] for _ in range(max(workers, 1))]
+    loads = [0] * len(shares)
+    for tp in sorted(partitions, key=lambda tp: (starts[tp] - ends[tp], tp)):
+        least = loads.index(min(loads))
+        shares[least].append(tp)
+        loads[least] += ends[tp] - starts[tp]
+    return shares
+
+
 @dataclass(frozen=True)
 class _ReplayJob:
     settings: Settings
@@ -228,6 +245,7 @@ class _ShareResult:
 
 def _replay_share(job: _ReplayJob) -> _ShareResult:
     """One worker: its partitions from their start to their end offsets, batch by batch."""
+    relax_gc()
     settings = job.settings
     topics = topics_for(settings)
     writer = ReadModelWriter(get_engine(settings), projection=job.shadow)
@@ -247,13 +265,40 @@ def _replay_share(job: _ReplayJob) -> _ShareResult:
         }
     )
     consumer.assign([TopicPartition(t, p, job.start_offsets[(t, p)]) for t, p in pending])
-    deadline = time.monotonic() + job.timeout_s
+
+    def plan(records: list[SourceRecord]) -> PlannedBatch:
+        batch = plan_batch(records, topics)
+        result.records += len(records)
+        result.events += sum(1 for r in records if r.topic == topics.events)
+        result.dead_letters += len(batch.dead_letters)
+        return batch
+
     try:
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replay did not reach the end offsets in {job.timeout_s}s")
-            records: list[SourceRecord] = []
-            for message in consumer.consume(num_messages=job.batch_size, timeout=0.2):
+        # Kafka reads and decoding of batch n+1 run while batch n is written.
+        overlapped(
+            _read_batches(consumer, job, pending, result.reached),
+            plan,
+            lambda batch: _apply_with_retry(writer, batch),
+        )
+    finally:
+        consumer.close()
+    return result
+
+
+def _read_batches(
+    consumer: Consumer, job: _ReplayJob, pending: set[TP], reached: dict[TP, int]
+) -> Iterator[list[SourceRecord]]:
+    """The share's records up to the end offsets, in batches of up to `job.batch_size`."""
+    deadline = time.monotonic() + job.timeout_s
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replay did not reach the end offsets in {job.timeout_s}s")
+        records: list[SourceRecord] = []
+        while pending and len(records) < job.batch_size:
+            messages = consumer.consume(num_messages=job.batch_size - len(records), timeout=0.2)
+            if not messages:
+                break
+            for message in messages:
                 tp = (message.topic(), message.partition())
                 error = message.error()
                 if error is not None:
@@ -265,20 +310,13 @@ def _replay_share(job: _ReplayJob) -> _ShareResult:
                 if message.offset() >= job.end_offsets[tp]:
                     pending.discard(tp)  # written after the replay began: for the live runner
                     continue
-                result.reached[tp] = message.offset() + 1
+                reached[tp] = message.offset() + 1
                 records.append(_source_record(message))
-            if records:
-                batch = plan_batch(records, topics)
-                _apply_with_retry(writer, batch)
-                result.records += len(records)
-                result.events += sum(1 for r in records if r.topic == topics.events)
-                result.dead_letters += len(batch.dead_letters)
-            for tp, position in _positions(consumer, pending).items():
-                if position >= job.end_offsets[tp]:
-                    pending.discard(tp)
-    finally:
-        consumer.close()
-    return result
+        if records:
+            yield records
+        for tp, position in _positions(consumer, pending).items():
+            if position >= job.end_offsets[tp]:
+                pending.discard(tp)
 
 
 def _apply_with_retry(writer: ReadModelWriter, batch: PlannedBatch, attempts: int = 5) -> None:

@@ -143,3 +143,79 @@ def test_sample_history_is_valid_and_gap_free() -> None:
         sequences.setdefault(env.aggregate_id, []).append(env.sequence)
         assert json.loads(env.to_bytes())["type"] == env.type
     assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in sequences.values())
+
+
+# --- the fast decode path, JSON encoders, overlap, replay shares ----------------------------
+
+
+def test_fast_path_gives_the_same_changes_as_the_checked_path() -> None:
+    from projections.pipeline import _project_event_record, _project_event_record_checked
+    from projections.sample import messages
+
+    events = [m for m in messages(300, sessions=10) if m.topic == "events"]
+    for i, message in enumerate(events):
+        rec = SourceRecord("p.events", 0, i, message.key, message.value)
+        assert _project_event_record(rec) == _project_event_record_checked(rec)
+
+
+def test_event_log_keeps_the_wire_payload_on_the_fast_path() -> None:
+    # `project` absent on the wire: the typed model defaults it, the audit row must not.
+    wire = json.loads(created().to_bytes())
+    wire["payload"] = {"session_id": "ses-1", "base_model": "m"}
+    batch = plan_batch([record(json.dumps(wire).encode(), 0)], TOPICS)
+    log_row = next(c for c in batch.changes if c.table == "event_log")
+    assert log_row.values["payload"] == {"session_id": "ses-1", "base_model": "m"}
+
+
+def test_wrong_aggregate_type_is_still_a_dead_letter() -> None:
+    bad = created().model_copy(update={"aggregate_type": "run"})
+    (letter,) = plan_batch([record(bad.to_bytes(), 0)], TOPICS).dead_letters
+    assert letter.error_type == "wrong_aggregate_type"
+
+
+def test_invalid_envelope_field_is_still_an_invalid_envelope() -> None:
+    wire = json.loads(created().to_bytes())
+    wire["sequence"] = 0  # ge=1
+    (letter,) = plan_batch([record(json.dumps(wire).encode(), 0)], TOPICS).dead_letters
+    assert letter.error_type == "invalid_envelope" and "sequence" in letter.reason
+
+
+def test_json_columns_keep_their_text_and_jsonb_columns_any_equal_text() -> None:
+    from projections.store import _with_json, json_encoders
+
+    spec = TABLES["command_results"]
+    encoders = json_encoders(spec, ("command_id", "events", "output"))
+    row = _with_json(("c", [{"a": 1}], {"loss": 0.5, "big": 2**70}), encoders)
+    assert row[0] == "c" and json.loads(row[1]) == [{"a": 1}]
+    assert row[2] == '{"loss":0.5,"big":1180591620717411303424}'
+    assert _with_json(("c", None, None), encoders) == ("c", None, None)
+
+
+def test_overlapped_applies_in_order_and_raises_the_first_failure() -> None:
+    import pytest
+
+    from projections.pipeline import overlapped
+
+    applied: list[int] = []
+    overlapped(range(5), lambda i: i * 10, applied.append)
+    assert applied == [0, 10, 20, 30, 40]
+
+    def fail_on_20(value: int) -> None:
+        if value == 20:
+            raise RuntimeError("refused")
+        applied.append(value)
+
+    applied.clear()
+    with pytest.raises(RuntimeError, match="refused"):
+        overlapped(range(5), lambda i: i * 10, fail_on_20)
+    assert applied == [0, 10]
+
+
+def test_replay_shares_whole_partitions_evenly() -> None:
+    from projections.replay import balanced_shares
+
+    tps = [("e", 0), ("e", 1), ("e", 2), ("r", 0), ("r", 1), ("r", 2)]
+    ends = {("e", 0): 40, ("e", 1): 30, ("e", 2): 30, ("r", 0): 40, ("r", 1): 30, ("r", 2): 30}
+    shares = balanced_shares(tps, dict.fromkeys(tps, 0), ends, 2)
+    assert sorted(tp for share in shares for tp in share) == sorted(tps)
+    assert [sum(ends[tp] for tp in share) for share in shares] == [100, 100]
