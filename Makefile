@@ -6,12 +6,19 @@ PY := $(BIN)/python
 # uv keeps downloaded wheels in its cache outside the clone, so a second clone installs offline-fast.
 export UV_CACHE_DIR ?= $(HOME)/.cache/loopstream/uv
 
-.PHONY: demo test install system-deps up down status unit integration lint schemas clean
+.PHONY: demo tinker-demo test install system-deps up down status unit integration lint schemas clean
 
 demo: install up
 	$(BIN)/loopstream db migrate
 	$(BIN)/loopstream services up
 	$(BIN)/python examples/rl_loop.py
+
+# The same kind of RL loop written only against the official tinker SDK (docs/tinker.md).
+tinker-demo: install up
+	$(BIN)/loopstream db migrate
+	$(BIN)/loopstream services up
+	TINKER_BASE_URL=$$($(PY) -c 'from api.config import get_api_settings as s; print(s().base_url)') \
+		$(BIN)/python examples/tinker_rl_loop.py
 
 # The whole suite against the real stack; the stack is stopped at the end whatever happened.
 test: install lint
