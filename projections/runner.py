@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,68 +210,17 @@ def build_app(settings: Settings, config: RunnerConfig) -> ProjectionApp:
 
     @app.agent(source, concurrency=1, name="loops-projection")
     async def project(stream: faust.StreamT[bytes]) -> None:
-        backlog = _Backlog(processor.process, max_batch=config.batch_size)
-        writer = asyncio.ensure_future(backlog.apply_forever())
-        try:
-            async for events in stream.take_events(config.batch_size, within=config.within_s):
-                await backlog.put([_record(event.message) for event in events])
-        finally:
-            writer.cancel()
+        async for events in stream.take_events(config.batch_size, within=config.within_s):
+            records = [_record(event.message) for event in events]
+            try:
+                await asyncio.to_thread(processor.process, records)
+            except BaseException:
+                log.exception("projection batch failed; exiting to resume from PostgreSQL")
+                logging.shutdown()
+                # Not a graceful stop: faust would ack and go on with the records behind.
+                os._exit(EXIT_RESYNC)
 
     return app
-
-
-class _Backlog:
-    """Records faust has delivered, applied in order by one writer, as a batch per transaction.
-
-    faust fills its take buffer only while the agent is back in its loop, so applying inside the
-    loop leaves faust idle during every transaction and makes batches as small as `within` lets
-    them (tens of records, each paying a whole transaction). Here the agent only hands records
-    over, and the writer takes everything that arrived meanwhile (up to `max_batch`) as its next
-    batch: batches grow with the load, and an idle runner still applies a lone record at once.
-    One writer, one batch at a time, in delivery order: batch n+1 starts after n committed, so
-    its fence sees n's positions. A failed batch ends the process (crash-only, module docstring).
-    """
-
-    def __init__(self, process: Callable[[Sequence[SourceRecord]], None], *, max_batch: int):
-        self._process = process
-        self._max_batch = max_batch
-        self._records: list[SourceRecord] = []
-        self._arrived = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-
-    async def put(self, records: list[SourceRecord]) -> None:
-        self._records.extend(records)
-        self._arrived.set()
-        # Back-pressure: with two batches waiting, stop taking from faust until one is applied
-        # (faust then pauses its fetches once its own buffer is full).
-        if len(self._records) >= 2 * self._max_batch:
-            self._room.clear()
-            await self._room.wait()
-
-    async def apply_forever(self) -> None:
-        while True:
-            await self._arrived.wait()
-            batch = self._records[: self._max_batch]
-            del self._records[: self._max_batch]
-            if not self._records:
-                self._arrived.clear()
-            try:
-                await asyncio.to_thread(self._process, batch)
-            except asyncio.CancelledError:
-                raise  # the worker is stopping: the batch finishes or rolls back in its thread
-            except BaseException:
-                _exit_to_resync()
-            if len(self._records) < 2 * self._max_batch:
-                self._room.set()
-
-
-def _exit_to_resync() -> None:
-    log.exception("projection batch failed; exiting to resume from PostgreSQL")
-    logging.shutdown()
-    # Not a graceful stop: faust would ack and go on with the records behind.
-    os._exit(EXIT_RESYNC)
 
 
 def _record(message: Any) -> SourceRecord:
