@@ -70,6 +70,15 @@ class ReadModels:
 
     # --- runs, samplers, checkpoints ------------------------------------------------------------
 
+    def runs(self, *, limit: int, offset: int) -> tuple[list[Row], int]:
+        rows = self._all(
+            "select * from {s}.runs order by created_at desc, run_id limit :limit offset :offset",
+            limit=limit,
+            offset=offset,
+        )
+        total = self._one("select count(*) as n from {s}.runs")
+        return rows, int(total["n"]) if total else 0
+
     def run(self, run_id: str) -> Row | None:
         return self._one("select * from {s}.runs where run_id = :id", id=run_id)
 

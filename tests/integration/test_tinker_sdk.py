@@ -181,3 +181,92 @@ def test_invalid_requests_raise_the_sdk_errors_with_the_server_message(
     with pytest.raises(tinker.APIStatusError) as long_seq:
         training_client.forward_backward([too_long], "cross_entropy").result()
     assert "exceeds max_seq_len" in str(long_seq.value)
+
+
+def test_bad_loss_name_raises_the_sdk_error_with_the_server_message(
+    training_client: tinker.TrainingClient,
+) -> None:
+    datum = _datum([BOS, 97, 98], weights=[1.0, 1.0])
+    with pytest.raises(tinker.BadRequestError) as bad_loss:
+        training_client.forward_backward([datum], "no_such_loss").result()  # type: ignore[arg-type]
+    # The API's own message, listing the losses it serves.
+    assert "loss_fn" in str(bad_loss.value) and "importance_sampling" in str(bad_loss.value)
+
+
+def test_load_state_on_an_existing_client_restores_the_weights(
+    training_client: tinker.TrainingClient,
+) -> None:
+    datum = _datum([BOS, 60, 61, 62], weights=[1.0] * 3)
+    state = training_client.save_state("load-1").result()
+    saved_loss = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    training_client.forward_backward([datum], "cross_entropy")
+    training_client.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    moved = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert moved != pytest.approx(saved_loss, rel=1e-6)
+
+    loaded = training_client.load_state(state.path).result()
+    assert loaded.path == state.path
+    back = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert back == pytest.approx(saved_loss, rel=1e-6)
+
+
+def test_training_client_from_state_with_weights_only(
+    service_client: tinker.ServiceClient, training_client: tinker.TrainingClient
+) -> None:
+    datum = _datum([BOS, 70, 71, 72], weights=[1.0] * 3)
+    state = training_client.save_state("weights-only-1").result()
+    expected = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    resumed = service_client.create_training_client_from_state(state.path).result()
+    got = resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert got == pytest.approx(expected, rel=1e-6)
+    # It trains from there: the fresh optimizer takes a step.
+    resumed.forward_backward([datum], "cross_entropy")
+    resumed.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    assert after < got
+
+
+def test_rest_client_lists_downloads_and_deletes_checkpoints(
+    service_client: tinker.ServiceClient, training_client: tinker.TrainingClient
+) -> None:
+    import httpx
+
+    rest = service_client.create_rest_client()
+    model_id = training_client.model_id
+    sampler_ckpt = training_client.save_weights_for_sampler("rest-1", ttl_seconds=3600).result()
+    state = training_client.save_state("rest-state-1").result()
+
+    run = rest.get_training_run(model_id).result()
+    assert run.training_run_id == model_id and run.base_model == TINY and not run.is_lora
+    assert run.last_checkpoint is not None and run.last_checkpoint.tinker_path == state.path
+    assert run.last_sampler_checkpoint is not None
+    assert run.last_sampler_checkpoint.tinker_path == sampler_ckpt.path
+    runs = rest.list_training_runs(limit=5).result()
+    assert 1 <= len(runs.training_runs) <= 5 and runs.cursor.total_count >= 1
+
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(model_id).result().checkpoints}
+    assert listed[sampler_ckpt.path].checkpoint_type == "sampler"
+    assert listed[sampler_ckpt.path].checkpoint_id == "sampler_weights/rest-1"
+    assert listed[sampler_ckpt.path].expires_at is not None  # the ttl given at save time
+    assert listed[state.path].checkpoint_type == "training"
+    assert (listed[state.path].size_bytes or 0) > 0
+
+    # Download: one presigned S3 URL per file of the sampler_weights checkpoint.
+    urls = rest.get_external_weights_urls(f"tinker://{model_id}/external_weights/rest-1").result()
+    assert any(name.endswith(".safetensors") for name in urls.urls)
+    name, url = next(iter(sorted(urls.urls.items())))
+    downloaded = httpx.get(url, timeout=30)
+    assert downloaded.status_code == 200 and len(downloaded.content) > 0, name
+
+    info = rest.get_weights_info_by_tinker_path(state.path).result()
+    assert info.base_model == TINY and not info.is_lora
+
+    with pytest.raises(tinker.BadRequestError) as ttl:
+        rest.set_checkpoint_ttl_from_tinker_path(state.path, 60).result()
+    assert "ttl_seconds" in str(ttl.value)
+
+    rest.delete_checkpoint_from_tinker_path(sampler_ckpt.path).result()
+    remaining = [c.tinker_path for c in rest.list_checkpoints(model_id).result().checkpoints]
+    assert sampler_ckpt.path not in remaining and state.path in remaining
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(sampler_ckpt.path).result()
