@@ -120,6 +120,15 @@ class SaveWeights(WorkRequest):
     name: str = Field(pattern=CHECKPOINT_NAME)
     kind: Literal["weights", "sampler_weights"] = "sampler_weights"
     ttl_seconds: int | None = Field(default=None, ge=1)
+    # Sampler weights: a full `base`, or a `delta` against the last sampler save (only changed
+    # tensors, lossless). None = auto: base first, delta after; LoRA runs always save a base.
+    checkpoint_type: Literal["base", "delta"] | None = None
+
+    @model_validator(mode="after")
+    def _type_for_sampler_weights(self) -> SaveWeights:
+        if self.checkpoint_type is not None and self.kind != "sampler_weights":
+            raise ValueError("checkpoint_type applies to sampler_weights saves only")
+        return self
 
 
 class Sample(WorkRequest):

@@ -65,6 +65,10 @@ class WeightsSaved(TrainerEvent):
     content_digest: str
     total_size_bytes: int
     step: int
+    # Sampler weights only: a full `base`, or a `delta` against the chain head (parent_digest).
+    checkpoint_type: str | None = None
+    chain_position: int | None = None
+    parent_digest: str | None = None
 
 
 class SamplerEvent(DomainEvent):
@@ -78,6 +82,40 @@ class WeightsLoaded(SamplerEvent):
     uri: str | None
     content_digest: str
     load_ms: float
+
+
+class HotloadStarted(SamplerEvent):
+    """A sampler began fetching new weights; it keeps serving its current ones meanwhile."""
+
+    checkpoint_id: str | None
+    uri: str
+    from_digest: str  # the weights version served now (a delta chain continues from it)
+
+
+class HotloadSucceeded(SamplerEvent):
+    """The new weights are verified and swapped in, between requests."""
+
+    checkpoint_id: str | None
+    uri: str
+    checkpoint_type: str  # base | delta (of the target checkpoint)
+    content_digest: str
+    folders_applied: int  # 1 for a base or one delta; more when a chain was caught up
+    bytes_moved: int  # bytes fetched from the store
+    fetch_ms: float  # download + sha256 of every file
+    apply_ms: float  # decode, digest check, swap
+    total_ms: float
+
+
+class HotloadFailed(SamplerEvent):
+    """New weights were refused; the sampler keeps serving the version it had."""
+
+    checkpoint_id: str | None
+    uri: str
+    reason: str
+    bytes_moved: int
+    total_ms: float
+    serving_checkpoint_id: str | None  # what it keeps serving
+    serving_digest: str
 
 
 class SamplesGenerated(SamplerEvent):
@@ -96,5 +134,8 @@ WORK_EVENTS: tuple[type[DomainEvent], ...] = (
     LogprobsComputed,
     WeightsSaved,
     WeightsLoaded,
+    HotloadStarted,
+    HotloadSucceeded,
+    HotloadFailed,
     SamplesGenerated,
 )

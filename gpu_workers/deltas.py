@@ -283,6 +283,7 @@ def apply_delta(
     folder: str | os.PathLike[str],
     *,
     parent_digest: str | None = None,
+    verified: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The full weights after applying one delta folder onto `state` (which is left untouched).
 
@@ -291,7 +292,8 @@ def apply_delta(
     result against the one the trainer computed.
     """
     folder = Path(folder)
-    verify_folder(folder)
+    if not verified:  # the caller checked the folder against its manifest already
+        verify_folder(folder)
     link = read_link(folder)
     if link.checkpoint_type != "delta" or link.codec is None:
         raise DeltaChainError(f"{folder.name} is a {link.checkpoint_type}, not a delta")
@@ -306,8 +308,9 @@ def apply_delta(
     new_state = dict(state)
     for name, spec in index["tensors"].items():
         dtype = getattr(torch, spec["dtype"])
-        parent = state[name].detach().to("cpu")
-        new_state[name] = decode(stored[name], parent, link.codec, dtype=dtype, shape=spec["shape"])
+        parent = state[name].detach()
+        new = decode(stored[name], parent.to("cpu"), link.codec, dtype=dtype, shape=spec["shape"])
+        new_state[name] = new.to(parent.device)
     digest = state_digest(new_state)
     if digest != link.state_digest:
         raise ChecksumMismatchError(
@@ -328,5 +331,5 @@ def apply_chain(
     parent = base_digest
     for folder in folders:
         state = apply_delta(state, folder, parent_digest=parent)
-        parent = read_manifest(folder).digest  # verified by apply_delta
+        parent = read_manifest(Path(folder)).digest  # verified by apply_delta
     return state

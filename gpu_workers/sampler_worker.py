@@ -16,6 +16,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -30,16 +31,27 @@ from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
 from events.kafka_log import consumer_config, partition_count
 from events.loops import WeightsReady
-from events.work import SamplesGenerated, WeightsLoaded
-from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
+from events.work import (
+    HotloadFailed,
+    HotloadStarted,
+    HotloadSucceeded,
+    SamplerEvent,
+    SamplesGenerated,
+    WeightsLoaded,
+)
+from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointRef, CheckpointStore
+from gpu_workers.deltas import DeltaChainError, read_link
 from gpu_workers.engine.sampler import SamplerEngine
 from gpu_workers.engine.types import SamplingParams
+from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
 from infra.s3 import ObjectStore
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.sampler_worker")
+# A sampler more than this many deltas behind reloads from the chain's base instead of walking on.
+MAX_CHAIN_FETCH = 1000
 
 
 @dataclass
@@ -48,6 +60,15 @@ class HostedSampler:
     run_id: str
     engine: SamplerEngine
     uri: str | None  # checkpoint the weights came from; None = base model / start checkpoint
+
+
+class HotloadError(Exception):
+    """New weights were refused; `events` (HotloadStarted, HotloadFailed) say why."""
+
+    def __init__(self, reason: str, events: list[tuple[SamplerEvent, datetime]]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.events = events
 
 
 @dataclass(frozen=True)
@@ -106,47 +127,118 @@ class SamplerWorker(WorkerService):
             self.latest_ready[event.sampler_id] = Ready(event.checkpoint_id, event.uri)
             hosted = self.samplers.get(event.sampler_id)
             if hosted is not None and hosted.uri != event.uri:
-                loaded = self._load(hosted, event.checkpoint_id, event.uri)
-                self._emit(hosted.sampler_id, loaded, causation_id=event.checkpoint_id)
+                try:
+                    events = self._load(hosted, event.checkpoint_id, event.uri)
+                except HotloadError as exc:
+                    # Refused weights: say why, keep serving the old ones.
+                    extra = {"sampler_id": hosted.sampler_id, "uri": event.uri,
+                             "reason": exc.reason}  # fmt: skip
+                    log.warning("hotload failed", extra=extra)
+                    events = exc.events
+                self._emit(hosted.sampler_id, events, causation_id=event.checkpoint_id)
 
-    def _load(self, hosted: HostedSampler, checkpoint_id: str, uri: str) -> WeightsLoaded:
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="loopstream-weights-") as tmp:
-            folder = Path(tmp) / "weights"
-            self.checkpoints.download(CheckpointRef.from_uri(uri), folder)
-            version = hosted.engine.load_weights(folder, checkpoint_id=checkpoint_id)
+    def _load(
+        self, hosted: HostedSampler, checkpoint_id: str | None, uri: str
+    ) -> list[tuple[SamplerEvent, datetime]]:
+        """Fetch `uri` and as much of its chain as needed, verify everything, swap it in.
+
+        A delta's parents are fetched back to the weights served now (or to the chain's base),
+        then applied in order in one swap. Returns the events with the time each happened
+        (HotloadStarted, HotloadSucceeded, WeightsLoaded); raises HotloadError carrying
+        HotloadStarted and HotloadFailed when anything does not check out.
+        """
+        from_version = hosted.engine.weights_version
+        started = HotloadStarted(
+            checkpoint_id=checkpoint_id, uri=uri, from_digest=from_version.digest
+        )
+        started_at, t0 = utc_now(), time.perf_counter()
+        bytes_moved = 0
+        try:
+            with tempfile.TemporaryDirectory(prefix="loopstream-weights-") as tmp:
+                chain: list[Path] = []  # target first, then its parents
+                next_uri, expected_digest = uri, None
+                while True:
+                    folder = Path(tmp) / f"link-{len(chain)}"
+                    manifest = self.checkpoints.download(CheckpointRef.from_uri(next_uri), folder)
+                    bytes_moved += manifest.total_bytes
+                    if expected_digest is not None and manifest.digest != expected_digest:
+                        raise DeltaChainError(
+                            f"{next_uri}: digest {manifest.digest} != the {expected_digest} its "
+                            "child names as parent"
+                        )
+                    chain.append(folder)
+                    link = read_link(folder)
+                    if link.checkpoint_type == "base" or link.parent_digest == from_version.digest:
+                        break
+                    if link.parent_uri is None or len(chain) >= MAX_CHAIN_FETCH:
+                        raise DeltaChainError(f"{next_uri}: no reachable base for this delta")
+                    next_uri, expected_digest = link.parent_uri, link.parent_digest
+                fetched = time.perf_counter()
+                target_type = read_link(chain[0]).checkpoint_type
+                version = hosted.engine.load_chain(chain[::-1], checkpoint_id=checkpoint_id or uri)
+        except (CheckpointNotFoundError, ChecksumMismatchError, DeltaChainError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            failed = HotloadFailed(
+                checkpoint_id=checkpoint_id,
+                uri=uri,
+                reason=reason,
+                bytes_moved=bytes_moved,
+                total_ms=(time.perf_counter() - t0) * 1000,
+                serving_checkpoint_id=from_version.checkpoint_id,
+                serving_digest=from_version.digest,
+            )
+            raise HotloadError(reason, [(started, started_at), (failed, utc_now())]) from exc
+        done = time.perf_counter()
         hosted.uri = uri
-        load_ms = (time.perf_counter() - started) * 1000
-        log.info("weights loaded", extra={"sampler_id": hosted.sampler_id, "uri": uri,
-                                          "load_ms": round(load_ms, 1)})  # fmt: skip
-        return WeightsLoaded(
-            checkpoint_id=checkpoint_id, uri=uri, content_digest=version.digest, load_ms=load_ms
+        total_ms = (done - t0) * 1000
+        extra = {"sampler_id": hosted.sampler_id, "uri": uri, "load_ms": round(total_ms, 1),
+                 "bytes": bytes_moved}  # fmt: skip
+        log.info("weights loaded", extra=extra)
+        succeeded = HotloadSucceeded(
+            checkpoint_id=checkpoint_id,
+            uri=uri,
+            checkpoint_type=target_type,
+            content_digest=version.digest,
+            folders_applied=len(chain),
+            bytes_moved=bytes_moved,
+            fetch_ms=(fetched - t0) * 1000,
+            apply_ms=(done - fetched) * 1000,
+            total_ms=total_ms,
         )
+        loaded = WeightsLoaded(
+            checkpoint_id=checkpoint_id, uri=uri, content_digest=version.digest, load_ms=total_ms
+        )
+        now = utc_now()
+        return [(started, started_at), (succeeded, now), (loaded, now)]
 
-    def _emit(self, sampler_id: str, event: WeightsLoaded, *, causation_id: str) -> None:
-        """An event outside any request: its own small transaction."""
-        sequence = self.versions.get(sampler_id, 0) + 1
-        envelope = EventEnvelope(
-            event_id=new_event_id(),
-            type=type(event).__name__,
-            schema_version=event.schema_version,
-            aggregate_type=self.aggregate_type,
-            aggregate_id=sampler_id,
-            sequence=sequence,
-            occurred_at=utc_now(),
-            causation_id=causation_id,
-            correlation_id=causation_id,
-            actor="sampler-worker",
-            payload=event.model_dump(mode="json"),
-        )
+    def _emit(
+        self, sampler_id: str, events: list[tuple[SamplerEvent, datetime]], *, causation_id: str
+    ) -> None:
+        """Events outside any request: their own small transaction."""
         producer = self.loop.producer
         producer.begin_transaction()
-        producer.produce(
-            self.settings.topic("events"),
-            key=sampler_id.encode(),
-            value=envelope.to_bytes(),
-            headers=envelope.kafka_headers(),
-        )
+        sequence = self.versions.get(sampler_id, 0)
+        for event, occurred_at in events:
+            sequence += 1
+            envelope = EventEnvelope(
+                event_id=new_event_id(),
+                type=type(event).__name__,
+                schema_version=event.schema_version,
+                aggregate_type=self.aggregate_type,
+                aggregate_id=sampler_id,
+                sequence=sequence,
+                occurred_at=occurred_at,
+                causation_id=causation_id,
+                correlation_id=causation_id,
+                actor="sampler-worker",
+                payload=event.model_dump(mode="json"),
+            )
+            producer.produce(
+                self.settings.topic("events"),
+                key=sampler_id.encode(),
+                value=envelope.to_bytes(),
+                headers=envelope.kafka_headers(),
+            )
         producer.commit_transaction(30)
         self.versions[sampler_id] = sequence
 
@@ -159,7 +251,7 @@ class SamplerWorker(WorkerService):
         hosted = self._sampler(envelope.aggregate_id, events)
         if request.checkpoint_uri is not None and hosted.uri != request.checkpoint_uri:
             checkpoint_id = self._checkpoint_id(request.checkpoint_uri)
-            events.append(self._load(hosted, checkpoint_id, request.checkpoint_uri))
+            events.extend(self._load_for_request(hosted, checkpoint_id, request.checkpoint_uri))
 
         engine = hosted.engine
         if request.prompt_tokens is not None:
@@ -239,9 +331,19 @@ class SamplerWorker(WorkerService):
             uri = row["from_checkpoint"]
             start = Ready(self._checkpoint_id(uri), uri)
         if start is not None:
-            events.append(self._load(hosted, start.checkpoint_id, start.uri))
+            events.extend(self._load_for_request(hosted, start.checkpoint_id, start.uri))
         self.samplers[sampler_id] = hosted
         return hosted
+
+    def _load_for_request(
+        self, hosted: HostedSampler, checkpoint_id: str, uri: str
+    ) -> list[SamplerEvent]:
+        # Inside a request the events go out with its result; a refusal fails the request.
+        try:
+            return [event for event, _ in self._load(hosted, checkpoint_id, uri)]
+        except HotloadError as exc:
+            reason = f"weights {uri} refused: {exc.reason}"
+            raise WorkRejected(reason, field="checkpoint_uri") from exc
 
     def _newest_weights(self, sampler_id: str, run_id: str) -> Ready | None:
         # The feed carries everything published since this worker started, so what it saw is

@@ -42,6 +42,7 @@ from events.work import (
     WeightsSaved,
 )
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
+from gpu_workers.deltas import ChainLink, DeltaChainError, read_link
 from gpu_workers.engine.trainer import TrainerEngine
 from gpu_workers.engine.types import AdamParams as EngineAdamParams
 from gpu_workers.engine.types import Datum as EngineDatum
@@ -197,6 +198,12 @@ class TrainerWorker(WorkerService):
                 restore_dir = Path(tmp) / "checkpoint"
                 self.checkpoints.download(CheckpointRef.from_uri(restore_uri), restore_dir)
                 if _kind(restore_uri) == "sampler_weights":  # a plain model folder: start there
+                    if read_link(restore_dir).checkpoint_type != "base":
+                        raise WorkRejected(
+                            f"{restore_uri} is a delta sampler checkpoint, not a model folder: "
+                            "start from a base one",
+                            field="from_checkpoint",
+                        )
                     model_dir, restore_dir = restore_dir, None
             engine = TrainerEngine(
                 model_dir,
@@ -239,11 +246,23 @@ class TrainerWorker(WorkerService):
         checkpoint_id = "ck" + hashlib.sha256(envelope.command_id.encode()).hexdigest()[:14]
         with tempfile.TemporaryDirectory(prefix="loopstream-save-") as tmp:
             folder = Path(tmp) / request.name
+            link: ChainLink | None = None
             if request.kind == "weights":
                 manifest = run.engine.save_state(folder)
             else:
-                manifest = run.engine.save_weights_for_sampler(folder)
-            stored = self.checkpoints.upload(folder, CheckpointRef.from_uri(uri))
+                try:
+                    manifest = run.engine.save_weights_for_sampler(
+                        folder, checkpoint_type=request.checkpoint_type, uri=uri
+                    )
+                except DeltaChainError as exc:
+                    raise WorkRejected(str(exc), field="checkpoint_type") from exc
+                link = read_link(folder)
+            try:
+                stored = self.checkpoints.upload(folder, CheckpointRef.from_uri(uri))
+            except Exception:
+                # The engine's chain head is a folder the store never got: no delta may name it.
+                run.engine.reset_delta_chain()
+                raise
         files = [
             {"relative_file_name": f.relative_file_name, "size_bytes": f.size_bytes,
              "sha256": f.sha256}
@@ -273,6 +292,8 @@ class TrainerWorker(WorkerService):
             "content_digest": manifest.digest,
             "step": run.engine.step,
         }
+        if link is not None:
+            output["checkpoint_type"] = link.checkpoint_type
         return WorkDone(
             output=output,
             events=[
@@ -285,6 +306,9 @@ class TrainerWorker(WorkerService):
                     content_digest=manifest.digest,
                     total_size_bytes=total,
                     step=run.engine.step,
+                    checkpoint_type=link.checkpoint_type if link else None,
+                    chain_position=link.position if link else None,
+                    parent_digest=link.parent_digest if link else None,
                 )
             ],
             follow_ups=[record],

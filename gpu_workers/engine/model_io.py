@@ -82,8 +82,19 @@ def load_weights_into(model: PreTrainedModel, paths: list[Path]) -> None:
     state: dict[str, torch.Tensor] = {}
     for path in paths:
         state.update(load_file(str(path), device=device))
+    copy_state_into(model, state)
+
+
+def copy_state_into(
+    model: PreTrainedModel, state: dict[str, torch.Tensor], *, partial: bool = False
+) -> None:
+    """Copy `state` into the model's parameters in place, after checking every name and shape.
+
+    `partial`: `state` may hold a subset of the weights (a delta's changed tensors only).
+    """
     expected = set(full_state_dict(model))
-    missing, unexpected = expected - set(state), set(state) - expected
+    missing = set() if partial else expected - set(state)
+    unexpected = set(state) - expected
     if missing or unexpected:
         raise InvalidInputError(
             "weights",
@@ -98,7 +109,8 @@ def load_weights_into(model: PreTrainedModel, paths: list[Path]) -> None:
             )
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor)
+            if tensor.data_ptr() != params[name].data_ptr():  # unchanged views: nothing to copy
+                params[name].copy_(tensor)
 
 
 @torch.no_grad()

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors.torch import load_file
 
+from gpu_workers.deltas import apply_delta, read_link
 from gpu_workers.engine.model_io import (
+    copy_state_into,
+    full_state_dict,
     load_causal_lm,
-    load_weights_into,
     sequence_logprobs,
     weight_files,
 )
@@ -168,19 +171,44 @@ class SamplerEngine:
     def load_weights(self, folder: str | os.PathLike[str], *, checkpoint_id: str) -> WeightsVersion:
         """Swap in the weights of a checkpoint folder, in place, after verifying every file.
 
-        The folder is checked against its manifest (sha256 and size of every file) before a
-        single weight is touched; a folder that fails leaves the engine on its old weights.
+        A base folder replaces every weight; a delta folder applies onto the weights loaded now,
+        which must be its parent. A folder that fails leaves the engine on its old weights.
         """
-        folder = Path(folder)
-        manifest = verify_folder(folder)
-        shards = weight_files([f.path for f in manifest.files])
-        if not shards:
-            raise InvalidInputError("checkpoint", f"{folder} holds no model*.safetensors weights")
+        return self.load_chain([folder], checkpoint_id=checkpoint_id)
+
+    def load_chain(
+        self, folders: Sequence[str | os.PathLike[str]], *, checkpoint_id: str
+    ) -> WeightsVersion:
+        """Swap in the weights a chain of folders leads to: [base, delta, ...] or [delta, ...]
+        onto the weights loaded now. Every file's sha256, every parent link and the digest of the
+        resulting weights are checked before a single weight is touched."""
+        paths = [Path(f) for f in folders]
+        if not paths:
+            raise InvalidInputError("checkpoint", "no folder to load")
+        manifests = [verify_folder(p) for p in paths]
+        if read_link(paths[0]).checkpoint_type == "base":
+            shards = weight_files([f.path for f in manifests[0].files])
+            if not shards:
+                raise InvalidInputError(
+                    "checkpoint", f"{paths[0]} holds no model*.safetensors weights"
+                )
+            device = str(next(self.model.parameters()).device)
+            state: dict[str, torch.Tensor] = {}
+            for name in shards:
+                state.update(load_file(str(paths[0] / name), device=device))
+            parent, paths, manifests = manifests[0].digest, paths[1:], manifests[1:]
+        else:
+            # Views of the live weights: apply_delta builds new tensors and leaves these alone.
+            state, parent = full_state_dict(self.model), self._version.digest
+        for path, manifest in zip(paths, manifests, strict=True):
+            state = apply_delta(state, path, parent_digest=parent, verified=True)
+            parent = manifest.digest
         with self._lock:
-            load_weights_into(self.model, [folder / name for name in shards])
+            # A delta's unchanged tensors are the live ones: copy_state_into skips them.
+            copy_state_into(self.model, state)
             # No prompt/KV cache outlives a request here (each sample call builds its own), so
             # there is nothing stale to drop; vLLM's engine resets its prefix cache instead.
-            self._version = WeightsVersion(checkpoint_id, manifest.digest)
+            self._version = WeightsVersion(checkpoint_id, parent)
         return self._version
 
     # ------------------------------------------------------------------ internals

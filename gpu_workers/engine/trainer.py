@@ -20,6 +20,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from gpu_workers.deltas import (
+    DEFAULT_CODEC,
+    ChainHead,
+    CheckpointType,
+    Codec,
+    chain_metadata,
+    choose_checkpoint_type,
+    write_base_link,
+    write_delta,
+)
 from gpu_workers.engine.model_io import (
     WEIGHTS_NAME,
     drop_tied,
@@ -108,6 +118,8 @@ class TrainerEngine:
             list(self.trainable.values()), **_torch_adam(AdamParams())
         )
         self.step = 0  # optimizer steps taken
+        # Last sampler save, kept so the next one can be a delta against it (one CPU copy).
+        self.sampler_chain: ChainHead | None = None
 
     # ------------------------------------------------------------------ training
 
@@ -236,13 +248,56 @@ class TrainerEngine:
         self.step = int(state["step"])
         return manifest
 
-    def save_weights_for_sampler(self, folder: str | os.PathLike[str]) -> Manifest:
-        """A plain HF model folder with the current weights (LoRA merged in), for the sampler."""
+    def save_weights_for_sampler(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        checkpoint_type: CheckpointType | None = None,
+        uri: str = "",
+        codec: Codec = DEFAULT_CODEC,
+    ) -> Manifest:
+        """The current weights (LoRA merged in) for the sampler: a `base` (a plain HF model
+        folder) or a `delta` against the chain head (only the changed tensors, lossless).
+
+        `checkpoint_type` None = auto: base first, delta after; LoRA always saves a base. `uri`
+        is where the caller stores the folder: the next delta names it as its parent.
+        """
+        kind = choose_checkpoint_type(
+            checkpoint_type,
+            has_chain_head=self.sampler_chain is not None,
+            lora_rank=self.config.lora_rank,
+        )
+        state = self._merged_state_dict()
         metadata = self._metadata()
+        head = self.sampler_chain
         with _staged_folder(folder) as staging:
-            save_weights(self._merged_state_dict(), staging / WEIGHTS_NAME)
-            self._save_config_and_tokenizer(staging)
-            return write_manifest(staging, kind="sampler_weights", metadata=metadata)
+            if kind == "delta" and head is not None:
+                manifest = write_delta(
+                    staging, parent=head, state=state, codec=codec, metadata=metadata
+                )
+                position, base_digest = head.position + 1, head.base_digest
+            else:
+                save_weights(state, staging / WEIGHTS_NAME)
+                self._save_config_and_tokenizer(staging)
+                link = write_base_link(staging, state)
+                manifest = write_manifest(
+                    staging, kind="sampler_weights", metadata={**metadata, **chain_metadata(link)}
+                )
+                position, base_digest = 0, manifest.digest
+        if self.config.lora_rank == 0:  # LoRA keeps no chain: every save is a base
+            self.sampler_chain = ChainHead(
+                # A CPU copy of what was saved: the next delta is computed against these bits.
+                state={k: v.detach().to("cpu", copy=True) for k, v in state.items()},
+                folder_digest=manifest.digest,
+                uri=uri,
+                position=position,
+                base_digest=base_digest,
+            )
+        return manifest
+
+    def reset_delta_chain(self) -> None:
+        """The next sampler save is a base (e.g. the store lost the chain, or a new sampler)."""
+        self.sampler_chain = None
 
     # ------------------------------------------------------------------ internals
 
