@@ -121,7 +121,7 @@ class SaveWeights(WorkRequest):
     kind: Literal["weights", "sampler_weights"] = "sampler_weights"
     ttl_seconds: int | None = Field(default=None, ge=1)
     # Sampler weights: a full `base`, or a `delta` against the last sampler save (only changed
-    # tensors, lossless). None = auto: base first, delta after; LoRA runs always save a base.
+    # tensors, lossless). None = base; LoRA runs always save a base.
     checkpoint_type: Literal["base", "delta"] | None = None
 
     @model_validator(mode="after")

@@ -106,7 +106,10 @@ class ChainHead:
 def choose_checkpoint_type(
     requested: CheckpointType | None, *, has_chain_head: bool, lora_rank: int
 ) -> CheckpointType:
-    """base or delta for the next sampler save (None = auto: delta whenever there is a head)."""
+    """base or delta for the next sampler save. None means base: a plain save stays a complete,
+    downloadable folder that retention or expiry can delete on its own; delta chains are asked
+    for explicitly (the weight syncer's save-and-hotload does), since deleting a chain's base
+    or a middle link breaks every later delta."""
     if lora_rank > 0:
         # A LoRA export is a standalone artifact: no chain, every save is a base.
         return "base"
@@ -115,9 +118,7 @@ def choose_checkpoint_type(
             "checkpoint_type: a delta needs a chain head (a base saved by this trainer since it "
             "started or since reset_delta_chain); save a base first"
         )
-    if requested is not None:
-        return requested
-    return "delta" if has_chain_head else "base"
+    return requested or "base"
 
 
 def check_promotable(*, checkpoint_type: CheckpointType, position: int, lora_rank: int) -> None:

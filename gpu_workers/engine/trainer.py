@@ -259,7 +259,7 @@ class TrainerEngine:
         """The current weights (LoRA merged in) for the sampler: a `base` (a plain HF model
         folder) or a `delta` against the chain head (only the changed tensors, lossless).
 
-        `checkpoint_type` None = auto: base first, delta after; LoRA always saves a base. `uri`
+        `checkpoint_type` None = base; "delta" needs a chain head; LoRA always saves a base. `uri`
         is where the caller stores the folder: the next delta names it as its parent.
         """
         kind = choose_checkpoint_type(

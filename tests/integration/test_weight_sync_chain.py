@@ -51,7 +51,7 @@ def test_sampler_follows_a_delta_chain_and_refuses_a_corrupted_delta(
     # Three more saves: deltas, each hot-loaded between requests, digest for digest.
     deltas = []
     for i in range(1, 4):
-        saved = train_and_save(driver, run_id, f"c{i}")
+        saved = train_and_save(driver, run_id, f"c{i}", checkpoint_type="delta")
         assert saved["checkpoint_type"] == "delta"
         ok = wait_for_event(driver, sampler_id, "HotloadSucceeded", saved["path"]).payload
         assert ok["checkpoint_type"] == "delta" and ok["content_digest"] == saved["content_digest"]
@@ -72,7 +72,7 @@ def test_sampler_follows_a_delta_chain_and_refuses_a_corrupted_delta(
     data[-1] ^= 0xFF
     store.store.put_bytes(key, bytes(data))
 
-    c4 = train_and_save(driver, run_id, "c4")
+    c4 = train_and_save(driver, run_id, "c4", checkpoint_type="delta")
     failed = wait_for_event(driver, sampler_id, "HotloadFailed", c4["path"]).payload
     assert DELTA_WEIGHTS_NAME in failed["reason"] and "sha256" in failed["reason"]
     assert failed["serving_digest"] == base["content_digest"]

@@ -174,9 +174,10 @@ def test_unchanged_tensors_are_left_out_of_a_delta(tmp_path: Path) -> None:
     assert state_digest(apply_delta(state, tmp_path / "d")) == state_digest(new)
 
 
-def test_first_save_is_base_then_delta_lora_forces_base() -> None:
+def test_saves_are_base_unless_a_delta_is_asked_for_and_lora_forces_base() -> None:
     assert choose_checkpoint_type(None, has_chain_head=False, lora_rank=0) == "base"
-    assert choose_checkpoint_type(None, has_chain_head=True, lora_rank=0) == "delta"
+    assert choose_checkpoint_type(None, has_chain_head=True, lora_rank=0) == "base"
+    assert choose_checkpoint_type("delta", has_chain_head=True, lora_rank=0) == "delta"
     assert choose_checkpoint_type("base", has_chain_head=True, lora_rank=0) == "base"
     assert choose_checkpoint_type("delta", has_chain_head=True, lora_rank=8) == "base"
     with pytest.raises(DeltaChainError, match="save a base first"):
