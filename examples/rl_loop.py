@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reward_curve import write_reward_curve  # examples/reward_curve.py
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -131,7 +132,11 @@ def main(config: Config) -> list[dict[str, float]]:
                 f"@{version['digest'][:8]}",
             )
 
-    plot = write_reward_curve(history, config.out_dir / "reward_curve.png")
+    plot = write_reward_curve(
+        history,
+        config.out_dir / "reward_curve.png",
+        title="loopstream demo: on-policy policy gradient, tiny Llama",
+    )
     summary = Table("step", "reward/mean", "logprob gap", "time/step (s)", title="RL loop")
     for m in history[:3] + history[-3:]:
         summary.add_row(
@@ -147,26 +152,6 @@ def main(config: Config) -> list[dict[str, float]]:
     )
     print_audit_trail(console, session.session_id, training.run_id, training.sampler_id)
     return history
-
-
-def write_reward_curve(history: list[dict[str, float]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["step"] for m in history], [m["reward/mean"] for m in history], marker="o", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward (fraction of 'a')")
-    ax.set_ylim(0, 1)
-    ax.set_title("loopstream demo: on-policy policy gradient, tiny Llama")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def print_audit_trail(console: Console, session_id: str, run_id: str, sampler_id: str) -> None:

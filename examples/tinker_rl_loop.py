@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tinker
+from reward_curve import write_reward_curve  # examples/reward_curve.py
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -146,7 +147,11 @@ def main(config: Config) -> list[dict[str, float]]:
             history.append(metrics)
             progress.update(task, advance=1, status=f"reward {mean_reward:.3f}")
 
-    plot = write_reward_curve(history, config.out_dir / "reward_curve.png")
+    plot = write_reward_curve(
+        history,
+        config.out_dir / "reward_curve.png",
+        title="tinker SDK on loopstream: importance sampling, tiny Llama",
+    )
     summary = Table("step", "reward/mean", "loss/sum", "time/step (s)", title="tinker RL loop")
     for m in history[:3] + history[-3:]:
         summary.add_row(
@@ -163,26 +168,6 @@ def main(config: Config) -> list[dict[str, float]]:
     )
     service.close("success").result()
     return history
-
-
-def write_reward_curve(history: list[dict[str, float]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["step"] for m in history], [m["reward/mean"] for m in history], marker="o", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward (fraction of 'a')")
-    ax.set_ylim(0, 1)
-    ax.set_title("tinker SDK on loopstream: importance sampling, tiny Llama")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":
