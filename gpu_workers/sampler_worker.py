@@ -50,6 +50,9 @@ from infra.s3 import ObjectStore
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.sampler_worker")
+
+# How long a pinned checkpoint may take to appear in the read model after its save.
+RECORD_GRACE_S = 10.0
 # A sampler more than this many deltas behind reloads from the chain's base instead of walking on.
 MAX_CHAIN_FETCH = 1000
 
@@ -360,14 +363,21 @@ class SamplerWorker(WorkerService):
         return Ready(row["checkpoint_id"], row["uri"]) if row else None
 
     def _checkpoint_id(self, uri: str) -> str:
-        row = self.db.execute(
-            f"select checkpoint_id, status from {self.settings.read_schema}.checkpoints "
-            "where uri = %s order by created_at desc limit 1",
-            (uri,),
-        ).fetchone()
-        if row is None or row["status"] != "active":
-            raise WorkRejected(f"checkpoint {uri} does not exist", field="checkpoint_uri")
-        return row["checkpoint_id"]
+        # A client may sample a checkpoint the moment its save is answered, before the
+        # projection has recorded it (the save's result and the record travel separately):
+        # give the read model a moment before calling the checkpoint missing.
+        deadline = time.monotonic() + RECORD_GRACE_S
+        while True:
+            row = self.db.execute(
+                f"select checkpoint_id, status from {self.settings.read_schema}.checkpoints "
+                "where uri = %s order by created_at desc limit 1",
+                (uri,),
+            ).fetchone()
+            if row is not None and row["status"] == "active":
+                return row["checkpoint_id"]
+            if row is not None or time.monotonic() > deadline:
+                raise WorkRejected(f"checkpoint {uri} does not exist", field="checkpoint_uri")
+            time.sleep(0.02)
 
 
 def main() -> None:

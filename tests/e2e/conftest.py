@@ -3,6 +3,6 @@ sampler workers, the API over real HTTP), driven through the SDK. Needs the loca
 
 from __future__ import annotations
 
-from tests.integration.conftest import settings
+from tests.integration.conftest import services, settings
 
-__all__ = ["settings"]
+__all__ = ["services", "settings"]
