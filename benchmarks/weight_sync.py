@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from api.kafka_driver import Driver, new_loop
 from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
 from events.envelope import EventEnvelope
@@ -33,7 +34,6 @@ from events.kafka_log import consumer_config, partition_count
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.s3 import ObjectStore
 from infra.settings import get_settings
-from tests.integration.driver import Driver, new_loop
 
 RESULTS = Path(__file__).parent / "results" / "weight_sync.json"
 
@@ -126,7 +126,7 @@ def main() -> None:
 
 
 def driver_result(driver: Driver, request_id: str) -> dict:
-    from tests.integration.read_models import wait_for_result
+    from api.kafka_driver import wait_for_result
 
     result = wait_for_result(driver.settings, request_id)
     assert result["status"] == "accepted", result

@@ -11,7 +11,7 @@ clock), vs a raw S3 put + get of the same files through the same store, in the s
 
 Needs the stack and services for part 2: `loopstream stack up && loopstream services up`.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/weight_sync_deltas.py --rounds 8
+    .venv/bin/python benchmarks/weight_sync_deltas.py --rounds 8
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from confluent_kafka import Consumer
 from rich.console import Console
 from rich.table import Table
 
+from api.kafka_driver import datum, new_loop, wait_for_result
 from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
 from events.envelope import EventEnvelope
@@ -44,8 +45,6 @@ from gpu_workers.manifest import write_manifest
 from gpu_workers.tiny_model import BOS_ID, TinyModelConfig, build_byte_tokenizer, build_tiny_model
 from infra.s3 import ObjectStore
 from infra.settings import get_settings
-from tests.integration.driver import datum, new_loop
-from tests.integration.read_models import wait_for_result
 
 RESULTS = Path(__file__).parent / "results" / "weight_sync_deltas.json"
 RL_TEXT = list(b"weights move in small steps")

@@ -52,6 +52,6 @@ def services(settings: Settings) -> Iterator[Settings]:
 
 @pytest.fixture
 def loop(services: Settings) -> tuple[Any, str, str, str]:
-    from tests.integration.driver import new_loop
+    from api.kafka_driver import new_loop
 
     return new_loop(services)

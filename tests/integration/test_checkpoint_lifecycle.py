@@ -6,10 +6,9 @@ import time
 
 import pytest
 
+from api.kafka_driver import Driver, datum, query
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.s3 import ObjectStore
-from tests.integration.driver import Driver, datum
-from tests.integration.read_models import query
 
 
 def wait_until_deleted(driver: Driver, uri: str, timeout_s: float = 60) -> dict:

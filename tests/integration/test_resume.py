@@ -7,8 +7,7 @@ import uuid
 
 import pytest
 
-from tests.integration.driver import Driver, datum
-from tests.integration.read_models import query
+from api.kafka_driver import Driver, datum, query
 
 
 @pytest.mark.timeout(180)

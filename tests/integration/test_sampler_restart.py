@@ -8,11 +8,10 @@ import time
 
 import pytest
 
+from api.kafka_driver import Driver, datum, wait_for_result
 from commands.envelope import CommandEnvelope
 from infra.services import SERVICES, _process, services_up
 from infra.settings import Settings
-from tests.integration.driver import Driver, datum
-from tests.integration.read_models import wait_for_result
 
 
 def sampler_process(settings: Settings):  # type: ignore[no-untyped-def]

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from api.kafka_driver import Driver, datum
 from events.audit import history
 from events.envelope import EventEnvelope
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from gpu_workers.deltas import DELTA_WEIGHTS_NAME
 from infra.s3 import ObjectStore
-from tests.integration.driver import Driver, datum
 
 TEXT = list(b"weights move in small steps")
 

@@ -1,4 +1,9 @@
-"""A Loops session with a run, driven through Kafka as the API drives it."""
+"""Drive loopstream over Kafka directly, as the API does, for tools, benchmarks and tests.
+
+The REST API and its SDK are the front door for users; this is the side door for code that
+lives next to the platform: it sends commands and work requests with the CommandBus and reads
+their results from the futures table (`command_results`), with no HTTP in between.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,44 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
+
 from commands.bus import CommandBus, Destination
 from commands.envelope import CommandEnvelope
 from infra.settings import Settings
-from tests.integration.read_models import query, wait_for_result
+
+
+class NotAccepted(RuntimeError):
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(
+            f"{result.get('command_type')} {result['status']}: {result.get('reason')} "
+            f"(field {result.get('field')})"
+        )
+        self.result = result
+
+
+def wait_for_result(
+    settings: Settings, request_id: str, *, timeout_s: float = 60
+) -> dict[str, Any]:
+    """The futures-table row of a request, once the projection has written it."""
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                f"select * from {settings.read_schema}.command_results where command_id = %s",
+                (request_id,),
+            ).fetchone()
+            if row is not None:
+                return row
+            time.sleep(0.05)
+    raise TimeoutError(f"no result for {request_id} in {timeout_s}s")
+
+
+def query(settings: Settings, sql: str, *params: object) -> list[dict[str, Any]]:
+    """Rows of a read-model query; `{schema}` in `sql` names the read models' schema."""
+    with psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row) as conn:
+        return conn.execute(sql.format(schema=settings.read_schema), params).fetchall()
 
 
 class Driver:
@@ -29,8 +68,10 @@ class Driver:
         return wait_for_result(self.settings, envelope.command_id)
 
     def ok(self, to: Destination, type_: str, aggregate_id: str, payload: dict) -> dict[str, Any]:
+        """The call's output; NotAccepted (with the result) if it was rejected or failed."""
         result = self.call(to, type_, aggregate_id, payload)
-        assert result["status"] == "accepted", result
+        if result["status"] != "accepted":
+            raise NotAccepted(result)
         return result["output"] or {}
 
 
@@ -54,6 +95,7 @@ def new_loop(services: Settings) -> tuple[Driver, str, str, str]:
 
 
 def datum(tokens: list[int]) -> dict[str, Any]:
+    """A cross-entropy training example for next-token prediction on `tokens`."""
     return {
         "model_input": tokens[:-1],
         "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
