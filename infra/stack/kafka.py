@@ -140,7 +140,10 @@ class KafkaBroker:
             capture_output=True, text=True,
         )  # fmt: skip
         if result.returncode != 0:
-            raise StackError(f"kafka storage format failed:\n{result.stdout[-3000:]}")
+            raise StackError(
+                f"kafka storage format failed (exit {result.returncode}):\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            )
 
     def _java_argv(self, java: str, *, heap: str) -> list[str]:
         return [
@@ -210,5 +213,12 @@ def _java_major(version_output: str) -> int | None:
 
 
 def _kafka_uuid() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Like Kafka's own Uuid.randomUuid, never one that starts with '-': the storage tool would
+    read it as an option (one id in 64 did, and broke `stack up` at random).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

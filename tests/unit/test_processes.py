@@ -44,6 +44,10 @@ def test_java_version_parsing() -> None:
     assert _java_major("garbage") is None
 
 
+def test_kafka_cluster_id_never_starts_like_a_command_line_option() -> None:
+    assert not any(_kafka_uuid().startswith("-") for _ in range(2000))
+
+
 def test_kafka_cluster_id_is_22_urlsafe_chars() -> None:
     cluster_id = _kafka_uuid()
     assert len(cluster_id) == 22
