@@ -13,10 +13,10 @@ import logging
 import threading
 from collections import OrderedDict
 
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer
 
 from commands.envelope import CommandResult
-from events.kafka_log import consumer_config, partition_count
+from events.kafka_log import assign_all, consumer_config
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.api.results")
@@ -40,12 +40,7 @@ class ResultFeed:
                 **{"fetch.wait.max.ms": 10},  # a result is news: don't let the broker sit on it
             )
         )
-        consumer.assign(
-            [
-                TopicPartition(topic, p, OFFSET_END)
-                for p in range(partition_count(self.settings, topic))
-            ]
-        )
+        assign_all(consumer, self.settings, topic, OFFSET_END)
         self._thread = threading.Thread(target=self._run, args=(consumer,), daemon=True)
         self._thread.start()
 

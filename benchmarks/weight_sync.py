@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +30,7 @@ from api.kafka_driver import Driver, new_loop
 from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
 from events.envelope import EventEnvelope
-from events.kafka_log import consumer_config, partition_count
+from events.kafka_log import assign_all, consumer_config
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.s3 import ObjectStore
 from infra.settings import get_settings
@@ -46,9 +46,7 @@ def percentile(values: list[float], q: float) -> float:
 def events_feed(settings) -> Consumer:  # type: ignore[no-untyped-def]
     topic = settings.topic("events")
     consumer = Consumer(consumer_config(settings, group_id=f"bench-sync-{uuid.uuid4().hex}"))
-    consumer.assign(
-        [TopicPartition(topic, p, OFFSET_END) for p in range(partition_count(settings, topic))]
-    )
+    assign_all(consumer, settings, topic, OFFSET_END)
     consumer.consume(1, timeout=1)  # settle the assignment before the clock starts
     return consumer
 

@@ -142,15 +142,13 @@ def bf16_delta(model_dir: Path, args: argparse.Namespace, tmp: Path) -> dict[str
 
 
 def events_feed(settings) -> Consumer:  # type: ignore[no-untyped-def]
-    from confluent_kafka import OFFSET_END, TopicPartition
+    from confluent_kafka import OFFSET_END
 
-    from events.kafka_log import consumer_config, partition_count
+    from events.kafka_log import assign_all, consumer_config
 
     topic = settings.topic("events")
     consumer = Consumer(consumer_config(settings, group_id=f"bench-delta-{uuid.uuid4().hex}"))
-    consumer.assign(
-        [TopicPartition(topic, p, OFFSET_END) for p in range(partition_count(settings, topic))]
-    )
+    assign_all(consumer, settings, topic, OFFSET_END)
     consumer.consume(1, timeout=1)  # settle the assignment before the clock starts
     return consumer
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer
 
 from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
-from events.kafka_log import consumer_config, partition_count
+from events.kafka_log import assign_all, consumer_config
 from events.loops import CheckpointDeleted, CheckpointSaved
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.s3 import ObjectStore
@@ -58,12 +58,7 @@ class CheckpointJanitor:
         self.consumer = Consumer(
             consumer_config(settings, group_id=f"{settings.topic_prefix}-janitor")
         )
-        self.consumer.assign(
-            [
-                TopicPartition(topic, p, OFFSET_BEGINNING)
-                for p in range(partition_count(settings, topic))
-            ]
-        )
+        assign_all(self.consumer, settings, topic, OFFSET_BEGINNING)
 
     def run(self) -> None:
         log.info("janitor started")

@@ -14,11 +14,17 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer
 
 from commands.registry import AGGREGATES
 from events.envelope import EventEnvelope
-from events.kafka_log import consumer_config, partition_count, partition_for, read_partition
+from events.kafka_log import (
+    assign_all,
+    consumer_config,
+    partition_count,
+    partition_for,
+    read_partition,
+)
 from infra.settings import Settings
 
 
@@ -97,9 +103,7 @@ def tail(
     """Live events matching the filters, as they are committed."""
     topic = settings.topic("events")
     consumer = Consumer(consumer_config(settings, group_id=f"loopstream-tail-{time.time_ns()}"))
-    partitions = range(partition_count(settings, topic))
-    start = -2 if from_beginning else -1  # OFFSET_BEGINNING / OFFSET_END
-    consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+    assign_all(consumer, settings, topic, OFFSET_BEGINNING if from_beginning else OFFSET_END)
     last_seen = time.monotonic()
     try:
         while idle_timeout_s is None or time.monotonic() - last_seen < idle_timeout_s:

@@ -85,6 +85,14 @@ def partition_count(settings: Settings, topic: str) -> int:
     return len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
 
 
+def assign_all(consumer: Consumer, settings: Settings, topic: str, offset: int) -> None:
+    """Read every partition of `topic` from `offset` (OFFSET_BEGINNING / OFFSET_END), outside
+    any consumer group's balancing: for readers that must see the whole topic."""
+    consumer.assign(
+        [TopicPartition(topic, p, offset) for p in range(partition_count(settings, topic))]
+    )
+
+
 def read_partition(
     settings: Settings,
     topic: str,

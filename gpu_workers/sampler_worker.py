@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import psycopg
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer
 from psycopg.rows import dict_row
 from pydantic import BaseModel
 
@@ -29,7 +29,7 @@ from commands.work import SAMPLER_REQUESTS, Sample
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
-from events.kafka_log import consumer_config, partition_count
+from events.kafka_log import assign_all, consumer_config
 from events.loops import WeightsReady
 from events.work import (
     HotloadFailed,
@@ -111,12 +111,7 @@ class SamplerWorker(WorkerService):
         consumer = Consumer(
             consumer_config(self.settings, group_id=f"{self.loop.group_id}-weights")
         )
-        consumer.assign(
-            [
-                TopicPartition(topic, p, OFFSET_END)
-                for p in range(partition_count(self.settings, topic))
-            ]
-        )
+        assign_all(consumer, self.settings, topic, OFFSET_END)
         return consumer
 
     def between_batches(self) -> None:
