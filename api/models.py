@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI, MAX_SEQ_LEN_LIMIT
+from commands.loops import CHECKPOINT_NAME, MAX_SEQ_LEN_LIMIT, CheckpointUri
 from commands.work import (
     AdamParams,
     ComputeLogprobs,
@@ -103,15 +103,8 @@ class RunCreate(BaseModel):
     session_id: str = Field(min_length=1, max_length=200)
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
-    from_checkpoint: str | None = Field(default=None, description="bt://loops:... URI")
+    from_checkpoint: CheckpointUri | None = Field(default=None, description="bt://loops:... URI")
     request_id: str | None = REQUEST_ID
-
-    @field_validator("from_checkpoint")
-    @classmethod
-    def _is_checkpoint_uri(cls, value: str | None) -> str | None:
-        if value is not None and not CHECKPOINT_URI.match(value):
-            raise ValueError("must look like bt://loops:<run_id>/(weights|sampler_weights)/<name>")
-        return value
 
 
 class RunAccepted(BaseModel):

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from events.loops import (
     CheckpointDeleted,
@@ -46,6 +46,16 @@ MAX_SEQ_LEN_LIMIT = 1_048_576
 
 
 MANIFEST_FILE = "manifest.json"
+
+
+def _check_checkpoint_uri(value: str) -> str:
+    if not CHECKPOINT_URI.match(value):
+        raise ValueError("must look like bt://loops:<run_id>/(weights|sampler_weights)/<name>")
+    return value
+
+
+# A checkpoint URI in a command or request body; one check wherever one is accepted.
+CheckpointUri = Annotated[str, AfterValidator(_check_checkpoint_uri)]
 
 
 def content_digest(files: tuple[CheckpointFile, ...]) -> str:
@@ -103,17 +113,10 @@ class CreateRun(Command):
     sampler_id: str = Field(pattern=RESOURCE_ID)
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
-    from_checkpoint: str | None = Field(default=None, description="bt://loops:... URI")
+    from_checkpoint: CheckpointUri | None = Field(default=None, description="bt://loops:... URI")
     keep_last_checkpoints: int | None = Field(
         default=None, ge=1, description="per kind, older checkpoints are deleted (retention)"
     )
-
-    @field_validator("from_checkpoint")
-    @classmethod
-    def _is_checkpoint_uri(cls, value: str | None) -> str | None:
-        if value is not None and not CHECKPOINT_URI.match(value):
-            raise ValueError("must look like bt://loops:<run_id>/(weights|sampler_weights)/<name>")
-        return value
 
 
 class RecordCheckpoint(Command):
