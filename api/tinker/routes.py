@@ -17,7 +17,7 @@ import asyncio
 import json
 import threading
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
@@ -351,34 +351,18 @@ def _save_name(data: dict[str, Any], seq_id: int | None) -> str:
     return str(data.get("path") or f"ephemeral-{seq_id}-{new_resource_id(6)}")
 
 
-@router.post("/save_weights")
-def save_weights(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
-    data = body.model_dump()
-    _run_row(reads, str(data.get("model_id")))
-    work = _validated(
-        SaveWeights,
-        name=_save_name(data, data.get("seq_id")),
-        kind="weights",
-        ttl_seconds=data.get("ttl_seconds"),
-    )
-    return _submit_training(
-        submitter=submitter,
-        model_id=str(data["model_id"]),
-        seq_id=data.get("seq_id"),
-        request=work,
-    )
-
-
-@router.post("/save_weights_for_sampler")
-def save_weights_for_sampler(
-    body: _Body, reads: ReadDep, submitter: SubmitterDep
+def _save(
+    body: _Body,
+    reads: ReadModels,
+    submitter: Submitter,
+    kind: Literal["weights", "sampler_weights"],
 ) -> dict[str, Any]:
     data = body.model_dump()
     _run_row(reads, str(data.get("model_id")))
     work = _validated(
         SaveWeights,
         name=_save_name(data, data.get("seq_id")),
-        kind="sampler_weights",
+        kind=kind,
         ttl_seconds=data.get("ttl_seconds"),
     )
     return _submit_training(
@@ -387,6 +371,18 @@ def save_weights_for_sampler(
         seq_id=data.get("seq_id"),
         request=work,
     )
+
+
+@router.post("/save_weights")
+def save_weights(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
+    return _save(body, reads, submitter, "weights")
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(
+    body: _Body, reads: ReadDep, submitter: SubmitterDep
+) -> dict[str, Any]:
+    return _save(body, reads, submitter, "sampler_weights")
 
 
 @router.post("/load_weights")
