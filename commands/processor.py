@@ -28,7 +28,7 @@ from commands.registry import AGGREGATES, AggregateSpec
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
 from events.kafka_log import partition_for, read_partition
-from events.transactional import LoopConfig, TransactionalLoop
+from events.transactional import LoopConfig, TransactionalLoop, dead_letter
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.command_processor")
@@ -199,7 +199,7 @@ class CommandProcessor:
             new_event_id=new_event_id,
         )
         if isinstance(outcome, Undeliverable):
-            self._dead_letter(producer, message, outcome.reason)
+            dead_letter(producer, self.dlq_topic, message, outcome.reason)
             stats.dead_letters += 1
         elif isinstance(outcome, Duplicate):
             stats.duplicates += 1
@@ -229,24 +229,6 @@ class CommandProcessor:
             key=result.command_id.encode(),
             value=result.to_bytes(),
             partition=partition,
-        )
-
-    def _dead_letter(self, producer: Producer, message: Message, reason: str) -> None:
-        log.warning(
-            "command dead-lettered",
-            extra={"partition": message.partition(), "offset": message.offset(), "reason": reason},
-        )
-        producer.produce(
-            self.dlq_topic,
-            key=message.key(),
-            value=message.value(),
-            headers=[
-                ("error", reason.encode()),
-                ("source_topic", self.commands_topic.encode()),
-                ("source_partition", str(message.partition()).encode()),
-                ("source_offset", str(message.offset()).encode()),
-                ("failed_at", utc_now().isoformat().encode()),
-            ],
         )
 
     def _count(self, stats: BatchStats) -> None:

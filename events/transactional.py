@@ -25,6 +25,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from events.envelope import utc_now
 from events.kafka_log import consumer_config, producer_config
 from infra.settings import Settings
 
@@ -48,6 +49,28 @@ class LoopConfig:
     transaction_timeout_ms: int | None = None
     # Fault injection for crash tests only: pause between producing a batch and committing it.
     commit_delay_ms: int = 0
+
+
+def dead_letter(producer: Producer, dlq_topic: str, message: Message, reason: str) -> None:
+    """Park a message nobody can process: its original key and bytes, and why, in the headers
+    every loopstream DLQ reader knows (error, source topic/partition/offset, failed_at)."""
+    log.warning(
+        "dead-lettered",
+        extra={"topic": message.topic(), "partition": message.partition(),
+               "offset": message.offset(), "reason": reason},
+    )  # fmt: skip
+    producer.produce(
+        dlq_topic,
+        key=message.key(),
+        value=message.value(),
+        headers=[
+            ("error", reason.encode()),
+            ("source_topic", (message.topic() or "").encode()),
+            ("source_partition", str(message.partition()).encode()),
+            ("source_offset", str(message.offset()).encode()),
+            ("failed_at", utc_now().isoformat().encode()),
+        ],
+    )
 
 
 class TransactionalLoop:

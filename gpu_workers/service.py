@@ -28,7 +28,7 @@ from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
 from events.kafka_log import read_partition
 from events.loops import DomainEvent
-from events.transactional import LoopConfig, TransactionalLoop
+from events.transactional import LoopConfig, TransactionalLoop, dead_letter
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.worker")
@@ -162,7 +162,12 @@ class WorkerService:
         try:
             envelope = CommandEnvelope.model_validate_json(message.value() or b"")
         except ValidationError as exc:
-            self._dead_letter(producer, message, f"not a request envelope: {exc.errors()[0]}")
+            dead_letter(
+                producer,
+                self.settings.topic("commands.dlq"),
+                message,
+                f"not a request envelope: {exc.errors()[0]}",
+            )
             return None, None
         if envelope.command_id in pending_seen or envelope.command_id in self.seen:
             return None, None  # a duplicate: its first result stands
@@ -250,18 +255,4 @@ class WorkerService:
                 processed_at=now,
             ),
             version,
-        )
-
-    def _dead_letter(self, producer: Producer, message: Message, reason: str) -> None:
-        log.warning("request dead-lettered", extra={"reason": reason})
-        producer.produce(
-            self.settings.topic("commands.dlq"),
-            key=message.key(),
-            value=message.value(),
-            headers=[
-                ("error", reason.encode()),
-                ("source_topic", (message.topic() or "").encode()),
-                ("source_partition", str(message.partition()).encode()),
-                ("source_offset", str(message.offset()).encode()),
-            ],
         )
