@@ -1,36 +1,101 @@
-"""`SamplerEngineProtocol` on vLLM, for GPU hosts (install the `gpu` extra: `pip install .[gpu]`).
+"""`SamplerEngineProtocol` on vLLM, for GPU hosts: install the `gpu` extra (`uv pip install -e
+'.[gpu]'`), which pins vllm==0.33.0.
 
 vLLM is imported lazily: this module imports fine without it, and constructing the engine without
-it fails with a message that says what to install. Written against vLLM's documented offline API
-(`vllm.LLM`, `vllm.SamplingParams`, `vllm.inputs.TokensPrompt`, `LLM.collective_rpc` with a
-`worker_extension_cls`, `LLM.reset_prefix_cache`); it is not exercised by the CPU test suite.
+it raises `VllmNotInstalledError`, which says what to install. Nothing here has run on a GPU yet:
+the CPU test suite covers the pure helpers and the folder streaming only (docs/vllm.md).
 
-Weight swaps follow vLLM's RLHF examples: a worker extension class is mixed into every vLLM
-worker, and `collective_rpc` asks each worker to read the checkpoint's safetensors and feed them
-to `model.load_weights`, which handles vLLM's fused/sharded parameter layout.
+Checked against the source of the vllm 0.33.0 wheel (the pinned version):
+- `vllm/entrypoints/llm.py`: `LLM(model, *, tokenizer, dtype, seed, gpu_memory_utilization,
+  tensor_parallel_size, enforce_eager, **kwargs)`, the kwargs going to `EngineArgs`
+  (`vllm/engine/arg_utils.py`: `max_model_len`, `enable_prefix_caching`, `worker_extension_cls`,
+  `logprobs_mode`); `generate(prompts, sampling_params, *, use_tqdm)` returns one `RequestOutput`
+  per prompt, in prompt order (`entrypoints/common/offline.py` sorts by request id, and sets
+  `FINAL_ONLY` so the n samples of a prompt come together, ordered by index);
+  `collective_rpc(method, timeout=None, args=(), kwargs=None)` returns one result per worker;
+  `reset_prefix_cache(reset_running_requests=False, reset_connector=False) -> bool`.
+- `vllm/v1/worker/worker_base.py` (`WorkerWrapperBase.init_worker`): the class named by
+  `worker_extension_cls` (a qualified name, imported in the worker process) is appended to the
+  worker class's bases, and none of its attribute names may exist on the worker already.
+- `vllm/v1/worker/gpu_worker.py`, `gpu_model_runner.py`, `gpu/model_runner.py`: the worker holds
+  `self.model_runner`; `model_runner.get_model()` returns the model (unwrapping the CUDA-graph
+  wrapper that the V1 runner's `.model` may be), in both model runners.
+- `vllm/model_executor/models/llama.py`: `load_weights(weights: Iterable[tuple[str, Tensor]]) ->
+  set[str]` takes Hugging Face checkpoint names and does the q/k/v and gate/up fusing and the
+  tensor-parallel sharding itself; a tied lm_head needs no tensor of its own.
+- `vllm/sampling_params.py`: `n`, `temperature` (in [0, 2]; 0 = greedy, and greedy refuses
+  n > 1), `top_p`, `top_k` (0 or -1 = off), `seed` (sample i of n gets seed + i:
+  `v1/engine/parallel_sampling.py`), `stop`, `stop_token_ids`, `ignore_eos`, `logprobs` (0 = the
+  sampled token's only), `prompt_logprobs`, `include_stop_str_in_output`.
+- `vllm/outputs.py`, `vllm/logprobs.py`, `v1/engine/detokenizer.py`: `CompletionOutput.token_ids`
+  keep a stop token; `.logprobs` is `list[dict[int, Logprob]]` (or `FlatLogprobs`, indexed the
+  same way), one entry per token, trimmed with the tokens after a stop string;
+  `.finish_reason` is "stop" | "length" | "abort" | "error" | "repetition";
+  `RequestOutput.prompt_logprobs` is None for the first token, then one dict per token.
+- `vllm/config/model.py`: `logprobs_mode` "raw_logprobs" (the default) reports the model's own
+  logprobs, before temperature/top-k/top-p: the temperature-1 policy that the trainer computes.
+- `vllm/inputs/llm.py`: `TokensPrompt(prompt_token_ids=[...])`.
+
+Weight swaps (`load_chain`): the worker extension below is mixed into every vLLM worker, and
+`collective_rpc` asks each worker to stream a folder's safetensors into `model.load_weights`,
+which copies into the live parameters (CUDA graphs keep pointing at them); then the prefix cache,
+computed with the old weights, is dropped. 0.33.0 also has `Worker.reload_weights(
+weights_iterator=...)` (`model_executor/model_loader/reload/inplace.py`): it wraps the same
+`load_weights` with layer-wise re-processing for quantized layers, but a layer that receives only
+some of its tensors is re-materialized from uninitialized memory, so it cannot take a delta's
+changed tensors alone. This engine therefore refuses quantized models and calls `load_weights`.
+
+A delta folder is decoded on the host, as the torch engine does: the engine keeps a CPU copy of
+the weights it serves (Hugging Face names; one model's worth of host memory), applies the chain
+onto it with `gpu_workers.deltas` (which verifies every file and the resulting weights' digest),
+and only then writes the changed tensors to a staging folder (in /dev/shm when there is one) for
+the workers to stream. Every name and shape is checked before the first tensor moves.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from gpu_workers.engine.model_io import weight_files
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from gpu_workers.deltas import apply_delta, read_link
+from gpu_workers.engine.model_io import WEIGHTS_NAME, weight_files
+from gpu_workers.engine.sampler import MAX_SAMPLES_PER_CALL
 from gpu_workers.engine.types import (
     InvalidInputError,
     SampledSequence,
     SamplingParams,
+    StopReason,
     WeightsVersion,
+    check_token_range,
 )
-from gpu_workers.manifest import MANIFEST_NAME, build_manifest, verify_folder
+from gpu_workers.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_folder
 
+PINNED_VLLM_VERSION = "0.33.0"  # the version this module was checked against (pyproject `gpu`)
 WORKER_EXTENSION = "gpu_workers.engine.vllm_sampler.WeightReloadExtension"
+LOAD_FOLDER_RPC = "loopstream_load_folder"  # the extension's method, called by collective_rpc
+VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams refuses temperature > 2
+_SEED_MODULUS = 1 << 62  # seeds fold into [0, 2**62): vLLM adds the sample index to the seed
+_UNKNOWN = WeightsVersion("unknown", "")  # after a failed push: no delta can apply onto it
+log = logging.getLogger(__name__)
 
 
 class VllmNotInstalledError(RuntimeError):
     pass
+
+
+class WeightPushError(RuntimeError):
+    """vLLM failed while taking new weights: the served weights are undefined until a base loads."""
 
 
 def _import_vllm() -> Any:
@@ -39,27 +104,156 @@ def _import_vllm() -> Any:
     except ImportError as exc:
         raise VllmNotInstalledError(
             "the vLLM sampler needs vllm, which is not installed: install the GPU extra "
-            "(`uv pip install -e '.[gpu]'`) on a CUDA host, or use "
-            "gpu_workers.engine.sampler.SamplerEngine (torch) instead"
+            "(`uv pip install -e '.[gpu]'`, vllm==" + PINNED_VLLM_VERSION + ") on a CUDA host, "
+            "or use gpu_workers.engine.sampler.SamplerEngine (torch) instead"
         ) from exc
+    try:
+        installed = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path
+        installed = getattr(vllm, "__version__", "unknown")
+    if installed != PINNED_VLLM_VERSION:
+        log.warning(
+            "vllm %s is installed; the vLLM sampler was checked against %s only",
+            installed,
+            PINNED_VLLM_VERSION,
+        )
     return vllm
 
 
+# ---------------------------------------------------------------------------------- workers
+
+
+class SupportsLoadWeights(Protocol):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> object: ...
+
+
+def iter_folder_tensors(
+    folder: str | os.PathLike[str], shard_names: Sequence[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for each tensor of the shards, one tensor in host memory at a time."""
+    for shard in shard_names:
+        with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, fh.get_tensor(name)
+
+
+def feed_folder(
+    model: SupportsLoadWeights, folder: str | os.PathLike[str], shard_names: Sequence[str]
+) -> int:
+    """Stream every tensor of the folder's shards through one `model.load_weights` call; returns
+    how many tensors the model consumed."""
+    consumed = 0
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal consumed
+        for item in iter_folder_tensors(folder, shard_names):
+            consumed += 1
+            yield item
+
+    with torch.no_grad():
+        model.load_weights(counted())
+    return consumed
+
+
 class WeightReloadExtension:
-    """Mixed into each vLLM worker (via `worker_extension_cls`); `self` is the worker."""
+    """Mixed into each vLLM worker class (`LLM(worker_extension_cls=WORKER_EXTENSION)`): `self`
+    is the worker. Its one method name must not clash with any attribute of vLLM's worker."""
 
-    def reload_weights_from_folder(self, folder: str, shard_names: list[str]) -> int:
-        from safetensors.torch import safe_open
+    def loopstream_load_folder(self, folder: str, shard_names: list[str]) -> int:
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        consumed = feed_folder(model, folder, shard_names)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are done when the RPC returns
+        return consumed
 
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        loaded = 0
-        for name in shard_names:
-            # Stream tensor by tensor: the whole checkpoint never sits in host memory at once.
-            with safe_open(os.path.join(folder, name), framework="pt", device="cpu") as fh:
-                for key in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    model.load_weights(weights=[(key, fh.get_tensor(key))])
-                    loaded += 1
-        return loaded
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def vllm_sampling_kwargs(params: SamplingParams, *, n: int) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for our params, n samples per prompt."""
+    return {
+        "n": n,
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,  # -1 = off in both
+        "seed": None if params.seed is None else params.seed % _SEED_MODULUS,
+        "stop": params.stop_strings or None,
+        "stop_token_ids": params.stop_token_ids or None,
+        "ignore_eos": not params.stop_at_eos,
+        "logprobs": 0,  # 0 = the sampled token's logprob only
+        # The text leaves a matched stop string out, as the torch engine's does; token ids keep
+        # the token that completed it.
+        "include_stop_str_in_output": False,
+    }
+
+
+def sampled_logprobs(
+    token_ids: Sequence[int], steps: Sequence[Mapping[int, Any] | None] | None
+) -> list[float]:
+    """The logprob of each generated token, from vLLM's per-token {token_id: Logprob} entries."""
+    if steps is None or len(steps) != len(token_ids):
+        got = "none" if steps is None else str(len(steps))
+        raise RuntimeError(f"vLLM returned {got} logprob entries for {len(token_ids)} tokens")
+    out = []
+    for t, (step, token) in enumerate(zip(steps, token_ids, strict=True)):
+        if step is None or token not in step:
+            raise RuntimeError(f"vLLM returned no logprob for generated token {t} ({token})")
+        out.append(float(step[token].logprob))
+    return out
+
+
+def prompt_token_logprobs(
+    tokens: Sequence[int], steps: Sequence[Mapping[int, Any] | None] | None
+) -> list[float | None]:
+    """logp(tokens[t] | tokens[:t]) from vLLM's prompt_logprobs; None for the first token."""
+    if steps is None or len(steps) != len(tokens):
+        got = "none" if steps is None else str(len(steps))
+        raise RuntimeError(f"vLLM returned {got} prompt logprob entries for {len(tokens)} tokens")
+    out: list[float | None] = [None]
+    for t in range(1, len(tokens)):
+        step = steps[t]
+        if step is None or tokens[t] not in step:
+            raise RuntimeError(f"vLLM returned no logprob for prompt token {t} ({tokens[t]})")
+        out.append(float(step[tokens[t]].logprob))
+    return out
+
+
+def stop_reason_of(finish_reason: str | None) -> StopReason:
+    if finish_reason in ("stop", "length"):
+        return finish_reason  # type: ignore[return-value]
+    raise RuntimeError(f"vLLM request did not complete: finish_reason={finish_reason!r}")
+
+
+def check_layout(
+    new: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], *, partial: bool
+) -> None:
+    """Refuse weights whose names or shapes do not fit the model (as the torch engine does)."""
+    missing = set() if partial else set(current) - set(new)
+    unexpected = set(new) - set(current)
+    if missing or unexpected:
+        raise InvalidInputError(
+            "weights",
+            f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}",
+        )
+    for name, tensor in new.items():
+        if tensor.shape != current[name].shape:
+            raise InvalidInputError(
+                "weights",
+                f"{name}: shape {tuple(tensor.shape)} != {tuple(current[name].shape)}",
+            )
+
+
+def read_state(folder: Path, shard_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for shard in shard_names:
+        state.update(load_file(str(folder / shard), device="cpu"))
+    return state
+
+
+# ---------------------------------------------------------------------------------- engine
 
 
 class VllmSamplerEngine:
@@ -70,118 +264,222 @@ class VllmSamplerEngine:
         max_seq_len: int | None = None,
         seed: int = 0,
         checkpoint_id: str = "base",
+        dtype: str = "auto",  # vLLM's: "auto" serves an fp32 folder as bf16 on GPUs that have it
         gpu_memory_utilization: float = 0.85,
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
     ) -> None:
         vllm = _import_vllm()
+        from transformers import AutoTokenizer
+
         model_dir = Path(model_dir)
-        manifest = (
-            verify_folder(model_dir, allow_extra=True)
-            if (model_dir / MANIFEST_NAME).is_file()
-            else build_manifest(model_dir, kind="base_model")
-        )
+        manifest = _verified_or_built_manifest(model_dir)
+        shards = weight_files([f.path for f in manifest.files])
+        if not shards:
+            raise InvalidInputError("model_dir", f"{model_dir} holds no model*.safetensors weights")
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
-            dtype="auto",
+            dtype=dtype,
             seed=seed,
             max_model_len=max_seq_len,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
             worker_extension_cls=WORKER_EXTENSION,
-            # The logprobs returned are the model's own (before temperature/top_p), to match the
-            # trainer's compute_logprobs. This is vLLM's default; saying it guards against a
-            # changed default.
+            # The model's own logprobs (before temperature/top_p), as the trainer computes them.
+            # It is vLLM's default; saying it guards against a changed default.
             logprobs_mode="raw_logprobs",
         )
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_seq_len = int(self.llm.llm_engine.model_config.max_model_len)
+        model_config = self.llm.llm_engine.model_config
+        if model_config.quantization is not None:
+            raise InvalidInputError(
+                "model_dir",
+                f"quantized models ({model_config.quantization}) are not supported: the weight "
+                "swap feeds checkpoint tensors straight to load_weights",
+            )
+        # The same tokenizer as the torch engine's, so the worker encodes prompts identically.
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_seq_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
+        self._world_size = tensor_parallel_size
+        # The weights being served, on the host, in checkpoint names: deltas apply onto these.
+        self._host_state = read_state(model_dir, shards)
         self._version = WeightsVersion(checkpoint_id, manifest.digest)
+        # One request or weight swap at a time: a swap never lands in the middle of a sample.
+        self._lock = threading.Lock()
 
     @property
     def weights_version(self) -> WeightsVersion:
         return self._version
+
+    # ------------------------------------------------------------------ sampling
 
     def sample(
         self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
     ) -> list[SampledSequence]:
         from vllm.inputs import TokensPrompt
 
-        prompt = [int(t) for t in prompt_tokens]
-        if not prompt:
+        prompt = self._check_request(prompt_tokens, num_samples, params)
+        if params.temperature == 0:
+            # vLLM refuses n > 1 when greedy: n copies of the prompt, one sample each.
+            prompts = [TokensPrompt(prompt_token_ids=list(prompt)) for _ in range(num_samples)]
+            n = 1
+        else:
+            prompts, n = [TokensPrompt(prompt_token_ids=prompt)], num_samples
+        vllm_params = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, n=n))
+        with self._lock:
+            version = self._version
+            requests = self.llm.generate(prompts, vllm_params, use_tqdm=False)
+        completions = [c for request in requests for c in request.outputs]
+        return [
+            SampledSequence(
+                tokens=list(c.token_ids),
+                text=c.text,
+                logprobs=sampled_logprobs(c.token_ids, c.logprobs),
+                stop_reason=stop_reason_of(c.finish_reason),
+                weights_version=version,
+            )
+            for c in completions
+        ]
+
+    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
+        from vllm.inputs import TokensPrompt
+
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidInputError("tokens", "must hold at least one token")
+        if len(tokens) >= self.max_seq_len:  # vLLM generates one token after the prompt
+            raise InvalidInputError(
+                "tokens", f"{len(tokens)} tokens + 1 exceed max_seq_len {self.max_seq_len}"
+            )
+        check_token_range(tokens, "tokens", self.vocab_size)
+        # prompt_logprobs=0: each prompt token's own logprob; max_tokens=1 is the least vLLM
+        # generates. vLLM skips the prefix cache for prompt-logprob requests by itself.
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        with self._lock:
+            (request,) = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
+            )
+        return prompt_token_logprobs(tokens, request.prompt_logprobs)
+
+    # ------------------------------------------------------------------ weight sync
+
+    def load_weights(self, folder: str | os.PathLike[str], *, checkpoint_id: str) -> WeightsVersion:
+        """Swap in a checkpoint folder's weights in place, after verifying every file. A base
+        replaces every weight; a delta applies onto the weights served now (its parent)."""
+        return self.load_chain([folder], checkpoint_id=checkpoint_id)
+
+    def load_chain(
+        self, folders: Sequence[str | os.PathLike[str]], *, checkpoint_id: str
+    ) -> WeightsVersion:
+        """Swap in the weights a chain of folders leads to: [base, delta, ...] or [delta, ...]
+        onto the weights served now. Every file's sha256, every parent link, the digest of the
+        resulting weights, and every name and shape are checked before a single weight moves."""
+        paths = [Path(f) for f in folders]
+        if not paths:
+            raise InvalidInputError("checkpoint", "no folder to load")
+        manifests = [verify_folder(p) for p in paths]
+        base: tuple[Path, list[str]] | None = None
+        if read_link(paths[0]).checkpoint_type == "base":
+            shards = weight_files([f.path for f in manifests[0].files])
+            if not shards:
+                raise InvalidInputError(
+                    "checkpoint", f"{paths[0]} holds no model*.safetensors weights"
+                )
+            state = read_state(paths[0], shards)
+            check_layout(state, self._host_state, partial=False)
+            base = (paths[0], shards)
+            parent, paths, manifests = manifests[0].digest, paths[1:], manifests[1:]
+        else:
+            state, parent = self._host_state, self._version.digest
+        changed: set[str] = set()
+        for path, manifest in zip(paths, manifests, strict=True):
+            new_state = apply_delta(state, path, parent_digest=parent, verified=True)
+            # apply_delta keeps the tensor objects of what it did not change.
+            changed |= {k for k, v in new_state.items() if v is not state[k]}
+            state, parent = new_state, manifest.digest
+        with self._lock:
+            try:
+                if base is not None:
+                    self._push_folder(*base)
+                if changed:
+                    self._push_tensors({k: state[k] for k in sorted(changed)})
+                self.reset_prompt_cache()
+            except Exception as exc:
+                self._version = _UNKNOWN
+                raise WeightPushError(
+                    f"vLLM failed while taking {checkpoint_id}: the weights it serves are "
+                    "undefined until a base checkpoint loads"
+                ) from exc
+            self._host_state = state
+            self._version = WeightsVersion(checkpoint_id, parent)
+        return self._version
+
+    def reset_prompt_cache(self) -> None:
+        """Drop cached prompt prefixes (KV computed with the weights served before)."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
+
+    # ------------------------------------------------------------------ internals
+
+    def _push_folder(self, folder: Path, shard_names: list[str]) -> None:
+        expected = 0
+        for shard in shard_names:
+            with safe_open(str(folder / shard), framework="pt", device="cpu") as fh:
+                expected += len(list(fh.keys()))
+        counts = self.llm.collective_rpc(LOAD_FOLDER_RPC, args=(str(folder), shard_names))
+        if len(counts) != self._world_size or any(c != expected for c in counts):
+            raise RuntimeError(f"workers loaded {counts} tensors, expected {expected} each")
+
+    def _push_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        # The workers run in other processes: the tensors travel as a safetensors file, in RAM
+        # when /dev/shm exists (collective_rpc is meant for control messages, not bulk data).
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        staging = Path(tempfile.mkdtemp(prefix="loopstream-vllm-", dir=shm))
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
+            self._push_folder(staging, [WEIGHTS_NAME])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _check_request(
+        self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
+    ) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise InvalidInputError("sampling_params", "must be a SamplingParams")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise InvalidInputError("num_samples", f"must be an int, got {num_samples!r}")
+        if not 1 <= num_samples <= MAX_SAMPLES_PER_CALL:
+            raise InvalidInputError(
+                "num_samples", f"must be in [1, {MAX_SAMPLES_PER_CALL}], got {num_samples}"
+            )
+        if params.temperature > VLLM_MAX_TEMPERATURE:
+            raise InvalidInputError(
+                "temperature", f"vLLM samples at temperature <= 2, got {params.temperature}"
+            )
+        if isinstance(prompt_tokens, str | bytes) or not prompt_tokens:
             raise InvalidInputError("prompt_tokens", "must be a non-empty list of token ids")
-        if num_samples < 1:
-            raise InvalidInputError("num_samples", f"must be >= 1, got {num_samples}")
+        prompt = [int(t) for t in prompt_tokens]
+        check_token_range(prompt, "prompt_tokens", self.vocab_size)
         if len(prompt) + params.max_tokens > self.max_seq_len:
             raise InvalidInputError(
                 "max_tokens",
                 f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
                 f"max_seq_len {self.max_seq_len}",
             )
-        version = self._version
-        vllm_params = self._vllm.SamplingParams(
-            n=num_samples,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            stop=params.stop_strings or None,
-            stop_token_ids=params.stop_token_ids or None,
-            ignore_eos=not params.stop_at_eos,
-            logprobs=0,  # 0 = only the sampled token's logprob
-            # Token ids keep the stop token; the text leaves a matched stop string out, as the
-            # torch engine does.
-            include_stop_str_in_output=False,
-        )
-        (request,) = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=prompt)], vllm_params, use_tqdm=False
-        )
-        results = []
-        for completion in request.outputs:
-            token_ids = list(completion.token_ids)
-            logprobs = [
-                float(step[token].logprob)
-                for step, token in zip(completion.logprobs or [], token_ids, strict=True)
-            ]
-            results.append(
-                SampledSequence(
-                    tokens=token_ids,
-                    text=completion.text,
-                    logprobs=logprobs,
-                    stop_reason="stop" if completion.finish_reason == "stop" else "length",
-                    weights_version=version,
-                )
-            )
-        return results
+        for i, s in enumerate(params.stop_token_ids):
+            if not 0 <= s < self.vocab_size:
+                raise InvalidInputError(f"stop[{i}]", f"token id {s} outside the vocabulary")
+        return prompt
 
-    def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
-        from vllm.inputs import TokensPrompt
 
-        tokens = [int(t) for t in tokens]
-        # prompt_logprobs=0: the logprob of each prompt token itself; max_tokens=1 is the least
-        # vLLM will generate.
-        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        (request,) = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
-        )
-        out: list[float | None] = []
-        for step, token in zip(request.prompt_logprobs or [], tokens, strict=True):
-            out.append(None if step is None else float(step[token].logprob))
-        return out
-
-    def load_weights(self, folder: str | os.PathLike[str], *, checkpoint_id: str) -> WeightsVersion:
-        folder = Path(folder)
-        manifest = verify_folder(folder)
-        shards = weight_files([f.path for f in manifest.files])
-        if not shards:
-            raise InvalidInputError("checkpoint", f"{folder} holds no model*.safetensors weights")
-        # LLM.generate is synchronous, so no request is in flight while the workers reload.
-        self.llm.collective_rpc("reload_weights_from_folder", args=(str(folder), shards))
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self._version = WeightsVersion(checkpoint_id, manifest.digest)
-        return self._version
+def _verified_or_built_manifest(model_dir: Path) -> Manifest:
+    # As the torch engine: a folder loopstream wrote is verified against its manifest; a foreign
+    # model folder has none, and its digest is computed from its bytes.
+    if (model_dir / MANIFEST_NAME).is_file():
+        return verify_folder(model_dir, allow_extra=True)
+    return build_manifest(model_dir, kind="base_model")
