@@ -8,17 +8,21 @@ zeroes the gradients.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from gpu_workers.deltas import (
     DEFAULT_CODEC,
@@ -38,6 +42,18 @@ from gpu_workers.engine.model_io import (
     load_weights_into,
     save_weights,
 )
+from gpu_workers.engine.resume import (
+    DCP_FOLDER,
+    STATE_FORMAT_V1,
+    RngState,
+    check_loader_state,
+    load_dcp,
+    param_groups_from_json,
+    param_groups_to_json,
+    read_trainer_state,
+    save_dcp,
+    write_trainer_state,
+)
 from gpu_workers.engine.types import (
     IGNORE_INDEX,
     AdamParams,
@@ -52,10 +68,9 @@ from gpu_workers.engine.types import (
 )
 from gpu_workers.manifest import Manifest, verify_folder, write_manifest
 
+# Files of v1 trainer state folders (still loaded; v2 keeps tensors in dcp/, see resume.py).
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
-TRAINER_STATE_NAME = "trainer_state.json"
-STATE_FORMAT = "loopstream.trainer_state/v1"
 # Every linear layer of a Llama block, as LoRA recipes (and Tinker) adapt them all.
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -118,6 +133,8 @@ class TrainerEngine:
             list(self.trainable.values()), **_torch_adam(AdamParams())
         )
         self.step = 0  # optimizer steps taken
+        # The caller's data position that came with the last load_state (None: none saved).
+        self.loader_state: dict[str, Any] | None = None
         # Last sampler save, kept so the next one can be a delta against it (one CPU copy).
         self.sampler_chain: ChainHead | None = None
 
@@ -188,62 +205,65 @@ class TrainerEngine:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_state(self, folder: str | os.PathLike[str]) -> Manifest:
-        """Everything needed to resume bit for bit: weights (or LoRA adapter), AdamW state, step."""
+    def save_state(
+        self, folder: str | os.PathLike[str], *, loader_state: Mapping[str, Any] | None = None
+    ) -> Manifest:
+        """Everything needed to resume bit for bit: the trainable weights (all, or the LoRA
+        adapters) and AdamW moments as a torch distributed checkpoint, the step, torch's RNG
+        states and `loader_state`, the caller's data position (JSON, at most 64 KiB), which
+        `load_state` hands back as `self.loader_state`. Layout: gpu_workers/engine/resume.py."""
+        loader_state = check_loader_state(loader_state)
         metadata = self._metadata()
+        rng = RngState.capture()
         with _staged_folder(folder) as staging:
+            tensors: dict[str, Any] = {"model": self._trainable_tensors()}
+            optimizer = None
+            # An AdamW that has not stepped has no state; get_optimizer_state_dict would create
+            # it with a zero-lr step, changing the run being saved. Nothing to save then.
+            if self.optimizer.state:
+                optim = get_optimizer_state_dict(self.model, self.optimizer)
+                tensors["optim"] = optim["state"]  # FQN -> {step, exp_avg, exp_avg_sq}
+                optimizer = {"param_groups": param_groups_to_json(optim["param_groups"])}
+            save_dcp(tensors, staging / DCP_FOLDER)
+            write_trainer_state(
+                staging,
+                {
+                    **metadata,
+                    "optimizer": optimizer,
+                    "rng": rng.to_json(),
+                    "loader_state": loader_state,
+                    "torch_version": torch.__version__,
+                },
+            )
             if self.config.lora_rank > 0:
-                from peft import get_peft_model_state_dict
-
-                save_weights(get_peft_model_state_dict(self.model), staging / ADAPTER_WEIGHTS_NAME)
                 self.model.peft_config["default"].save_pretrained(str(staging))
-            else:
-                save_weights(full_state_dict(self.model), staging / WEIGHTS_NAME)
-            save_file(
-                self._optimizer_tensors(), str(staging / OPTIMIZER_NAME), metadata={"format": "pt"}
-            )
-            (staging / TRAINER_STATE_NAME).write_text(
-                json.dumps({"format": STATE_FORMAT, **metadata}, indent=2, sort_keys=True) + "\n"
-            )
             self._save_config_and_tokenizer(staging)
             return write_manifest(staging, kind="state", metadata=metadata)
 
     def load_state(self, folder: str | os.PathLike[str], *, optimizer: bool = True) -> Manifest:
-        """Restore a `save_state` folder (verified against its manifest) into this engine; with
-        `optimizer=False` only the weights and step, the AdamW moments start afresh."""
+        """Restore a `save_state` folder (v2, or v1 of older saves; verified against its manifest
+        first) into this engine: weights, step, RNG states and `self.loader_state`; with
+        `optimizer=False` the AdamW moments start afresh. Accumulated gradients are dropped."""
         folder = Path(folder)
         manifest = verify_folder(folder)
         if manifest.kind != "state":
             raise InvalidInputError(
                 "checkpoint", f"a {manifest.kind!r} folder is not a trainer state"
             )
-        state = json.loads((folder / TRAINER_STATE_NAME).read_text())
-        if state.get("format") != STATE_FORMAT:
-            raise InvalidInputError(
-                "checkpoint", f"unknown trainer state format {state.get('format')!r}"
-            )
+        state = read_trainer_state(folder)
         if state["lora_rank"] != self.config.lora_rank:
             raise InvalidInputError(
                 "lora_rank",
                 f"checkpoint has {state['lora_rank']}, engine has {self.config.lora_rank}",
             )
-        if self.config.lora_rank > 0:
-            from peft import set_peft_model_state_dict
-
-            adapter = load_file(str(folder / ADAPTER_WEIGHTS_NAME), device=self.config.device)
-            result = set_peft_model_state_dict(self.model, adapter)
-            if result.unexpected_keys:
-                raise InvalidInputError(
-                    "checkpoint", f"adapter keys unknown: {result.unexpected_keys[:5]}"
-                )
+        if state["format"] == STATE_FORMAT_V1:
+            self._load_v1_state(folder, optimizer=optimizer)
+            self.loader_state = None
         else:
-            load_weights_into(self.model, [folder / WEIGHTS_NAME])
-        if optimizer:
-            self._load_optimizer_tensors(
-                load_file(str(folder / OPTIMIZER_NAME), device=self.config.device)
-            )
-        else:
-            self.optimizer.state.clear()
+            rng = RngState.from_json(state["rng"])  # checked before anything changes
+            self._load_dcp_state(folder, state, optimizer=optimizer)
+            rng.restore()
+            self.loader_state = state.get("loader_state")
         self.optimizer.zero_grad(set_to_none=True)
         self.step = int(state["step"])
         return manifest
@@ -410,14 +430,61 @@ class TrainerEngine:
                 merged[key] = tensor
         return drop_tied(base, merged)
 
-    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, param in self.trainable.items():
-            for key, value in self.optimizer.state.get(param, {}).items():
-                tensors[f"{name}::{key}"] = (
-                    torch.as_tensor(value).detach().to("cpu").contiguous().clone()
+    def _trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """FQN -> the live tensor of each trainable parameter (DCP saves them, loads into them)."""
+        return {name: param.detach() for name, param in self.trainable.items()}
+
+    def _load_dcp_state(self, folder: Path, state: Mapping[str, Any], *, optimizer: bool) -> None:
+        tensors: dict[str, Any] = {"model": self._trainable_tensors()}
+        saved = state.get("optimizer")
+        had_moments = bool(self.optimizer.state)
+        grads = {name: p.grad for name, p in self.trainable.items()}
+        try:
+            if optimizer and saved is not None:
+                # The load template: AdamW's state with the right names, shapes and devices. On
+                # a fresh AdamW, get_optimizer_state_dict makes it with a zero-lr step (weights
+                # unchanged), and only when no gradient is held; the checkpoint's values
+                # replace it below.
+                self.optimizer.zero_grad(set_to_none=True)
+                tensors["optim"] = get_optimizer_state_dict(self.model, self.optimizer)["state"]
+            load_dcp(tensors, folder / DCP_FOLDER)
+        except BaseException:  # a refused checkpoint leaves the engine as it was
+            if not had_moments:
+                self.optimizer.state.clear()
+            for name, param in self.trainable.items():
+                param.grad = grads[name]
+            raise
+        if "optim" in tensors:
+            set_optimizer_state_dict(
+                self.model,
+                self.optimizer,
+                {
+                    "state": tensors["optim"],
+                    "param_groups": param_groups_from_json(saved["param_groups"]),
+                },
+            )
+        else:
+            self.optimizer.state.clear()
+
+    def _load_v1_state(self, folder: Path, *, optimizer: bool) -> None:
+        """The safetensors layout of loopstream.trainer_state/v1."""
+        if self.config.lora_rank > 0:
+            from peft import set_peft_model_state_dict
+
+            adapter = load_file(str(folder / ADAPTER_WEIGHTS_NAME), device=self.config.device)
+            result = set_peft_model_state_dict(self.model, adapter)
+            if result.unexpected_keys:
+                raise InvalidInputError(
+                    "checkpoint", f"adapter keys unknown: {result.unexpected_keys[:5]}"
                 )
-        return tensors
+        else:
+            load_weights_into(self.model, [folder / WEIGHTS_NAME])
+        if optimizer:
+            self._load_optimizer_tensors(
+                load_file(str(folder / OPTIMIZER_NAME), device=self.config.device)
+            )
+        else:
+            self.optimizer.state.clear()
 
     def _load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.optimizer.state.clear()

@@ -241,7 +241,7 @@ def test_sampler_logprobs_match_trainer_after_weight_sync(
     )
 
 
-def test_lora_trains_only_adapters_and_its_checkpoint_is_a_peft_adapter(
+def test_lora_trains_only_adapters_and_its_state_holds_only_the_adapters(
     model_dir: Path, tmp_path: Path
 ) -> None:
     trainer = TrainerEngine(model_dir, max_seq_len=32, lora_rank=4)
@@ -256,7 +256,7 @@ def test_lora_trains_only_adapters_and_its_checkpoint_is_a_peft_adapter(
     assert torch.equal(trainer.base_model.get_input_embeddings().weight, embed_before)
     manifest = trainer.save_state(tmp_path / "state")
     names = {f.path for f in manifest.files}
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors"} <= names
+    assert {"adapter_config.json", "dcp/.metadata", "dcp/__0_0.distcp"} <= names
     assert "model.safetensors" not in names
     with pytest.raises(InvalidInputError) as err:
         TrainerEngine(model_dir, max_seq_len=32).load_state(tmp_path / "state")
@@ -290,8 +290,8 @@ def test_bad_requests_name_the_field_and_leave_gradients_alone(model_dir: Path) 
 def test_tampered_state_is_refused_before_loading(model_dir: Path, tmp_path: Path) -> None:
     trainer = TrainerEngine(model_dir, max_seq_len=32)
     trainer.save_state(tmp_path / "state")
-    with (tmp_path / "state" / "optimizer.safetensors").open("ab") as fh:
+    with (tmp_path / "state" / "dcp" / "__0_0.distcp").open("ab") as fh:
         fh.write(b"\x00")
 
-    with pytest.raises(ChecksumMismatchError, match="optimizer"):
+    with pytest.raises(ChecksumMismatchError, match="distcp"):
         TrainerEngine(model_dir, max_seq_len=32).load_state(tmp_path / "state")
