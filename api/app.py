@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from api.config import ApiSettings, get_api_settings
 from api.deps import AppState
 from api.errors import install_error_handlers
-from api.routes import checkpoints, futures, runs, sampling, sessions, training
+from api.routes import checkpoints, futures, runs, sampling, sessions, training, weight_sync
 from api.tinker import rest as tinker_rest
 from api.tinker import routes as tinker_routes
 from infra.settings import Settings, get_settings
@@ -46,6 +46,8 @@ def create_app(
     install_error_handlers(app)
     for module in (sessions, runs, training, sampling, futures, checkpoints):
         app.include_router(module.router)
+    app.include_router(weight_sync.runs_router)
+    app.include_router(weight_sync.samplers_router)
     app.include_router(tinker_routes.router)  # the Tinker wire protocol over the same commands
     app.include_router(tinker_rest.router)  # and the Tinker RestClient's reads and deletes
 

@@ -26,7 +26,8 @@ from typing import Any, Generic, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from commands.work import AdamParams, Datum, LossFn
+from commands.loops import HotloadOptions
+from commands.work import AdamParams, CompressionFormat, Datum, LossFn
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -298,6 +299,16 @@ class ServiceClient:
         send()
         return APIFuture(self.http, request_id, transform=_identity, resubmit=send)
 
+    def promote_checkpoint(
+        self, checkpoint_id: str, *, environment: str = "production"
+    ) -> APIFuture[Json]:
+        """Promote a sampler checkpoint (a base, or any LoRA one) to an environment; a
+        non-promotable one is rejected with the rule."""
+        return self._submit(
+            f"/v1/loops/checkpoints/{checkpoint_id}/promote", {"environment": environment},
+            _identity,
+        )  # fmt: skip
+
     def delete_checkpoint(self, checkpoint_id: str) -> APIFuture[Json]:
         request_id = str(uuid.uuid4())
 
@@ -331,6 +342,27 @@ class ServiceClient:
 
     def get_checkpoint(self, checkpoint_id: str) -> Json:
         return self.http.request("GET", f"/v1/loops/checkpoints/{checkpoint_id}")
+
+    def get_sampler_weights(self, sampler_id: str) -> Json:
+        """What the sampler serves, the newest sync sent to it, the last hotload's outcome."""
+        return self.http.request("GET", f"/v1/loops/samplers/{sampler_id}/weights")
+
+    def list_weight_syncs(
+        self,
+        sampler_id: str,
+        *,
+        request_id: str | None = None,
+        checkpoint_id: str | None = None,
+        limit: int = 50,
+    ) -> list[Json]:
+        """The sampler's numbered syncs, newest first, each with its hotload outcome."""
+        params: dict[str, Any] = {"limit": limit}
+        if request_id is not None:
+            params["request_id"] = request_id
+        if checkpoint_id is not None:
+            params["checkpoint_id"] = checkpoint_id
+        page = self.http.request("GET", f"/v1/loops/samplers/{sampler_id}/syncs", params=params)
+        return list(page["data"])
 
     def get_future(self, request_id: str, *, wait_s: float = 0.0) -> Json:
         return APIFuture(self.http, request_id, transform=_identity).poll(wait_s)
@@ -433,15 +465,53 @@ class TrainingClient:
         """Result: {logprobs: one list per sequence}."""
         return self._post("compute_logprobs", {"sequences": [list(s) for s in sequences]})
 
-    def save_weights(self, name: str, *, ttl_seconds: int | None = None) -> APIFuture[Json]:
-        """Full training state. Result: {path (bt://loops URI), checkpoint_id, ...}."""
-        return self._post("save_weights", {"name": name, "ttl_seconds": ttl_seconds})
+    def save_weights(
+        self,
+        name: str,
+        *,
+        ttl_seconds: int | None = None,
+        loader_state: Json | None = None,
+    ) -> APIFuture[Json]:
+        """Full training state (resumable); `loader_state` is the caller's data position, handed
+        back on load. Result: {path (bt://loops URI), checkpoint_id, ...}."""
+        body: Json = {"name": name, "ttl_seconds": ttl_seconds}
+        if loader_state is not None:
+            body["loader_state"] = loader_state
+        return self._post("save_weights", body)
 
     def save_weights_for_sampler(
-        self, name: str, *, ttl_seconds: int | None = None
+        self,
+        name: str,
+        *,
+        ttl_seconds: int | None = None,
+        checkpoint_type: str | None = None,
+        compression_format: CompressionFormat | None = None,
+        hotload: bool | HotloadOptions = True,
     ) -> APIFuture[Json]:
-        """Sampler weights, synced to the run's sampler. Result as save_weights."""
-        return self._post("save_weights_for_sampler", {"name": name, "ttl_seconds": ttl_seconds})
+        """Sampler weights: a `base`, or a `delta` against the last sampler save. Synced to the
+        run's sampler (`hotload` True or options) or only saved (`hotload=False`). Result as
+        save_weights, plus checkpoint_type."""
+        body: Json = {"name": name, "ttl_seconds": ttl_seconds, "checkpoint_type": checkpoint_type}
+        if compression_format is not None:
+            body["compression_format"] = compression_format
+        if hotload is False:
+            body["hotload"] = None
+        elif isinstance(hotload, HotloadOptions):
+            body["hotload"] = hotload.model_dump()
+        return self._post("save_weights_for_sampler", body)
+
+    def hotload(
+        self,
+        name: str,
+        *,
+        checkpoint_type: str | None = None,
+        options: HotloadOptions | None = None,
+    ) -> APIFuture[Json]:
+        """Sync the sampler snapshot `name` of this run to its sampler. The future is accepted
+        once the sync is recorded; its outcome is in `service.list_weight_syncs`."""
+        body: Json = {"name": name, "checkpoint_type": checkpoint_type,
+                      **(options or HotloadOptions()).model_dump()}  # fmt: skip
+        return self._post("hotload", body)
 
     def save_weights_and_get_sampling_client(
         self, name: str, *, timeout: float | None = 300.0
@@ -477,9 +547,12 @@ class SamplingClient:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         affinity_key: str | None = None,
+        min_weights_version: int | None = None,
+        min_weights_wait_s: float = 60.0,
     ) -> APIFuture[Json]:
         """Result: {prompt_tokens, sequences: [{tokens, text, logprobs, stop_reason}], and the
-        weights version that produced them}."""
+        weights version that produced them}. `min_weights_version`: only weights of that sync
+        or later (the sampler waits up to `min_weights_wait_s`, then the request is rejected)."""
         body = {
             "prompt": prompt,
             "prompt_tokens": list(prompt_tokens) if prompt_tokens is not None else None,
@@ -492,4 +565,7 @@ class SamplingClient:
             "checkpoint_uri": self.checkpoint_uri,
             "affinity_key": affinity_key,
         }
+        if min_weights_version is not None:
+            body["min_weights_version"] = min_weights_version
+            body["min_weights_wait_s"] = min_weights_wait_s
         return self.service._submit(f"/v1/loops/samplers/{self.sampler_id}/sample", body, _identity)

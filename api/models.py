@@ -11,9 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from commands.loops import CHECKPOINT_NAME, MAX_SEQ_LEN_LIMIT, CheckpointUri
+from commands.loops import (
+    CHECKPOINT_NAME,
+    ENVIRONMENT_NAME,
+    MAX_SEQ_LEN_LIMIT,
+    CheckpointUri,
+    HotloadOptions,
+)
 from commands.work import (
+    DEFAULT_COMPRESSION_FORMAT,
     AdamParams,
+    CompressionFormat,
     ComputeLogprobs,
     ForwardBackward,
     OptimStep,
@@ -45,12 +53,36 @@ class ComputeLogprobsCreate(ComputeLogprobs):
 
 
 class SaveWeightsCreate(BaseModel):
-    """The kind comes from the route (save_weights vs save_weights_for_sampler)."""
+    """The kind comes from the route (save_weights vs save_weights_for_sampler); the fields of
+    the other kind are refused (see `commands.work.SaveWeights`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=CHECKPOINT_NAME)
     ttl_seconds: int | None = Field(default=None, ge=1)
+    # save_weights_for_sampler only:
+    checkpoint_type: Literal["base", "delta"] | None = None
+    compression_format: CompressionFormat = DEFAULT_COMPRESSION_FORMAT
+    hotload: HotloadOptions | None = Field(
+        default_factory=HotloadOptions, description="null: save only, hotload later"
+    )
+    # save_weights only: the caller's data position, handed back when the state is loaded.
+    loader_state: dict[str, Any] | None = None
+    request_id: str | None = REQUEST_ID
+
+
+class HotloadCreate(HotloadOptions):
+    """Sync a saved sampler snapshot of the run to its sampler."""
+
+    name: str = Field(pattern=CHECKPOINT_NAME, description="the snapshot's checkpoint name")
+    checkpoint_type: Literal["base", "delta"] | None = None
+    request_id: str | None = REQUEST_ID
+
+
+class PromoteCreate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    environment: str = Field(default="production", pattern=ENVIRONMENT_NAME)
     request_id: str | None = REQUEST_ID
 
 
@@ -163,6 +195,9 @@ class CheckpointPublic(Public):
     delete_reason: str | None
     created_at: datetime
     deleted_at: datetime | None
+    checkpoint_type: Literal["base", "delta"] | None = None  # sampler weights
+    chain_position: int | None = None
+    promoted_to: list[str] = Field(default_factory=list)  # environments
 
 
 class CheckpointsPublic(BaseModel):
@@ -188,6 +223,62 @@ class CheckpointFilesPage(BaseModel):
     presigned_urls: list[PresignedUrl]
     total_count: int
     next_page_token: str | None
+
+
+# --- weight sync --------------------------------------------------------------------------------
+
+
+class WeightSyncPublic(Public):
+    """One numbered sync of a sampler and how its hotload went."""
+
+    sampler_id: str
+    weights_version: int
+    checkpoint_id: str
+    uri: str
+    content_digest: str
+    checkpoint_type: Literal["base", "delta"] | None
+    warmup: bool
+    warmup_max_retries: int
+    reset_prompt_cache: bool
+    requested_at: datetime
+    request_id: str | None = Field(validation_alias="command_id")
+    status: Literal["requested", "started", "succeeded", "failed"]
+    reason: str | None
+    rolled_back: bool | None
+    folders_applied: int | None
+    bytes_moved: int | None
+    fetch_ms: float | None
+    apply_ms: float | None
+    total_ms: float | None
+    warmup_attempts: int | None
+    warmup_ms: float | None
+    prompt_cache_entries_dropped: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class WeightSyncsPublic(BaseModel):
+    data: list[WeightSyncPublic]
+    count: int
+
+
+class SamplerWeightsPublic(BaseModel):
+    """A sampler's weight-sync state: `check_deployment_state` of the weight syncer."""
+
+    sampler_id: str
+    status: Literal["active", "stopped"]
+    ready: bool = Field(description="a worker hosts the sampler; syncs reach it")
+    ready_at: datetime | None
+    serving_version: int | None = Field(description="sync the served weights came from")
+    serving_checkpoint_id: str | None
+    serving_uri: str | None
+    serving_digest: str | None
+    target_version: int | None = Field(description="newest sync sent to the sampler")
+    pending: bool = Field(description="a sync was sent that is not served yet")
+    last_hotload_version: int | None
+    last_hotload_status: Literal["succeeded", "failed"] | None
+    last_hotload_reason: str | None
+    last_hotload_at: datetime | None
 
 
 # --- futures ------------------------------------------------------------------------------------

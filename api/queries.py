@@ -15,6 +15,13 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 Row = dict[str, Any]
 
+# A checkpoint row with the environments it was promoted to, as a list.
+_CHECKPOINT = (
+    "select c.*, coalesce((select json_agg(p.environment order by p.environment) "
+    "from {s}.promotions p where p.checkpoint_id = c.checkpoint_id), '[]') as promoted_to "
+    "from {s}.checkpoints c"
+)
+
 
 class ReadModels:
     def __init__(self, conn: Connection, schema: str) -> None:
@@ -63,8 +70,7 @@ class ReadModels:
 
     def checkpoints_of_session(self, session_id: str) -> list[Row]:
         return self._all(
-            "select * from {s}.checkpoints where session_id = :id "
-            "order by created_at, checkpoint_id",
+            _CHECKPOINT + " where c.session_id = :id order by c.created_at, c.checkpoint_id",
             id=session_id,
         )
 
@@ -91,16 +97,51 @@ class ReadModels:
         )
 
     def checkpoint(self, checkpoint_id: str) -> Row | None:
-        return self._one(
-            "select * from {s}.checkpoints where checkpoint_id = :id", id=checkpoint_id
-        )
+        return self._one(_CHECKPOINT + " where c.checkpoint_id = :id", id=checkpoint_id)
 
     def checkpoints_of_run(self, run_id: str, *, include_deleted: bool) -> list[Row]:
-        status = "" if include_deleted else "and status = 'active'"
+        status = "" if include_deleted else "and c.status = 'active'"
         return self._all(
-            f"select * from {{s}}.checkpoints where run_id = :id {status} "
-            "order by created_at, checkpoint_id",
+            _CHECKPOINT + f" where c.run_id = :id {status} order by c.created_at, c.checkpoint_id",
             id=run_id,
+        )
+
+    # --- weight syncs ---------------------------------------------------------------------------
+
+    def sampler_weights(self, sampler_id: str) -> Row | None:
+        """What the sampler serves, and the newest sync sent to it."""
+        return self._one(
+            "select w.*, (select max(weights_version) from {s}.weight_syncs ws "
+            "where ws.sampler_id = :id) as target_version "
+            "from (select :id as sampler_id) q left join {s}.sampler_weights w using (sampler_id)",
+            id=sampler_id,
+        )
+
+    def weight_syncs(
+        self, sampler_id: str, *, request_id: str | None, checkpoint_id: str | None, limit: int
+    ) -> list[Row]:
+        """Syncs of a sampler, newest first, each with how its hotload went (if it started)."""
+        where = ["ws.sampler_id = :id"]
+        if request_id is not None:
+            # A save's sync is caused by its RecordCheckpoint follow-up, "<request id>:record".
+            where.append("ws.command_id in (:request_id, :record_id)")
+        if checkpoint_id is not None:
+            where.append("ws.checkpoint_id = :checkpoint_id")
+        return self._all(
+            "select ws.sampler_id, ws.weights_version, ws.checkpoint_id, ws.uri, "
+            "ws.content_digest, ws.checkpoint_type, ws.warmup, ws.warmup_max_retries, "
+            "ws.reset_prompt_cache, ws.requested_at, ws.command_id, "
+            "coalesce(h.status, 'requested') as status, h.reason, h.rolled_back, "
+            "h.folders_applied, h.bytes_moved, h.fetch_ms, h.apply_ms, h.total_ms, "
+            "h.warmup_attempts, h.warmup_ms, h.prompt_cache_entries_dropped, h.started_at, "
+            "h.finished_at from {s}.weight_syncs ws left join {s}.hotloads h "
+            "on h.sampler_id = ws.sampler_id and h.weights_version = ws.weights_version "
+            f"where {' and '.join(where)} order by ws.weights_version desc limit :limit",
+            id=sampler_id,
+            request_id=request_id,
+            record_id=f"{request_id}:record",
+            checkpoint_id=checkpoint_id,
+            limit=limit,
         )
 
     # --- futures --------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from events.loops import (
     CheckpointDeleted,
     CheckpointFile,
     CheckpointKind,
+    CheckpointPromoted,
     CheckpointSaved,
+    CheckpointType,
     DomainEvent,
     RunCreated,
     RunStopped,
@@ -46,6 +48,12 @@ MAX_SEQ_LEN_LIMIT = 1_048_576
 
 
 MANIFEST_FILE = "manifest.json"
+ENVIRONMENT_NAME = r"^[a-z][a-z0-9-]{0,39}$"
+PROMOTABILITY_RULE = (
+    "For full-parameter training, only the first checkpoint (saved as base) is promotable; "
+    "subsequent delta checkpoints are not. LoRA checkpoints are always promotable (delta chain "
+    "is disabled via lora_rank > 0)."
+)
 
 
 def _check_checkpoint_uri(value: str) -> str:
@@ -119,6 +127,18 @@ class CreateRun(Command):
     )
 
 
+class HotloadOptions(BaseModel):
+    """What a sampler does around a weight sync (the weight syncer's constructor options)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    warmup: bool = Field(default=False, description="send a warmup request after the swap")
+    warmup_max_retries: int = Field(default=10, ge=0, le=100)
+    reset_prompt_cache: bool = Field(
+        default=True, description="drop prompt caches computed with the old weights"
+    )
+
+
 class RecordCheckpoint(Command):
     """A trainer finished writing a checkpoint folder to the store; make it part of the record."""
 
@@ -129,6 +149,28 @@ class RecordCheckpoint(Command):
     files: tuple[CheckpointFile, ...] = Field(min_length=1)
     step: int | None = Field(default=None, ge=0)
     ttl_seconds: int | None = Field(default=None, ge=1)
+    checkpoint_type: CheckpointType | None = None  # sampler weights: base or delta
+    chain_position: int | None = Field(default=None, ge=0)
+    # Sampler weights: sync them to the run's sampler now (None: save only, `HotloadWeights` later).
+    hotload: HotloadOptions | None = Field(default_factory=HotloadOptions)
+
+
+class HotloadWeights(Command):
+    """Sync a saved sampler snapshot to the run's sampler (the weight syncer's `hotload`)."""
+
+    run_id: str = Field(pattern=RESOURCE_ID)
+    name: str = Field(pattern=CHECKPOINT_NAME, description="the snapshot's checkpoint name")
+    # When given, must match how the snapshot was saved: a caller that thinks it sends a base
+    # but names a delta would otherwise load a chain it did not mean to.
+    checkpoint_type: CheckpointType | None = None
+    options: HotloadOptions = Field(default_factory=HotloadOptions)
+
+
+class PromoteCheckpoint(Command):
+    """Promote a sampler checkpoint to an environment: it becomes a deployable, kept artifact."""
+
+    checkpoint_id: str = Field(pattern=RESOURCE_ID)
+    environment: str = Field(default="production", pattern=ENVIRONMENT_NAME)
 
 
 class DeleteCheckpoint(Command):
@@ -141,6 +183,8 @@ COMMANDS: tuple[type[Command], ...] = (
     EndSession,
     CreateRun,
     RecordCheckpoint,
+    HotloadWeights,
+    PromoteCheckpoint,
     DeleteCheckpoint,
 )
 
@@ -157,6 +201,7 @@ class RunState:
     from_checkpoint: str | None
     keep_last_checkpoints: int | None = None
     active: bool = True
+    weights_version: int = 0  # syncs sent to the run's sampler so far
 
 
 @dataclass(frozen=True)
@@ -169,6 +214,10 @@ class CheckpointState:
     step: int | None
     expires_at: datetime | None
     deleted: bool = False
+    checkpoint_type: CheckpointType | None = None
+    chain_position: int | None = None
+    content_digest: str = ""
+    promoted_to: frozenset[str] = frozenset()  # environments
 
 
 def _frozen_map() -> MappingProxyType:
@@ -202,6 +251,21 @@ class SessionState:
 
 def initial_state(aggregate_id: str) -> SessionState:
     return SessionState(session_id=aggregate_id)
+
+
+class NotPromotableError(ValueError):
+    """A checkpoint that cannot stand alone as a deployable model was asked to be promoted."""
+
+
+def check_promotable(*, checkpoint_type: CheckpointType, position: int, lora_rank: int) -> None:
+    """Raise NotPromotableError, quoting the seed's rule, unless the checkpoint may be promoted."""
+    if lora_rank > 0:
+        return
+    if checkpoint_type == "base" and position == 0:
+        return
+    raise NotPromotableError(
+        f"checkpoint is a {checkpoint_type} at chain position {position}: {PROMOTABILITY_RULE}"
+    )
 
 
 # --- decide ----------------------------------------------------------------------------------
@@ -339,21 +403,119 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
             total_size_bytes=sum(f.size_bytes for f in command.files),
             step=command.step,
             expires_at=expires_at,
+            checkpoint_type=command.checkpoint_type,
+            chain_position=command.chain_position,
         )
     ]
     saved += _retention(state, run, command.kind)
-    if command.kind == "sampler_weights":
+    if command.kind == "sampler_weights" and command.hotload is not None:
         saved.append(
-            WeightsReady(
-                sampler_id=run.sampler_id,
-                run_id=run.run_id,
-                session_id=state.session_id,
+            _weights_ready(
+                state,
+                run,
                 checkpoint_id=command.checkpoint_id,
                 uri=uri,
-                content_digest=content_digest(command.files),
+                digest=content_digest(command.files),
+                checkpoint_type=command.checkpoint_type,
+                options=command.hotload,
             )
         )
     return saved
+
+
+def _weights_ready(
+    state: SessionState,
+    run: RunState,
+    *,
+    checkpoint_id: str,
+    uri: str,
+    digest: str,
+    checkpoint_type: CheckpointType | None,
+    options: HotloadOptions,
+) -> WeightsReady:
+    return WeightsReady(
+        sampler_id=run.sampler_id,
+        run_id=run.run_id,
+        session_id=state.session_id,
+        checkpoint_id=checkpoint_id,
+        uri=uri,
+        content_digest=digest,
+        weights_version=run.weights_version + 1,
+        checkpoint_type=checkpoint_type,
+        warmup=options.warmup,
+        warmup_max_retries=options.warmup_max_retries,
+        reset_prompt_cache=options.reset_prompt_cache,
+    )
+
+
+@_decide_in_active_session.register
+def _(command: HotloadWeights, state: SessionState, now: datetime) -> list[DomainEvent]:
+    run = state.runs.get(command.run_id)
+    if run is None:
+        raise Rejected(
+            f"run {command.run_id} does not exist in session {state.session_id}", field="run_id"
+        )
+    if not run.active:
+        raise Rejected(f"run {command.run_id} is stopped", field="run_id")
+    checkpoint = state.live_checkpoint(command.run_id, "sampler_weights", command.name)
+    if checkpoint is None:
+        raise Rejected(
+            f"run {command.run_id} has no sampler_weights snapshot named {command.name!r}",
+            field="name",
+        )
+    saved_as = checkpoint.checkpoint_type or "base"
+    if command.checkpoint_type is not None and command.checkpoint_type != saved_as:
+        raise Rejected(
+            f"snapshot {command.name!r} was saved as a {saved_as}, not a {command.checkpoint_type}",
+            field="checkpoint_type",
+        )
+    return [
+        _weights_ready(
+            state,
+            run,
+            checkpoint_id=checkpoint.checkpoint_id,
+            uri=checkpoint.uri,
+            digest=checkpoint.content_digest,
+            checkpoint_type=saved_as,
+            options=command.options,
+        )
+    ]
+
+
+@_decide_in_active_session.register
+def _(command: PromoteCheckpoint, state: SessionState, now: datetime) -> list[DomainEvent]:
+    checkpoint = state.checkpoints.get(command.checkpoint_id)
+    if checkpoint is None or checkpoint.deleted:
+        state_word = "is deleted" if checkpoint is not None else "does not exist"
+        raise Rejected(f"checkpoint {command.checkpoint_id} {state_word}", field="checkpoint_id")
+    if checkpoint.kind != "sampler_weights":
+        raise Rejected(
+            f"checkpoint {command.checkpoint_id} is a {checkpoint.kind} (training state) "
+            "checkpoint; promote sampler_weights, the servable model",
+            field="checkpoint_id",
+        )
+    if command.environment in checkpoint.promoted_to:
+        raise Rejected(
+            f"checkpoint {command.checkpoint_id} is already promoted to {command.environment}",
+            field="environment",
+        )
+    try:
+        check_promotable(
+            checkpoint_type=checkpoint.checkpoint_type or "base",
+            position=checkpoint.chain_position or 0,
+            lora_rank=state.runs[checkpoint.run_id].lora_rank,
+        )
+    except NotPromotableError as exc:
+        raise Rejected(str(exc), field="checkpoint_id") from exc
+    return [
+        CheckpointPromoted(
+            checkpoint_id=checkpoint.checkpoint_id,
+            run_id=checkpoint.run_id,
+            session_id=state.session_id,
+            uri=checkpoint.uri,
+            environment=command.environment,
+        )
+    ]
 
 
 def _retention(state: SessionState, run: RunState, kind: str) -> list[DomainEvent]:
@@ -364,7 +526,7 @@ def _retention(state: SessionState, run: RunState, kind: str) -> list[DomainEven
     live = [
         c
         for c in state.checkpoints.values()
-        if not c.deleted and c.run_id == run.run_id and c.kind == kind
+        if not c.deleted and c.run_id == run.run_id and c.kind == kind and not c.promoted_to
     ]
     excess = len(live) + 1 - run.keep_last_checkpoints
     return [
@@ -387,6 +549,13 @@ def _(command: DeleteCheckpoint, state: SessionState, now: datetime) -> list[Dom
     if checkpoint.deleted:
         raise Rejected(
             f"checkpoint {command.checkpoint_id} is already deleted", field="checkpoint_id"
+        )
+    if checkpoint.promoted_to and command.reason != "deleted":
+        # Expiry and retention never take an environment's weights; a user still may.
+        raise Rejected(
+            f"checkpoint {command.checkpoint_id} is promoted to "
+            f"{', '.join(sorted(checkpoint.promoted_to))}: kept until deleted by a user",
+            field="checkpoint_id",
         )
     return [
         CheckpointDeleted(
@@ -463,6 +632,9 @@ def _(event: CheckpointSaved, state: SessionState) -> SessionState:
         uri=event.uri,
         step=event.step,
         expires_at=event.expires_at,
+        checkpoint_type=event.checkpoint_type,
+        chain_position=event.chain_position,
+        content_digest=content_digest(event.files),
     )
     return replace(
         state,
@@ -472,7 +644,23 @@ def _(event: CheckpointSaved, state: SessionState) -> SessionState:
 
 @_evolve.register
 def _(event: WeightsReady, state: SessionState) -> SessionState:
-    return state  # a notification for the sampler; the checkpoint is already recorded
+    run = state.runs[event.run_id]
+    run = replace(run, weights_version=max(event.weights_version, run.weights_version + 1))
+    return replace(state, runs=MappingProxyType({**state.runs, run.run_id: run}))
+
+
+@_evolve.register
+def _(event: CheckpointPromoted, state: SessionState) -> SessionState:
+    checkpoint = state.checkpoints[event.checkpoint_id]
+    checkpoint = replace(
+        checkpoint,
+        promoted_to=checkpoint.promoted_to | {event.environment},
+        expires_at=None,
+    )
+    return replace(
+        state,
+        checkpoints=MappingProxyType({**state.checkpoints, checkpoint.checkpoint_id: checkpoint}),
+    )
 
 
 @_evolve.register

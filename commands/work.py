@@ -9,11 +9,11 @@ so a bad value is refused with the same message (naming the field) wherever it i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI
+from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI, HotloadOptions
 
 LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 # The loss_fn_config keys each loss takes (gpu_workers.engine.types has their defaults).
@@ -25,6 +25,9 @@ LOSS_FN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "dro": ("beta",),
 }
 IGNORE_INDEX = -100  # cross_entropy ignores target positions marked with it
+# How a delta checkpoint is encoded (gpu_workers/deltas.py): lossless all three.
+CompressionFormat = Literal["raw", "zstd", "xor_zstd"]
+DEFAULT_COMPRESSION_FORMAT: CompressionFormat = "xor_zstd"
 
 
 class WorkRequest(BaseModel):
@@ -115,7 +118,8 @@ class ComputeLogprobs(WorkRequest):
 
 class SaveWeights(WorkRequest):
     """`weights`: full training state (resumable, optimizer included); `sampler_weights`: the
-    weights a sampler loads. Saving sampler weights also syncs them to the run's sampler."""
+    weights a sampler loads. Saving sampler weights also syncs them to the run's sampler, unless
+    `hotload` is null (save only; `HotloadWeights` syncs the snapshot later)."""
 
     name: str = Field(pattern=CHECKPOINT_NAME)
     kind: Literal["weights", "sampler_weights"] = "sampler_weights"
@@ -123,11 +127,19 @@ class SaveWeights(WorkRequest):
     # Sampler weights: a full `base`, or a `delta` against the last sampler save (only changed
     # tensors, lossless). None = base; LoRA runs always save a base.
     checkpoint_type: Literal["base", "delta"] | None = None
+    compression_format: CompressionFormat = DEFAULT_COMPRESSION_FORMAT  # of a delta
+    hotload: HotloadOptions | None = Field(default_factory=HotloadOptions)
+    # Full-state saves: the caller's data position (epoch, batch, ...), handed back on load.
+    loader_state: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _type_for_sampler_weights(self) -> SaveWeights:
+    def _fields_for_the_kind(self) -> SaveWeights:
+        # compression_format and hotload have defaults that a state save simply ignores; a value
+        # that only makes sense for the other kind is refused.
         if self.checkpoint_type is not None and self.kind != "sampler_weights":
             raise ValueError("checkpoint_type applies to sampler_weights saves only")
+        if self.loader_state is not None and self.kind != "weights":
+            raise ValueError("loader_state applies to weights (full state) saves only")
         return self
 
 
@@ -145,11 +157,17 @@ class Sample(WorkRequest):
     prompt_logprobs: bool = False
     # Pinned to one checkpoint, or None to follow the latest weights the sampler has.
     checkpoint_uri: str | None = None
+    # Serve only with weights from sync N or later (`weights_version` in every answer); the
+    # sampler waits up to `min_weights_wait_s` for that sync to land, then refuses.
+    min_weights_version: int | None = Field(default=None, ge=1)
+    min_weights_wait_s: float = Field(default=60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Sample:
         if self.top_k == 0:
             raise ValueError("top_k must be -1 (off) or >= 1")
+        if self.min_weights_version is not None and self.checkpoint_uri is not None:
+            raise ValueError("give checkpoint_uri or min_weights_version, not both")
         if (self.prompt_tokens is None) == (self.prompt is None):
             raise ValueError("give exactly one of prompt_tokens or prompt")
         if self.checkpoint_uri is not None and not CHECKPOINT_URI.match(self.checkpoint_uri):

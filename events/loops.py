@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 CheckpointKind = Literal["weights", "sampler_weights"]
+CheckpointType = Literal["base", "delta"]
 
 
 class DomainEvent(BaseModel):
@@ -88,10 +89,16 @@ class CheckpointSaved(DomainEvent):
     total_size_bytes: int
     step: int | None = None
     expires_at: datetime | None = None
+    # Sampler weights: a full `base` or a `delta` against its parent, and its place in the chain.
+    checkpoint_type: CheckpointType | None = None
+    chain_position: int | None = None
 
 
 class WeightsReady(DomainEvent):
-    """New sampler weights of a run are in the store: its sampler should load them."""
+    """A weight sync: the run's sampler should load these weights (a save with hotload on, or a
+    `HotloadWeights` of a saved snapshot). `weights_version` numbers the syncs of one sampler
+    1, 2, 3...: every sample names the version that produced it, and a request may ask for a
+    version >= N."""
 
     sampler_id: str
     run_id: str
@@ -99,6 +106,23 @@ class WeightsReady(DomainEvent):
     checkpoint_id: str
     uri: str
     content_digest: str
+    weights_version: int = 0  # 0: written before syncs were numbered
+    checkpoint_type: CheckpointType | None = None
+    # What the sampler does after the swap (the weight syncer's options).
+    warmup: bool = False
+    warmup_max_retries: int = 10
+    reset_prompt_cache: bool = True
+
+
+class CheckpointPromoted(DomainEvent):
+    """A checkpoint was promoted to an environment: it is kept (no expiry, no retention) as the
+    weights that environment serves. Only promotable checkpoints get here (a base, or LoRA)."""
+
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    uri: str
+    environment: str
 
 
 class CheckpointDeleted(DomainEvent):
@@ -119,4 +143,5 @@ LOOPS_EVENTS: tuple[type[DomainEvent], ...] = (
     CheckpointSaved,
     WeightsReady,
     CheckpointDeleted,
+    CheckpointPromoted,
 )

@@ -75,6 +75,14 @@ class SamplerEvent(DomainEvent):
     aggregate_type: ClassVar[str] = "sampler"
 
 
+class SamplerReady(SamplerEvent):
+    """A worker hosts the sampler: its engine is up and weight syncs reach it from now on."""
+
+    base_model: str
+    content_digest: str  # the base model's weights, served until the first hotload
+    load_ms: float
+
+
 class WeightsLoaded(SamplerEvent):
     """A sampler swapped in new weights, between requests, without restarting."""
 
@@ -82,6 +90,7 @@ class WeightsLoaded(SamplerEvent):
     uri: str | None
     content_digest: str
     load_ms: float
+    weights_version: int | None = None  # the sync (WeightsReady); None: a pinned checkpoint
 
 
 class HotloadStarted(SamplerEvent):
@@ -90,6 +99,7 @@ class HotloadStarted(SamplerEvent):
     checkpoint_id: str | None
     uri: str
     from_digest: str  # the weights version served now (a delta chain continues from it)
+    weights_version: int | None = None
 
 
 class HotloadSucceeded(SamplerEvent):
@@ -104,6 +114,10 @@ class HotloadSucceeded(SamplerEvent):
     fetch_ms: float  # download + sha256 of every file
     apply_ms: float  # decode, digest check, swap
     total_ms: float
+    weights_version: int | None = None
+    prompt_cache_entries_dropped: int | None = None  # None: the cache was kept (not asked)
+    warmup_attempts: int = 0  # 0: no warmup asked
+    warmup_ms: float | None = None
 
 
 class HotloadFailed(SamplerEvent):
@@ -116,6 +130,9 @@ class HotloadFailed(SamplerEvent):
     total_ms: float
     serving_checkpoint_id: str | None  # what it keeps serving
     serving_digest: str
+    weights_version: int | None = None  # the sync that failed
+    serving_weights_version: int | None = None
+    rolled_back: bool = False  # the weights were swapped in, failed warmup, and were swapped out
 
 
 class SamplesGenerated(SamplerEvent):
@@ -124,6 +141,7 @@ class SamplesGenerated(SamplerEvent):
     num_tokens: int
     weights_checkpoint_id: str | None
     weights_digest: str
+    weights_version: int | None = None  # the sync the weights came from; None: pinned
 
 
 WORK_EVENTS: tuple[type[DomainEvent], ...] = (
@@ -133,6 +151,7 @@ WORK_EVENTS: tuple[type[DomainEvent], ...] = (
     OptimStepCompleted,
     LogprobsComputed,
     WeightsSaved,
+    SamplerReady,
     WeightsLoaded,
     HotloadStarted,
     HotloadSucceeded,

@@ -25,12 +25,14 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import torch
 import zstandard
 from safetensors.torch import load_file, save_file
 
+from commands.work import DEFAULT_COMPRESSION_FORMAT, CompressionFormat
+from events.loops import CheckpointType
 from gpu_workers.manifest import (
     ChecksumMismatchError,
     Manifest,
@@ -39,26 +41,17 @@ from gpu_workers.manifest import (
     write_manifest,
 )
 
-CheckpointType = Literal["base", "delta"]
-Codec = Literal["raw", "zstd", "xor_zstd"]
-CODECS: tuple[Codec, ...] = ("raw", "zstd", "xor_zstd")
-DEFAULT_CODEC: Codec = "xor_zstd"
+# The wire name is `compression_format` (SaveWeights); here it is the codec of a delta.
+Codec = CompressionFormat
+CODECS: tuple[Codec, ...] = get_args(CompressionFormat)
+DEFAULT_CODEC: Codec = DEFAULT_COMPRESSION_FORMAT
 CHAIN_NAME = "chain.json"
 DELTA_WEIGHTS_NAME = "delta.safetensors"
 DELTA_INDEX_NAME = "delta_index.json"
 CHAIN_FORMAT = "loopstream.weights_chain/v1"
 ZSTD_LEVEL = 3  # level 3 is zstd's default: ~300 MB/s per core, most of the gain of higher levels
-PROMOTABILITY_RULE = (
-    "For full-parameter training, only the first checkpoint (saved as base) is promotable; "
-    "subsequent delta checkpoints are not. LoRA checkpoints are always promotable (delta chain "
-    "is disabled via lora_rank > 0)."
-)
 # Same-width integer views of float tensors, so XOR works on their bits.
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class NotPromotableError(ValueError):
-    """A checkpoint that cannot stand alone as a deployable model was asked to be promoted."""
 
 
 class DeltaChainError(ValueError):
@@ -119,17 +112,6 @@ def choose_checkpoint_type(
             "started or since reset_delta_chain); save a base first"
         )
     return requested or "base"
-
-
-def check_promotable(*, checkpoint_type: CheckpointType, position: int, lora_rank: int) -> None:
-    """Raise NotPromotableError, quoting the rule, unless the checkpoint may be promoted."""
-    if lora_rank > 0:
-        return
-    if checkpoint_type == "base" and position == 0:
-        return
-    raise NotPromotableError(
-        f"checkpoint is a {checkpoint_type} at chain position {position}: {PROMOTABILITY_RULE}"
-    )
 
 
 # ---------------------------------------------------------------------------------- digests

@@ -3,19 +3,22 @@
     python -m gpu_workers.sampler_worker
 
 Per sampler it holds one engine (torch here; vLLM on a GPU host behind the same interface).
-Between request batches it reads `WeightsReady` events and swaps the new weights in (verified
-against their manifest), so a swap never lands inside a request. On its first request a sampler
-comes up on the newest sampler weights of its run (a restarted worker resumes there). A request
-pinned to a checkpoint gets exactly those weights. Every response and every `SamplesGenerated`
-event names the weights version that produced the tokens, stamped when the request starts.
+A worker hosts the samplers whose sampler-requests partition it owns, as soon as they are
+created (`SamplerReady`). Weight syncs (`WeightsReady`, numbered 1, 2, 3... per sampler) are
+applied between requests: fetch, verify against the manifest and chain digests, swap, drop the
+prompt cache, and warm up with retries when asked; new weights that fail warmup are swapped out
+again. A request pinned to a checkpoint gets exactly those weights; a request with
+`min_weights_version` N waits for sync N. Every response and every `SamplesGenerated` event names
+the weights version that produced the tokens, stamped when the request starts.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -29,13 +32,14 @@ from commands.work import SAMPLER_REQUESTS, Sample
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
-from events.kafka_log import assign_all, consumer_config
-from events.loops import WeightsReady
+from events.kafka_log import assign_all, consumer_config, partition_for
+from events.loops import SamplerCreated, SamplerStopped, WeightsReady
 from events.work import (
     HotloadFailed,
     HotloadStarted,
     HotloadSucceeded,
     SamplerEvent,
+    SamplerReady,
     SamplesGenerated,
     WeightsLoaded,
 )
@@ -53,31 +57,44 @@ log = logging.getLogger("loopstream.sampler_worker")
 
 # How long a pinned checkpoint may take to appear in the read model after its save.
 RECORD_GRACE_S = 10.0
+# How long a just-created sampler may take to appear in the read model before hosting gives up.
+HOSTING_GRACE_S = 60.0
 # A sampler more than this many deltas behind reloads from the chain's base instead of walking on.
 MAX_CHAIN_FETCH = 1000
+# Warmup: one short generation on the new weights; a retry waits a little longer each time.
+WARMUP_PROMPT = "warmup"
+WARMUP_BACKOFF_S = 0.05
+
+Timed = tuple[SamplerEvent, datetime]
 
 
 @dataclass
 class HostedSampler:
     sampler_id: str
     run_id: str
+    base_model: str
+    base_dir: Path
     engine: SamplerEngine
-    uri: str | None  # checkpoint the weights came from; None = base model / start checkpoint
+    uri: str | None  # checkpoint the weights came from; None = base model
+    checkpoint_id: str | None = None
+    # The sync the served weights came from (0: the base model or the run's start checkpoint);
+    # None while a pinned request's checkpoint is loaded, which belongs to no sync.
+    weights_version: int | None = 0
+    synced_version: int = 0  # newest sync handled, applied or refused: never retried
+    failures: dict[int, str] = field(default_factory=dict)  # sync -> why it was refused
 
 
 class HotloadError(Exception):
     """New weights were refused; `events` (HotloadStarted, HotloadFailed) say why."""
 
-    def __init__(self, reason: str, events: list[tuple[SamplerEvent, datetime]]) -> None:
+    def __init__(self, reason: str, events: list[Timed]) -> None:
         super().__init__(reason)
         self.reason = reason
         self.events = events
 
 
-@dataclass(frozen=True)
-class Ready:
-    checkpoint_id: str
-    uri: str
+class WarmupError(Exception):
+    """The new weights do not generate: every warmup attempt raised or gave non-finite logprobs."""
 
 
 class SamplerWorker(WorkerService):
@@ -91,11 +108,14 @@ class SamplerWorker(WorkerService):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.samplers: dict[str, HostedSampler] = {}
-        # Newest WeightsReady seen per sampler, hosted here or not yet: a sampler created later
-        # starts from it even when the read model has not caught up.
-        self.latest_ready: dict[str, Ready] = {}
+        # Newest sync seen per sampler, hosted here or not yet: a sampler hosted later starts
+        # from it even when the read model has not caught up.
+        self.latest_ready: dict[str, WeightsReady] = {}
+        # Samplers created but not hosted yet -> give up hosting at this monotonic time.
+        self.to_host: dict[str, float] = {}
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
+        self.requests_partitions = 0
         self.weights_feed = self._subscribe_to_weights()
 
     def forget(self, aggregate_ids: set[str]) -> None:
@@ -114,30 +134,144 @@ class SamplerWorker(WorkerService):
         assign_all(consumer, self.settings, topic, OFFSET_END)
         return consumer
 
-    def between_batches(self) -> None:
-        for message in self.weights_feed.consume(num_messages=100, timeout=0):
+    def _read_weights_feed(self, timeout: float = 0) -> None:
+        """Note what the event log says about samplers: syncs, creations, stops. Loading is
+        left to the callers, inside or outside a request, so its events go out in the right
+        transaction."""
+        for message in self.weights_feed.consume(num_messages=200, timeout=timeout):
             if message.error() is not None:
                 continue
-            if dict(message.headers() or []).get("event_type") != b"WeightsReady":
+            event_type = dict(message.headers() or []).get("event_type")
+            if event_type not in (b"WeightsReady", b"SamplerCreated", b"SamplerStopped"):
                 continue
             event = decode_payload(EventEnvelope.from_bytes(message.value()))
-            assert isinstance(event, WeightsReady)
-            self.latest_ready[event.sampler_id] = Ready(event.checkpoint_id, event.uri)
-            hosted = self.samplers.get(event.sampler_id)
-            if hosted is not None and hosted.uri != event.uri:
-                try:
-                    events = self._load(hosted, event.checkpoint_id, event.uri)
-                except HotloadError as exc:
-                    # Refused weights: say why, keep serving the old ones.
-                    extra = {"sampler_id": hosted.sampler_id, "uri": event.uri,
-                             "reason": exc.reason}  # fmt: skip
-                    log.warning("hotload failed", extra=extra)
-                    events = exc.events
-                self._emit(hosted.sampler_id, events, causation_id=event.checkpoint_id)
+            if isinstance(event, WeightsReady):
+                seen = self.latest_ready.get(event.sampler_id)
+                if seen is None or event.weights_version > seen.weights_version:
+                    self.latest_ready[event.sampler_id] = event
+                if event.sampler_id not in self.samplers and self._owns(event.sampler_id):
+                    self.to_host.setdefault(event.sampler_id, time.monotonic() + HOSTING_GRACE_S)
+            elif isinstance(event, SamplerCreated):
+                if self._owns(event.sampler_id):
+                    self.to_host[event.sampler_id] = time.monotonic() + HOSTING_GRACE_S
+            elif isinstance(event, SamplerStopped):
+                # Its session ended: free the engine; requests for it are refused from now on.
+                self.samplers.pop(event.sampler_id, None)
+                self.to_host.pop(event.sampler_id, None)
+                self.latest_ready.pop(event.sampler_id, None)
+
+    def _owns(self, sampler_id: str) -> bool:
+        """Whether this worker serves the sampler's partition of the requests topic."""
+        assignment = self.loop.consumer.assignment()
+        if not assignment:
+            return False
+        if not self.requests_partitions:
+            topic = self.settings.topic(self.requests_topic)
+            self.requests_partitions = len(
+                self.loop.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            )
+        partition = partition_for(sampler_id.encode(), self.requests_partitions)
+        return any(tp.partition == partition for tp in assignment)
+
+    def between_batches(self) -> None:
+        self._read_weights_feed()
+        for sampler_id, give_up_at in list(self.to_host.items()):
+            if sampler_id in self.samplers:
+                del self.to_host[sampler_id]
+                continue
+            events: list[SamplerEvent] = []
+            try:
+                self._sampler(sampler_id, events)
+            except WorkRejected as exc:
+                if time.monotonic() > give_up_at or "does not exist" not in exc.reason:
+                    log.warning("cannot host sampler", extra={"sampler_id": sampler_id,
+                                                              "reason": exc.reason})  # fmt: skip
+                    del self.to_host[sampler_id]
+                continue  # not in the read model yet: next time round
+            del self.to_host[sampler_id]
+            now = utc_now()
+            self._emit(sampler_id, [(e, now) for e in events], causation_id=sampler_id)
+        for hosted in list(self.samplers.values()):
+            ready = self.latest_ready.get(hosted.sampler_id)
+            if ready is not None and ready.weights_version > hosted.synced_version:
+                self._emit(hosted.sampler_id, self._sync(hosted, ready),
+                           causation_id=ready.checkpoint_id)  # fmt: skip
+
+    def _sync(self, hosted: HostedSampler, ready: WeightsReady) -> list[Timed]:
+        """Apply one weight sync: load, drop the prompt cache, warm up. Never raises: a refusal
+        is a HotloadFailed event and the sampler keeps the weights it had."""
+        hosted.synced_version = max(hosted.synced_version, ready.weights_version)
+        before = (hosted.checkpoint_id, hosted.uri, hosted.weights_version)
+        before_digest = hosted.engine.weights_version.digest
+        try:
+            events = self._load(
+                hosted, ready.checkpoint_id, ready.uri, weights_version=ready.weights_version
+            )
+        except HotloadError as exc:
+            self._refused(hosted, ready, exc.reason)
+            return exc.events
+        started, started_at = events[0]
+        succeeded = events[1][0]
+        assert isinstance(succeeded, HotloadSucceeded)
+        dropped = hosted.engine.reset_prompt_cache() if ready.reset_prompt_cache else None
+        attempts, warmup_ms = 0, None
+        if ready.warmup:
+            try:
+                attempts, warmup_ms = _warm_up(hosted.engine, ready.warmup_max_retries)
+            except WarmupError as exc:
+                reason = f"WarmupError: {exc}"
+                self._roll_back(hosted, before)
+                self._refused(hosted, ready, reason)
+                failed = HotloadFailed(
+                    checkpoint_id=ready.checkpoint_id,
+                    uri=ready.uri,
+                    reason=reason,
+                    bytes_moved=succeeded.bytes_moved,
+                    total_ms=succeeded.total_ms,
+                    serving_checkpoint_id=hosted.engine.weights_version.checkpoint_id,
+                    serving_digest=hosted.engine.weights_version.digest,
+                    weights_version=ready.weights_version,
+                    serving_weights_version=hosted.weights_version,
+                    rolled_back=True,
+                )
+                assert hosted.engine.weights_version.digest == before_digest
+                return [(started, started_at), (failed, utc_now())]
+        succeeded = succeeded.model_copy(
+            update={
+                "prompt_cache_entries_dropped": dropped,
+                "warmup_attempts": attempts,
+                "warmup_ms": warmup_ms,
+            }
+        )
+        return [events[0], (succeeded, events[1][1]), *events[2:]]
+
+    def _refused(self, hosted: HostedSampler, ready: WeightsReady, reason: str) -> None:
+        hosted.failures[ready.weights_version] = reason
+        extra = {"sampler_id": hosted.sampler_id, "uri": ready.uri, "reason": reason}
+        log.warning("hotload failed", extra=extra)
+
+    def _roll_back(
+        self, hosted: HostedSampler, before: tuple[str | None, str | None, int | None]
+    ) -> None:
+        """Swap the weights served before a failed warmup back in (from the store, or the base
+        model's folder), and drop whatever the failed weights cached."""
+        checkpoint_id, uri, weights_version = before
+        if uri is None:
+            hosted.engine.load_weights(hosted.base_dir, checkpoint_id=checkpoint_id or "base")
+            hosted.uri, hosted.checkpoint_id = None, checkpoint_id
+        else:
+            self._load(hosted, checkpoint_id, uri, weights_version=weights_version)
+        hosted.weights_version = weights_version
+        hosted.engine.reset_prompt_cache()
 
     def _load(
-        self, hosted: HostedSampler, checkpoint_id: str | None, uri: str
-    ) -> list[tuple[SamplerEvent, datetime]]:
+        self,
+        hosted: HostedSampler,
+        checkpoint_id: str | None,
+        uri: str,
+        *,
+        weights_version: int | None,
+    ) -> list[Timed]:
         """Fetch `uri` and as much of its chain as needed, verify everything, swap it in.
 
         A delta's parents are fetched back to the weights served now (or to the chain's base),
@@ -147,7 +281,10 @@ class SamplerWorker(WorkerService):
         """
         from_version = hosted.engine.weights_version
         started = HotloadStarted(
-            checkpoint_id=checkpoint_id, uri=uri, from_digest=from_version.digest
+            checkpoint_id=checkpoint_id,
+            uri=uri,
+            from_digest=from_version.digest,
+            weights_version=weights_version,
         )
         started_at, t0 = utc_now(), time.perf_counter()
         bytes_moved = 0
@@ -173,7 +310,10 @@ class SamplerWorker(WorkerService):
                     next_uri, expected_digest = link.parent_uri, link.parent_digest
                 fetched = time.perf_counter()
                 target_type = read_link(chain[0]).checkpoint_type
-                version = hosted.engine.load_chain(chain[::-1], checkpoint_id=checkpoint_id or uri)
+                # The caller drops the prompt cache (or keeps it, when the sync says so).
+                version = hosted.engine.load_chain(
+                    chain[::-1], checkpoint_id=checkpoint_id or uri, keep_prompt_cache=True
+                )
         except (CheckpointNotFoundError, ChecksumMismatchError, DeltaChainError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             failed = HotloadFailed(
@@ -184,10 +324,16 @@ class SamplerWorker(WorkerService):
                 total_ms=(time.perf_counter() - t0) * 1000,
                 serving_checkpoint_id=from_version.checkpoint_id,
                 serving_digest=from_version.digest,
+                weights_version=weights_version,
+                serving_weights_version=hosted.weights_version,
             )
             raise HotloadError(reason, [(started, started_at), (failed, utc_now())]) from exc
         done = time.perf_counter()
-        hosted.uri = uri
+        hosted.uri, hosted.checkpoint_id, hosted.weights_version = (
+            uri,
+            checkpoint_id,
+            weights_version,
+        )
         total_ms = (done - t0) * 1000
         extra = {"sampler_id": hosted.sampler_id, "uri": uri, "load_ms": round(total_ms, 1),
                  "bytes": bytes_moved}  # fmt: skip
@@ -202,17 +348,22 @@ class SamplerWorker(WorkerService):
             fetch_ms=(fetched - t0) * 1000,
             apply_ms=(done - fetched) * 1000,
             total_ms=total_ms,
+            weights_version=weights_version,
         )
         loaded = WeightsLoaded(
-            checkpoint_id=checkpoint_id, uri=uri, content_digest=version.digest, load_ms=total_ms
+            checkpoint_id=checkpoint_id,
+            uri=uri,
+            content_digest=version.digest,
+            load_ms=total_ms,
+            weights_version=weights_version,
         )
         now = utc_now()
         return [(started, started_at), (succeeded, now), (loaded, now)]
 
-    def _emit(
-        self, sampler_id: str, events: list[tuple[SamplerEvent, datetime]], *, causation_id: str
-    ) -> None:
+    def _emit(self, sampler_id: str, events: list[Timed], *, causation_id: str) -> None:
         """Events outside any request: their own small transaction."""
+        if not events:
+            return
         producer = self.loop.producer
         producer.begin_transaction()
         sequence = self.versions.get(sampler_id, 0)
@@ -245,11 +396,18 @@ class SamplerWorker(WorkerService):
     def execute(self, envelope: CommandEnvelope, request: BaseModel) -> WorkDone:
         if not isinstance(request, Sample):
             raise WorkRejected(f"unsupported request {type(request).__name__}", field="type")
-        events: list = []
+        events: list[SamplerEvent] = []
         hosted = self._sampler(envelope.aggregate_id, events)
-        if request.checkpoint_uri is not None and hosted.uri != request.checkpoint_uri:
-            checkpoint_id = self._checkpoint_id(request.checkpoint_uri)
-            events.extend(self._load_for_request(hosted, checkpoint_id, request.checkpoint_uri))
+        if request.checkpoint_uri is not None:
+            if hosted.uri != request.checkpoint_uri:
+                checkpoint_id = self._checkpoint_id(request.checkpoint_uri)
+                events.extend(self._load_for_request(hosted, checkpoint_id, request.checkpoint_uri))
+        else:
+            self._catch_up(hosted, events)
+            if request.min_weights_version is not None:
+                self._wait_for_version(
+                    hosted, request.min_weights_version, request.min_weights_wait_s, events
+                )
 
         engine = hosted.engine
         if request.prompt_tokens is not None:
@@ -269,7 +427,7 @@ class SamplerWorker(WorkerService):
         # Scored by the same weights, before any new ones can be picked up between requests.
         prompt_logprobs = engine.compute_logprobs(prompt) if request.prompt_logprobs else None
         weights = {"checkpoint_id": version.checkpoint_id, "uri": hosted.uri,
-                   "digest": version.digest}  # fmt: skip
+                   "digest": version.digest, "version": hosted.weights_version}  # fmt: skip
         events.append(
             SamplesGenerated(
                 request_id=envelope.command_id,
@@ -277,6 +435,7 @@ class SamplerWorker(WorkerService):
                 num_tokens=sum(len(s.tokens) for s in sequences),
                 weights_checkpoint_id=version.checkpoint_id,
                 weights_digest=version.digest,
+                weights_version=hosted.weights_version,
             )
         )
         return WorkDone(
@@ -294,13 +453,47 @@ class SamplerWorker(WorkerService):
                 "weights_version": weights,
                 "prompt_logprobs": prompt_logprobs,
             },
-            events=events,
+            events=list(events),
         )
 
-    def _sampler(self, sampler_id: str, events: list) -> HostedSampler:
+    def _catch_up(self, hosted: HostedSampler, events: list[SamplerEvent]) -> None:
+        """Before serving an unpinned request: apply a sync that arrived since the last batch,
+        and leave a pinned request's checkpoint for the newest synced weights."""
+        ready = self.latest_ready.get(hosted.sampler_id)
+        if ready is None:
+            return
+        if ready.weights_version > hosted.synced_version:
+            events.extend(event for event, _ in self._sync(hosted, ready))
+        elif hosted.weights_version is None and ready.weights_version not in hosted.failures:
+            events.extend(
+                self._load_for_request(
+                    hosted, ready.checkpoint_id, ready.uri, weights_version=ready.weights_version
+                )
+            )
+
+    def _wait_for_version(
+        self, hosted: HostedSampler, wanted: int, wait_s: float, events: list[SamplerEvent]
+    ) -> None:
+        deadline = time.monotonic() + wait_s
+        while hosted.weights_version is None or hosted.weights_version < wanted:
+            failed = [f"sync {v} was refused: {why}" for v, why in hosted.failures.items()
+                      if v >= wanted]  # fmt: skip
+            if failed or time.monotonic() > deadline:
+                serving = hosted.weights_version
+                raise WorkRejected(
+                    f"min_weights_version {wanted}: the sampler serves weights version "
+                    f"{serving if serving is not None else 'pinned'}"
+                    + (f"; {failed[0]}" if failed else f"; no newer sync within {wait_s:g} s"),
+                    field="min_weights_version",
+                )
+            self._read_weights_feed(timeout=0.05)
+            self._catch_up(hosted, events)
+
+    def _sampler(self, sampler_id: str, events: list[SamplerEvent]) -> HostedSampler:
         hosted = self.samplers.get(sampler_id)
         if hosted is not None:
             return hosted
+        t0 = time.perf_counter()
         schema = self.settings.read_schema
         row = self.db.execute(
             f"select s.run_id, s.status, r.base_model, r.max_seq_len, r.from_checkpoint "
@@ -319,43 +512,67 @@ class SamplerWorker(WorkerService):
         except UnknownBaseModel as exc:
             raise WorkRejected(str(exc), field="base_model") from exc
         engine = SamplerEngine(base, device=self.settings.torch_device, checkpoint_id="base")
-        hosted = HostedSampler(sampler_id=sampler_id, run_id=row["run_id"], engine=engine, uri=None)
-        start = self._newest_weights(sampler_id, row["run_id"])
-        if (
-            start is None
-            and row["from_checkpoint"]
-            and "/sampler_weights/" in row["from_checkpoint"]
-        ):
-            uri = row["from_checkpoint"]
-            start = Ready(self._checkpoint_id(uri), uri)
+        hosted = HostedSampler(
+            sampler_id=sampler_id,
+            run_id=row["run_id"],
+            base_model=row["base_model"],
+            base_dir=base,
+            engine=engine,
+            uri=None,
+        )
+        # Ready first, on the base model; the weights it then loads are a hotload like any other,
+        # so every host of a sampler writes the same events in the same order.
+        events.append(
+            SamplerReady(
+                base_model=row["base_model"],
+                content_digest=engine.weights_version.digest,
+                load_ms=(time.perf_counter() - t0) * 1000,
+            )
+        )
+        start = self._newest_sync(sampler_id)
         if start is not None:
-            events.extend(self._load_for_request(hosted, start.checkpoint_id, start.uri))
+            # Applied like any sync: a refusal is reported and the sampler stays up on the base
+            # model rather than failing every request.
+            events.extend(event for event, _ in self._sync(hosted, start))
+        elif row["from_checkpoint"] and "/sampler_weights/" in row["from_checkpoint"]:
+            uri = row["from_checkpoint"]
+            events.extend(
+                self._load_for_request(hosted, self._checkpoint_id(uri), uri, weights_version=0)
+            )
         self.samplers[sampler_id] = hosted
         return hosted
 
     def _load_for_request(
-        self, hosted: HostedSampler, checkpoint_id: str, uri: str
+        self,
+        hosted: HostedSampler,
+        checkpoint_id: str | None,
+        uri: str,
+        *,
+        weights_version: int | None = None,
     ) -> list[SamplerEvent]:
         # Inside a request the events go out with its result; a refusal fails the request.
         try:
-            return [event for event, _ in self._load(hosted, checkpoint_id, uri)]
+            events = self._load(hosted, checkpoint_id, uri, weights_version=weights_version)
         except HotloadError as exc:
             reason = f"weights {uri} refused: {exc.reason}"
             raise WorkRejected(reason, field="checkpoint_uri") from exc
+        hosted.engine.reset_prompt_cache()  # computed with the weights just swapped out
+        return [event for event, _ in events]
 
-    def _newest_weights(self, sampler_id: str, run_id: str) -> Ready | None:
-        # The feed carries everything published since this worker started, so what it saw is
-        # newer than anything in the read model (which may not have caught up with it yet).
+    def _newest_sync(self, sampler_id: str) -> WeightsReady | None:
+        """The newest weight sync sent to this sampler: from the feed, which carries everything
+        since this worker started, else from the read model."""
         seen = self.latest_ready.get(sampler_id)
         if seen is not None:
             return seen
         row = self.db.execute(
-            f"select checkpoint_id, uri from {self.settings.read_schema}.checkpoints "
-            "where run_id = %s and kind = 'sampler_weights' and status = 'active' "
-            "order by created_at desc limit 1",
-            (run_id,),
+            f"select sampler_id, run_id, session_id, checkpoint_id, uri, content_digest, "
+            f"weights_version, checkpoint_type, warmup, warmup_max_retries, reset_prompt_cache "
+            f"from {self.settings.read_schema}.weight_syncs where sampler_id = %s "
+            "order by weights_version desc limit 1",
+            (sampler_id,),
         ).fetchone()
-        return Ready(row["checkpoint_id"], row["uri"]) if row else None
+        return WeightsReady.model_validate(row) if row else None
 
     def _checkpoint_id(self, uri: str) -> str:
         # A client may sample a checkpoint the moment its save is answered, before the
@@ -373,6 +590,26 @@ class SamplerWorker(WorkerService):
             if row is not None or time.monotonic() > deadline:
                 raise WorkRejected(f"checkpoint {uri} does not exist", field="checkpoint_uri")
             time.sleep(0.02)
+
+
+def _warm_up(engine: SamplerEngine, max_retries: int) -> tuple[int, float]:
+    """One short generation on the new weights, retried up to `max_retries` times. Returns
+    (attempts, ms); raises WarmupError when none gives finite logprobs."""
+    prompt = engine.tokenizer.encode(WARMUP_PROMPT, add_special_tokens=False) or [0]
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
+    t0 = time.perf_counter()
+    last = ""
+    for attempt in range(1, max_retries + 2):
+        try:
+            (sequence,) = engine.sample(prompt, 1, params)
+            if all(math.isfinite(lp) for lp in sequence.logprobs):
+                return attempt, (time.perf_counter() - t0) * 1000
+            last = f"non-finite logprobs {sequence.logprobs}"
+        except Exception as exc:  # what a broken engine or weights raise is not ours to list
+            last = f"{type(exc).__name__}: {exc}"
+        if attempt <= max_retries:
+            time.sleep(WARMUP_BACKOFF_S * attempt)
+    raise WarmupError(f"no warmup generation in {max_retries + 1} attempts; last: {last}")
 
 
 def main() -> None:

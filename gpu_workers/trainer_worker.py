@@ -161,7 +161,12 @@ class TrainerWorker(WorkerService):
                 ) from exc
             run.engine.load_state(folder, optimizer=request.optimizer)
         return WorkDone(
-            output={"path": request.checkpoint_uri, "step": run.engine.step},
+            output={
+                "path": request.checkpoint_uri,
+                "step": run.engine.step,
+                # The caller's data position saved with the state (None if it gave none).
+                "loader_state": run.engine.loader_state,
+            },
             events=[
                 StateLoaded(
                     request_id=request_id,
@@ -248,11 +253,14 @@ class TrainerWorker(WorkerService):
             folder = Path(tmp) / request.name
             link: ChainLink | None = None
             if request.kind == "weights":
-                manifest = run.engine.save_state(folder)
+                manifest = run.engine.save_state(folder, loader_state=request.loader_state)
             else:
                 try:
                     manifest = run.engine.save_weights_for_sampler(
-                        folder, checkpoint_type=request.checkpoint_type, uri=uri
+                        folder,
+                        checkpoint_type=request.checkpoint_type,
+                        uri=uri,
+                        codec=request.compression_format,
                     )
                 except DeltaChainError as exc:
                     raise WorkRejected(str(exc), field="checkpoint_type") from exc
@@ -283,6 +291,13 @@ class TrainerWorker(WorkerService):
                 "files": files,
                 "step": run.engine.step,
                 "ttl_seconds": request.ttl_seconds,
+                "checkpoint_type": link.checkpoint_type if link else None,
+                "chain_position": link.position if link else None,
+                "hotload": (
+                    request.hotload.model_dump()
+                    if link is not None and request.hotload is not None
+                    else None
+                ),
             },
         )
         total = sum(f["size_bytes"] for f in files)

@@ -15,6 +15,7 @@ from commands.envelope import CommandResult
 from events.envelope import EventEnvelope
 from events.loops import (
     CheckpointDeleted,
+    CheckpointPromoted,
     CheckpointSaved,
     DomainEvent,
     RunCreated,
@@ -23,6 +24,14 @@ from events.loops import (
     SamplerStopped,
     SessionCreated,
     SessionEnded,
+    WeightsReady,
+)
+from events.work import (
+    HotloadFailed,
+    HotloadStarted,
+    HotloadSucceeded,
+    SamplerReady,
+    WeightsLoaded,
 )
 from projections.rows import RowChange, TableSpec
 
@@ -61,9 +70,47 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "checkpoint_id", "run_id", "session_id", "name", "kind", "uri", "files",
                 "total_size_bytes", "step", "expires_at", "status", "delete_reason",
-                "created_at", "deleted_at", *_ENTITY,
+                "created_at", "deleted_at", *_ENTITY, "checkpoint_type", "chain_position",
             ),
             json_columns=frozenset({"files"}),
+        ),
+        TableSpec(
+            "promotions",
+            key=("checkpoint_id", "environment"),
+            columns=(
+                "checkpoint_id", "environment", "run_id", "session_id", "uri", "promoted_at",
+            ),
+            insert_only=True,
+        ),
+        # Written by session events (WeightsReady): versioned by the session's sequence.
+        TableSpec(
+            "weight_syncs",
+            key=("sampler_id", "weights_version"),
+            columns=(
+                "sampler_id", "weights_version", "run_id", "session_id", "checkpoint_id", "uri",
+                "content_digest", "checkpoint_type", "warmup", "warmup_max_retries",
+                "reset_prompt_cache", "requested_at", "command_id", *_ENTITY,
+            ),
+        ),
+        # Written by sampler events: versioned by the sampler's sequence.
+        TableSpec(
+            "hotloads",
+            key=("sampler_id", "weights_version"),
+            columns=(
+                "sampler_id", "weights_version", "checkpoint_id", "uri", "status", "reason",
+                "rolled_back", "checkpoint_type", "folders_applied", "bytes_moved", "fetch_ms",
+                "apply_ms", "total_ms", "warmup_attempts", "warmup_ms",
+                "prompt_cache_entries_dropped", "started_at", "finished_at", *_ENTITY,
+            ),
+        ),
+        TableSpec(
+            "sampler_weights",
+            key=("sampler_id",),
+            columns=(
+                "sampler_id", "ready_at", "serving_version", "serving_checkpoint_id",
+                "serving_uri", "serving_digest", "last_hotload_version", "last_hotload_status",
+                "last_hotload_reason", "last_hotload_at", *_ENTITY,
+            ),
         ),
         TableSpec(
             "command_results",
@@ -272,6 +319,8 @@ def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
         "delete_reason": None,
         "created_at": envelope.occurred_at,
         "deleted_at": None,
+        "checkpoint_type": event.checkpoint_type,
+        "chain_position": event.chain_position,
     }
     return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
 
@@ -285,3 +334,172 @@ def _(event: CheckpointDeleted, envelope: EventEnvelope) -> list[RowChange]:
         "deleted_at": envelope.occurred_at,
     }
     return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: CheckpointPromoted, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "checkpoint_id": event.checkpoint_id,
+        "environment": event.environment,
+        "run_id": event.run_id,
+        "session_id": event.session_id,
+        "uri": event.uri,
+        "promoted_at": envelope.occurred_at,
+    }
+    return [
+        RowChange(
+            table="promotions",
+            key=(event.checkpoint_id, event.environment),
+            version=envelope.sequence,
+            values=values,
+            creates=True,
+        )
+    ]
+
+
+# --- weight syncs and what samplers serve ------------------------------------------------------
+
+
+def _sync_change(
+    table: str, sampler_id: str, weights_version: int, envelope: EventEnvelope, values: dict
+) -> RowChange:
+    return RowChange(
+        table=table,
+        key=(sampler_id, weights_version),
+        version=envelope.sequence,
+        creates=True,
+        values={
+            "sampler_id": sampler_id,
+            "weights_version": weights_version,
+            **values,
+            "version": envelope.sequence,
+            "updated_at": envelope.occurred_at,
+        },
+    )
+
+
+@_project.register
+def _(event: WeightsReady, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "run_id": event.run_id,
+        "session_id": event.session_id,
+        "checkpoint_id": event.checkpoint_id,
+        "uri": event.uri,
+        "content_digest": event.content_digest,
+        "checkpoint_type": event.checkpoint_type,
+        "warmup": event.warmup,
+        "warmup_max_retries": event.warmup_max_retries,
+        "reset_prompt_cache": event.reset_prompt_cache,
+        "requested_at": envelope.occurred_at,
+        "command_id": envelope.command_id,
+    }
+    return [_sync_change("weight_syncs", event.sampler_id, event.weights_version, envelope, values)]
+
+
+def _sampler_weights(envelope: EventEnvelope, values: dict[str, Any]) -> RowChange:
+    # Sampler events create the row whichever comes first (a hotload can precede SamplerReady
+    # when a worker hosts a sampler and loads its newest weights in one go).
+    return _change("sampler_weights", envelope.aggregate_id, envelope,
+                   {"sampler_id": envelope.aggregate_id, **values}, creates=True)  # fmt: skip
+
+
+@_project.register
+def _(event: SamplerReady, envelope: EventEnvelope) -> list[RowChange]:
+    return [
+        _sampler_weights(
+            envelope,
+            {
+                "ready_at": envelope.occurred_at,
+                "serving_version": 0,
+                "serving_digest": event.content_digest,
+            },
+        )
+    ]
+
+
+@_project.register
+def _(event: WeightsLoaded, envelope: EventEnvelope) -> list[RowChange]:
+    return [
+        _sampler_weights(
+            envelope,
+            {
+                "serving_version": event.weights_version,
+                "serving_checkpoint_id": event.checkpoint_id,
+                "serving_uri": event.uri,
+                "serving_digest": event.content_digest,
+            },
+        )
+    ]
+
+
+@_project.register
+def _(event: HotloadStarted, envelope: EventEnvelope) -> list[RowChange]:
+    if event.weights_version is None:
+        return []  # a pinned request's checkpoint: not a sync
+    values = {
+        "checkpoint_id": event.checkpoint_id,
+        "uri": event.uri,
+        "status": "started",
+        "started_at": envelope.occurred_at,
+    }
+    return [_sync_change("hotloads", envelope.aggregate_id, event.weights_version, envelope,
+                         values)]  # fmt: skip
+
+
+@_project.register
+def _(event: HotloadSucceeded, envelope: EventEnvelope) -> list[RowChange]:
+    if event.weights_version is None:
+        return []
+    values = {
+        "checkpoint_id": event.checkpoint_id,
+        "uri": event.uri,
+        "status": "succeeded",
+        "reason": None,
+        "rolled_back": False,
+        "checkpoint_type": event.checkpoint_type,
+        "folders_applied": event.folders_applied,
+        "bytes_moved": event.bytes_moved,
+        "fetch_ms": event.fetch_ms,
+        "apply_ms": event.apply_ms,
+        "total_ms": event.total_ms,
+        "warmup_attempts": event.warmup_attempts,
+        "warmup_ms": event.warmup_ms,
+        "prompt_cache_entries_dropped": event.prompt_cache_entries_dropped,
+        "finished_at": envelope.occurred_at,
+    }
+    last = {
+        "last_hotload_version": event.weights_version,
+        "last_hotload_status": "succeeded",
+        "last_hotload_reason": None,
+        "last_hotload_at": envelope.occurred_at,
+    }
+    return [
+        _sync_change("hotloads", envelope.aggregate_id, event.weights_version, envelope, values),
+        _sampler_weights(envelope, last),
+    ]
+
+
+@_project.register
+def _(event: HotloadFailed, envelope: EventEnvelope) -> list[RowChange]:
+    if event.weights_version is None:
+        return []
+    values = {
+        "checkpoint_id": event.checkpoint_id,
+        "uri": event.uri,
+        "status": "failed",
+        "reason": event.reason,
+        "rolled_back": event.rolled_back,
+        "bytes_moved": event.bytes_moved,
+        "total_ms": event.total_ms,
+        "finished_at": envelope.occurred_at,
+    }
+    last = {
+        "last_hotload_version": event.weights_version,
+        "last_hotload_status": "failed",
+        "last_hotload_reason": event.reason,
+        "last_hotload_at": envelope.occurred_at,
+    }
+    return [
+        _sync_change("hotloads", envelope.aggregate_id, event.weights_version, envelope, values),
+        _sampler_weights(envelope, last),
+    ]

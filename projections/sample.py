@@ -1,7 +1,8 @@
 """Synthetic, valid Loops histories: for the projection tests, the benchmark and demos.
 
 Each session is a realistic life (created, a run and its sampler, checkpoints saved and some
-deleted, stopped, ended) with gap-free sequences; sessions are interleaved so that a batch mixes
+deleted, weight syncs and the sampler's hotloads, a promotion, stopped, ended) with gap-free
+sequences per aggregate (session and sampler); sessions are interleaved so that a batch mixes
 aggregates, as a busy event log does.
 """
 
@@ -18,6 +19,7 @@ from events.ids import uuid7
 from events.loops import (
     CheckpointDeleted,
     CheckpointFile,
+    CheckpointPromoted,
     CheckpointSaved,
     DomainEvent,
     RunCreated,
@@ -26,7 +28,9 @@ from events.loops import (
     SamplerStopped,
     SessionCreated,
     SessionEnded,
+    WeightsReady,
 )
+from events.work import HotloadStarted, HotloadSucceeded, SamplerReady, WeightsLoaded
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -39,7 +43,8 @@ class SampleMessage:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def session_history(index: int, *, checkpoints: int) -> list[DomainEvent]:
+def session_history(index: int, *, checkpoints: int) -> list[tuple[str, DomainEvent]]:
+    """(aggregate id, event) in order: the session's events and its sampler's."""
     session_id, run_id, sampler_id = f"ses-{index:07d}", f"run-{index:07d}", f"smp-{index:07d}"
     model = "Qwen/Qwen3-8B"
     events: list[DomainEvent] = [
@@ -55,7 +60,9 @@ def session_history(index: int, *, checkpoints: int) -> list[DomainEvent]:
         SamplerCreated(
             sampler_id=sampler_id, run_id=run_id, session_id=session_id, base_model=model
         ),
+        SamplerReady(base_model=model, content_digest="0" * 64, load_ms=5.0),
     ]
+    syncs = 0
     for step in range(checkpoints):
         name = f"step-{step:05d}"
         files = tuple(
@@ -67,21 +74,33 @@ def session_history(index: int, *, checkpoints: int) -> list[DomainEvent]:
             for i in range(2)
         )
         checkpoint_id = f"ckpt-{index:07d}-{step:05d}"
-        uri = f"bt://loops:{run_id}/weights/{name}"
+        kind = "sampler_weights" if step % 4 == 1 else "weights"
+        uri = f"bt://loops:{run_id}/{kind}/{name}"
         events.append(
             CheckpointSaved(
                 checkpoint_id=checkpoint_id,
                 run_id=run_id,
                 session_id=session_id,
                 name=name,
-                kind="weights",
+                kind=kind,
                 uri=uri,
                 files=files,
                 total_size_bytes=sum(f.size_bytes for f in files),
                 step=step,
+                checkpoint_type=("base" if syncs == 0 else "delta") if kind != "weights" else None,
+                chain_position=syncs if kind != "weights" else None,
             )
         )
-        if step % 3 == 2:
+        if kind == "sampler_weights":
+            syncs += 1
+            digest = hashlib.sha256(checkpoint_id.encode()).hexdigest()
+            events += _sync(sampler_id, run_id, session_id, checkpoint_id, uri, digest, syncs)
+            if syncs == 1:
+                events.append(
+                    CheckpointPromoted(checkpoint_id=checkpoint_id, run_id=run_id,
+                                       session_id=session_id, uri=uri, environment="production")
+                )  # fmt: skip
+        if step % 3 == 2 and kind == "weights":
             events.append(
                 CheckpointDeleted(
                     checkpoint_id=checkpoint_id,
@@ -96,7 +115,33 @@ def session_history(index: int, *, checkpoints: int) -> list[DomainEvent]:
         SamplerStopped(sampler_id=sampler_id, run_id=run_id, session_id=session_id, reason="done"),
         SessionEnded(session_id=session_id, reason="done"),
     ]
-    return events
+    return [(sampler_id if e.aggregate_type == "sampler" else session_id, e) for e in events]
+
+
+def _sync(
+    sampler_id: str,
+    run_id: str,
+    session_id: str,
+    checkpoint_id: str,
+    uri: str,
+    digest: str,
+    version: int,
+) -> list[DomainEvent]:
+    """A weight sync (session) and the sampler's hotload of it."""
+    kind = "base" if version == 1 else "delta"
+    return [
+        WeightsReady(sampler_id=sampler_id, run_id=run_id, session_id=session_id,
+                     checkpoint_id=checkpoint_id, uri=uri, content_digest=digest,
+                     weights_version=version, checkpoint_type=kind),
+        HotloadStarted(checkpoint_id=checkpoint_id, uri=uri, from_digest="0" * 64,
+                       weights_version=version),
+        HotloadSucceeded(checkpoint_id=checkpoint_id, uri=uri, checkpoint_type=kind,
+                         content_digest=digest, folders_applied=1, bytes_moved=2001,
+                         fetch_ms=3.0, apply_ms=1.0, total_ms=4.0, weights_version=version,
+                         prompt_cache_entries_dropped=0),
+        WeightsLoaded(checkpoint_id=checkpoint_id, uri=uri, content_digest=digest, load_ms=4.0,
+                      weights_version=version),
+    ]  # fmt: skip
 
 
 def envelopes(
@@ -110,12 +155,13 @@ def envelopes(
         session_history(seed * 1_000_000 + i, checkpoints=checkpoints) for i in range(sessions)
     ]
     emitted = 0
+    sequences: dict[str, int] = {}
     for position in range(max(len(h) for h in histories)):
         for index, history in enumerate(histories):
             if position >= len(history) or emitted >= event_count:
                 continue
-            event = history[position]
-            aggregate_id = getattr(event, "session_id")  # noqa: B009 - every Loops event has one
+            aggregate_id, event = history[position]
+            sequences[aggregate_id] = sequences.get(aggregate_id, 0) + 1
             occurred_at = EPOCH + timedelta(milliseconds=emitted)
             command_id = f"cmd-{seed}-{index}-{position}"
             yield (
@@ -123,9 +169,9 @@ def envelopes(
                     event_id=str(uuid7(unix_ms=int(occurred_at.timestamp() * 1000))),
                     type=type(event).__name__,
                     schema_version=type(event).schema_version,
-                    aggregate_type="session",
+                    aggregate_type=event.aggregate_type,
                     aggregate_id=aggregate_id,
-                    sequence=position + 1,
+                    sequence=sequences[aggregate_id],
                     occurred_at=occurred_at,
                     command_id=command_id,
                     causation_id=command_id,

@@ -1,4 +1,4 @@
-"""Checkpoints: listings, details, per-file presigned URLs (paginated), deletion."""
+"""Checkpoints: listings, details, per-file presigned URLs (paginated), deletion, promotion."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from api.models import (
     CheckpointPublic,
     CheckpointsPublic,
     PresignedUrl,
+    PromoteCreate,
     RequestAccepted,
 )
 from api.pagination import InvalidPageToken, decode_page_token, encode_page_token
 from api.queries import ReadModels, Row
 from api.routes._common import envelope
 from api.submit import resolve_request_id
-from commands.loops import DeleteCheckpoint
+from commands.loops import DeleteCheckpoint, PromoteCheckpoint
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 
 router = APIRouter(prefix="/v1/loops", tags=["checkpoints"])
@@ -135,5 +136,27 @@ def delete_checkpoint(
             aggregate_id=row["session_id"],
         ),
         to="commands",
+    )
+    return RequestAccepted(request_id=key)
+
+
+@router.post("/checkpoints/{checkpoint_id}/promote", status_code=status.HTTP_202_ACCEPTED)
+def promote_checkpoint(
+    checkpoint_id: str,
+    body: PromoteCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Promote a sampler checkpoint to an environment (default `production`): it is kept from
+    then on (no TTL expiry, no keep-last retention). Only a standalone model is promotable: for
+    full-parameter training the first checkpoint of a chain (a base), for LoRA any; anything
+    else is rejected in the future with the rule."""
+    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    row = _checkpoint(reads, checkpoint_id)
+    command = PromoteCheckpoint(checkpoint_id=checkpoint_id, environment=body.environment)
+    submitter.submit(
+        envelope(request_id=key, command=command, aggregate_id=row["session_id"]), to="commands"
     )
     return RequestAccepted(request_id=key)

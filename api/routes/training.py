@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
 from api.errors import unprocessable
@@ -24,9 +24,13 @@ from api.models import (
 from api.queries import ReadModels
 from api.routes._common import active_run, envelope
 from api.submit import Submitter, resolve_request_id
+from commands.handling import first_validation_error
 from commands.work import ComputeLogprobs, ForwardBackward, OptimStep, SaveWeights, WorkRequest
 
 router = APIRouter(prefix="/v1/loops/runs", tags=["training"])
+
+SAMPLER_ONLY = frozenset({"checkpoint_type", "compression_format", "hotload"})
+STATE_ONLY = frozenset({"loader_state"})
 
 
 def _check_lengths(sequences: list[list[int]], *, max_seq_len: int, field: str) -> None:
@@ -124,7 +128,18 @@ def _save(
     idempotency_key: str | None,
     request_id: str | None,
 ) -> RequestAccepted:
-    request = SaveWeights(name=body.name, kind=kind, ttl_seconds=body.ttl_seconds)
+    # What the caller sent: a field of the other kind of save is a mistake worth naming.
+    other_kind = SAMPLER_ONLY if kind == "weights" else STATE_ONLY
+    for name in sorted(body.model_fields_set & other_kind):
+        where = "save_weights_for_sampler" if kind == "weights" else "save_weights"
+        raise unprocessable(f"{name}: only {where} takes it", field=name)
+    fields = body.model_dump(exclude={"request_id"}, exclude_unset=True)
+    try:
+        request = SaveWeights(kind=kind, **fields)
+    except ValidationError as exc:
+        # A field of the other kind of save (loader_state on a sampler save, ...).
+        reason, field = first_validation_error(exc, prefix="")
+        raise unprocessable(reason, field=field) from exc
     return _submit(
         run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
         header_key=idempotency_key, query_key=request_id,
@@ -153,6 +168,7 @@ def save_weights_for_sampler(
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
-    """Save sampler weights (bt://loops:<run_id>/sampler_weights/<name>); the run's sampler
-    loads them without a restart."""
+    """Save sampler weights (bt://loops:<run_id>/sampler_weights/<name>) as a full `base` or a
+    `delta` against the last one; the run's sampler loads them without a restart (the sync is
+    numbered: GET /v1/loops/samplers/{sampler_id}/syncs), unless `hotload` is null."""
     return _save("sampler_weights", run_id, body, reads, submitter, idempotency_key, request_id)

@@ -11,10 +11,12 @@ computes: the importance ratio of the two then measures only weight staleness an
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,16 @@ class SamplerEngineProtocol(Protocol):
         self, folder: str | os.PathLike[str], *, checkpoint_id: str
     ) -> WeightsVersion: ...
 
+    def load_chain(
+        self,
+        folders: Sequence[str | os.PathLike[str]],
+        *,
+        checkpoint_id: str,
+        keep_prompt_cache: bool = False,
+    ) -> WeightsVersion: ...
+
+    def reset_prompt_cache(self) -> int | None: ...
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -67,6 +79,10 @@ class SamplerConfig:
     seed: int = 0  # seeds the draws of calls that pass no seed of their own
     device: str = "cpu"  # torch device
     checkpoint_id: str = "base"  # the weights version's id until the first load_weights
+    # Prompts whose prefill (KV cache + last logits) is kept for the next call with the same
+    # prompt: RL samples each prompt many times. Computed with the weights of the moment, so a
+    # weight sync must drop them (`reset_prompt_cache`), as vLLM's prefix cache.
+    prompt_cache_size: int = 32
 
 
 class SamplerEngine:
@@ -78,8 +94,11 @@ class SamplerEngine:
         seed: int = 0,
         device: str = "cpu",
         checkpoint_id: str = "base",
+        prompt_cache_size: int = 32,
     ) -> None:
-        self.config = SamplerConfig(Path(model_dir), max_seq_len, seed, device, checkpoint_id)
+        self.config = SamplerConfig(
+            Path(model_dir), max_seq_len, seed, device, checkpoint_id, prompt_cache_size
+        )
         manifest = _verified_or_built_manifest(self.config.model_dir)
         self.model, self.tokenizer = load_causal_lm(model_dir, device=device)
         limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -90,6 +109,11 @@ class SamplerEngine:
         self._seed_rng = random.Random(seed)  # draws seeds for calls that bring none
         # One request or weight swap at a time: a swap never lands in the middle of a sample.
         self._lock = threading.Lock()
+        # prompt tokens -> (KV cache after the prompt, logits of its last position), batch of 1
+        self._prompt_cache: OrderedDict[tuple[int, ...], tuple[object, torch.Tensor]] = (
+            OrderedDict()
+        )
+        self.prompt_cache_hits = 0
 
     @property
     def weights_version(self) -> WeightsVersion:
@@ -118,11 +142,11 @@ class SamplerEngine:
             reasons: list[StopReason | None] = [None] * num_samples
             cut_at: list[int | None] = [None] * num_samples  # text length before a stop string
 
-            # Prefill: all samples share the prompt, so the batch needs no padding.
-            input_N_P = torch.tensor([prompt] * num_samples, device=self.config.device)
-            out = self.model(input_ids=input_N_P, use_cache=True)
+            # Prefill once (or not at all, on a cache hit), then one row per sample.
+            past, last_logits_1_V = self._prefill(prompt)
+            past.batch_repeat_interleave(num_samples)  # type: ignore[attr-defined]
+            logits_N_V = last_logits_1_V.expand(num_samples, -1)
             for _ in range(params.max_tokens):
-                logits_N_V = out.logits[:, -1, :].float()
                 logp_N_V = torch.log_softmax(logits_N_V, dim=-1)  # temperature-1 policy
                 next_N = _choose(logits_N_V, params, gens)
                 logp_N = logp_N_V.gather(1, next_N[:, None]).squeeze(1)
@@ -140,9 +164,8 @@ class SamplerEngine:
                 if all(r is not None for r in reasons):
                     break
                 # Decode step: one new token per row against the KV cache of the previous steps.
-                out = self.model(
-                    input_ids=next_N[:, None], past_key_values=out.past_key_values, use_cache=True
-                )
+                out = self.model(input_ids=next_N[:, None], past_key_values=past, use_cache=True)
+                past, logits_N_V = out.past_key_values, out.logits[:, -1, :].float()
         return [
             SampledSequence(
                 tokens=tokens_N[i],
@@ -177,11 +200,17 @@ class SamplerEngine:
         return self.load_chain([folder], checkpoint_id=checkpoint_id)
 
     def load_chain(
-        self, folders: Sequence[str | os.PathLike[str]], *, checkpoint_id: str
+        self,
+        folders: Sequence[str | os.PathLike[str]],
+        *,
+        checkpoint_id: str,
+        keep_prompt_cache: bool = False,
     ) -> WeightsVersion:
         """Swap in the weights a chain of folders leads to: [base, delta, ...] or [delta, ...]
         onto the weights loaded now. Every file's sha256, every parent link and the digest of the
-        resulting weights are checked before a single weight is touched."""
+        resulting weights are checked before a single weight is touched. Cached prompts were
+        computed with the old weights: they are dropped unless `keep_prompt_cache` (the weight
+        sync's `reset_prompt_cache: false`, or a caller that resets them itself)."""
         paths = [Path(f) for f in folders]
         if not paths:
             raise InvalidInputError("checkpoint", "no folder to load")
@@ -206,10 +235,17 @@ class SamplerEngine:
         with self._lock:
             # A delta's unchanged tensors are the live ones: copy_state_into skips them.
             copy_state_into(self.model, state)
-            # No prompt/KV cache outlives a request here (each sample call builds its own), so
-            # there is nothing stale to drop; vLLM's engine resets its prefix cache instead.
+            if not keep_prompt_cache:
+                self._prompt_cache.clear()
             self._version = WeightsVersion(checkpoint_id, parent)
         return self._version
+
+    def reset_prompt_cache(self) -> int:
+        """Drop every cached prompt prefill; returns how many there were."""
+        with self._lock:
+            dropped = len(self._prompt_cache)
+            self._prompt_cache.clear()
+        return dropped
 
     # ------------------------------------------------------------------ internals
 
@@ -238,6 +274,27 @@ class SamplerEngine:
             if not 0 <= s < self.vocab_size:
                 raise InvalidInputError(f"stop[{i}]", f"token id {s} outside the vocabulary")
         return prompt
+
+    def _prefill(self, prompt: list[int]) -> tuple[object, torch.Tensor]:
+        """A private copy of the prompt's KV cache and its last logits (1 x V), from the cache
+        when this prompt was seen since the last reset. Call with the lock held."""
+        key = tuple(prompt)
+        cached = self._prompt_cache.get(key)
+        if cached is None:
+            out = self.model(input_ids=torch.tensor([prompt], device=self.config.device),
+                             use_cache=True)  # fmt: skip
+            cached = (out.past_key_values, out.logits[:, -1, :].float())
+            if self.config.prompt_cache_size > 0:
+                self._prompt_cache[key] = cached
+                while len(self._prompt_cache) > self.config.prompt_cache_size:
+                    self._prompt_cache.popitem(last=False)
+            else:
+                return cached
+        else:
+            self.prompt_cache_hits += 1
+            self._prompt_cache.move_to_end(key)
+        # Decoding appends to the cache in place: each call works on its own copy.
+        return copy.deepcopy(cached[0]), cached[1]
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

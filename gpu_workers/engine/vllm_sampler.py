@@ -374,11 +374,16 @@ class VllmSamplerEngine:
         return self.load_chain([folder], checkpoint_id=checkpoint_id)
 
     def load_chain(
-        self, folders: Sequence[str | os.PathLike[str]], *, checkpoint_id: str
+        self,
+        folders: Sequence[str | os.PathLike[str]],
+        *,
+        checkpoint_id: str,
+        keep_prompt_cache: bool = False,
     ) -> WeightsVersion:
         """Swap in the weights a chain of folders leads to: [base, delta, ...] or [delta, ...]
         onto the weights served now. Every file's sha256, every parent link, the digest of the
-        resulting weights, and every name and shape are checked before a single weight moves."""
+        resulting weights, and every name and shape are checked before a single weight moves.
+        The prefix cache is reset unless `keep_prompt_cache` (the caller then resets it)."""
         paths = [Path(f) for f in folders]
         if not paths:
             raise InvalidInputError("checkpoint", "no folder to load")
@@ -408,7 +413,8 @@ class VllmSamplerEngine:
                     self._push_folder(*base)
                 if changed:
                     self._push_tensors({k: state[k] for k in sorted(changed)})
-                self.reset_prompt_cache()
+                if not keep_prompt_cache:
+                    self.reset_prompt_cache()
             except Exception as exc:
                 self._version = _UNKNOWN
                 raise WeightPushError(
@@ -419,10 +425,12 @@ class VllmSamplerEngine:
             self._version = WeightsVersion(checkpoint_id, parent)
         return self._version
 
-    def reset_prompt_cache(self) -> None:
-        """Drop cached prompt prefixes (KV computed with the weights served before)."""
+    def reset_prompt_cache(self) -> int | None:
+        """Drop cached prompt prefixes (KV computed with the weights served before). vLLM does
+        not say how many there were: None."""
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
+        return None
 
     # ------------------------------------------------------------------ internals
 

@@ -97,15 +97,15 @@ def test_tampered_object_is_refused_on_download(
     state, _ = trained_folders
     ref = CheckpointRef("run1", "weights", "tampered")
     stored = checkpoints.upload(state, ref)
-    key = next(f.key for f in stored.files if f.relative_file_name == "model.safetensors")
+    key = next(f.key for f in stored.files if f.relative_file_name == "dcp/__0_0.distcp")
     original = checkpoints.store.get_bytes(key)
     flipped = original[:-1] + bytes([original[-1] ^ 0xFF])  # same size, one bit pattern changed
     checkpoints.store.put_bytes(key, flipped)
 
-    with pytest.raises(ChecksumMismatchError, match=r"model\.safetensors") as err:
+    with pytest.raises(ChecksumMismatchError, match=r"dcp/__0_0\.distcp") as err:
         checkpoints.download(ref, tmp_path / "back")
 
-    assert err.value.relative_file_name == "model.safetensors"
+    assert err.value.relative_file_name == "dcp/__0_0.distcp"
     assert not (tmp_path / "back").exists()  # nothing half-verified is left behind
 
 

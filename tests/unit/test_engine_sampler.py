@@ -180,3 +180,41 @@ def test_engines_implement_the_protocol_and_vllm_fails_clearly(model_dir: Path) 
     except ImportError:
         with pytest.raises(VllmNotInstalledError, match=r"gpu"):
             VllmSamplerEngine(model_dir)
+
+
+def test_a_cached_prompt_samples_exactly_like_a_fresh_prefill(model_dir: Path) -> None:
+    cached = SamplerEngine(model_dir)
+    params = SamplingParams(max_tokens=12, seed=5)
+    first = cached.sample([BOS_ID, 104, 105], 3, params)
+    again = cached.sample([BOS_ID, 104, 105], 3, params)  # served from the prompt cache
+    fresh = SamplerEngine(model_dir, prompt_cache_size=0).sample([BOS_ID, 104, 105], 3, params)
+
+    assert cached.prompt_cache_hits == 1
+    assert [s.tokens for s in again] == [s.tokens for s in first] == [s.tokens for s in fresh]
+    assert [s.logprobs for s in again] == [s.logprobs for s in first]
+
+
+def test_a_weight_swap_drops_the_prompt_cache_unless_told_to_keep_it(
+    model_dir: Path, trained_weights: Path
+) -> None:
+    """Kept across a swap, the cache answers with the old weights' prompt: that is why a
+    weight sync resets it by default."""
+    prompt, params = [BOS_ID, 122], SamplingParams(max_tokens=1, temperature=0.0)
+    reference = SamplerEngine(model_dir, prompt_cache_size=0)
+    reference.load_weights(trained_weights, checkpoint_id="z")
+    (expected,) = reference.sample(prompt, 1, params)
+
+    stale = SamplerEngine(model_dir)
+    stale.sample(prompt, 1, params)  # cached with the base weights
+    stale.load_chain([trained_weights], checkpoint_id="z", keep_prompt_cache=True)
+    (answer,) = stale.sample(prompt, 1, params)
+    assert answer.logprobs != pytest.approx(expected.logprobs, abs=1e-4)
+    assert stale.reset_prompt_cache() == 1
+    (answer,) = stale.sample(prompt, 1, params)
+    assert answer.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+
+    default = SamplerEngine(model_dir)
+    default.sample(prompt, 1, params)
+    default.load_weights(trained_weights, checkpoint_id="z")  # drops the cache itself
+    (answer,) = default.sample(prompt, 1, params)
+    assert answer.logprobs == pytest.approx(expected.logprobs, abs=1e-5)

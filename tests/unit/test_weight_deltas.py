@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands.loops import PROMOTABILITY_RULE, NotPromotableError, check_promotable
 from gpu_workers.deltas import (
     DELTA_WEIGHTS_NAME,
-    PROMOTABILITY_RULE,
     ChainHead,
     DeltaChainError,
-    NotPromotableError,
     apply_chain,
     apply_delta,
-    check_promotable,
     choose_checkpoint_type,
     decode,
     encode,

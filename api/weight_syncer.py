@@ -1,0 +1,212 @@
+"""WeightSyncer: save sampler checkpoints and sync them to the sampler, tracking the base/delta
+chain (seed 002; the names, defaults and returns are the seed's).
+
+    syncer = WeightSyncer(trainer, deploy_mgr=service)
+    syncer.wait_for_hotload_ready()
+    for step in range(steps):
+        ...train...
+        syncer.save_and_hotload(f"step-{step}")   # base first, then deltas; raises on failure
+
+In Loops the "deployment" a run syncs to is its paired sampler (`deployment_id` defaults to it),
+and the deployment manager is the `ServiceClient`. Every call is a REST request; the sampler's
+progress is read from the numbered syncs (`GET /v1/loops/samplers/{id}/syncs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal, get_args
+
+from api.client import (
+    Json,
+    RequestFailedError,
+    ServiceClient,
+    TrainingClient,
+)
+from commands.loops import HotloadOptions
+from commands.work import DEFAULT_COMPRESSION_FORMAT, CompressionFormat
+
+log = logging.getLogger("loopstream.weight_syncer")
+
+CheckpointType = Literal["base", "delta"]
+# How often the sync state is read while waiting for a hotload.
+SYNC_POLL_S = 0.05
+
+
+class HotloadFailedError(Exception):
+    """The sampler refused the new weights (it keeps serving the previous ones)."""
+
+    def __init__(self, snapshot_name: str, weights_version: int, reason: str) -> None:
+        super().__init__(f"hotload of {snapshot_name!r} (sync {weights_version}) failed: {reason}")
+        self.snapshot_name = snapshot_name
+        self.weights_version = weights_version
+        self.reason = reason
+
+
+class WeightSyncer:
+    def __init__(
+        self,
+        policy_client: TrainingClient,
+        deploy_mgr: ServiceClient | None = None,
+        deployment_id: str | None = None,
+        base_model: str = "",
+        hotload_timeout: int = 600,
+        first_checkpoint_type: str = "base",
+        compression_format: str = DEFAULT_COMPRESSION_FORMAT,
+        warmup_after_hotload: bool = True,
+        warmup_max_retries: int = 10,
+        reset_prompt_cache: bool = True,
+        lora_rank: int = 0,
+    ) -> None:
+        if first_checkpoint_type not in ("base", "delta"):
+            raise ValueError(
+                f"first_checkpoint_type must be 'base' or 'delta', got {first_checkpoint_type!r}"
+            )
+        if compression_format not in get_args(CompressionFormat):
+            raise ValueError(
+                f"compression_format {compression_format!r} is not one of "
+                f"{list(get_args(CompressionFormat))}"
+            )
+        if hotload_timeout <= 0:
+            raise ValueError(f"hotload_timeout must be > 0 seconds, got {hotload_timeout}")
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        if deployment_id is not None and deployment_id != policy_client.sampler_id:
+            raise ValueError(
+                f"deployment_id {deployment_id!r}: a run's weights sync to its paired sampler "
+                f"{policy_client.sampler_id!r}"
+            )
+        self.policy_client = policy_client
+        self.deploy_mgr = deploy_mgr
+        self.deployment_id = policy_client.sampler_id
+        self.base_model = base_model
+        self.hotload_timeout = hotload_timeout
+        self.first_checkpoint_type: CheckpointType = first_checkpoint_type  # type: ignore[assignment]
+        self.compression_format: CompressionFormat = compression_format  # type: ignore[assignment]
+        self.lora_rank = lora_rank
+        self.options = HotloadOptions(
+            warmup=warmup_after_hotload,
+            warmup_max_retries=warmup_max_retries,
+            reset_prompt_cache=reset_prompt_cache,
+        )
+        if base_model:
+            run = policy_client.service.get_run(policy_client.run_id)
+            if run["base_model"] != base_model:
+                raise ValueError(
+                    f"base_model {base_model!r}: run {policy_client.run_id} trains "
+                    f"{run['base_model']!r}"
+                )
+        # Whether the next save continues a chain (delta) or starts one (base).
+        self._chain_started = False
+        self.last_weights_version: int | None = None  # of the last successful sync
+
+    # --- the seed's methods ---------------------------------------------------------------------
+
+    def save_and_hotload(self, name: str, checkpoint_type: str | None = None) -> str | None:
+        """Save sampler weights and sync them to the sampler: a base first, deltas after
+        (LoRA: always base). Returns the snapshot name once the sampler serves it; raises
+        RequestFailedError (save refused), HotloadFailedError or TimeoutError. Without a
+        deploy_mgr it only saves."""
+        kind = self._next_type(checkpoint_type)
+        sync = self.deploy_mgr is not None
+        future = self.policy_client.save_weights_for_sampler(
+            name,
+            checkpoint_type=kind,
+            compression_format=self.compression_format,
+            hotload=self.options if sync else False,
+        )
+        future.result(timeout=self.hotload_timeout)
+        self._chain_started = True
+        if sync:
+            self._wait_for_sync(name, request_id=future.request_id)
+        return name
+
+    def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
+        """Save sampler weights without syncing them (sync later with `hotload`). Returns the
+        snapshot name, or None when the save was refused (the reason is logged)."""
+        kind = self._next_type(checkpoint_type)
+        future = self.policy_client.save_weights_for_sampler(
+            name, checkpoint_type=kind, compression_format=self.compression_format, hotload=False
+        )
+        try:
+            future.result(timeout=self.hotload_timeout)
+        except (RequestFailedError, TimeoutError) as exc:
+            log.warning("save_only failed", extra={"snapshot": name, "reason": str(exc)})
+            return None
+        self._chain_started = True
+        return name
+
+    def hotload(self, snapshot_name: str, checkpoint_type: str) -> bool:
+        """Sync a saved snapshot to the sampler. True once the sampler serves it; False when
+        the sync was refused, failed or timed out (the reason is logged)."""
+        if self.deploy_mgr is None:
+            raise RuntimeError("no deploy_mgr: this WeightSyncer does not sync weights")
+        try:
+            future = self.policy_client.hotload(
+                snapshot_name, checkpoint_type=checkpoint_type, options=self.options
+            )
+            future.result(timeout=self.hotload_timeout)
+            self._wait_for_sync(snapshot_name, request_id=future.request_id)
+        except (RequestFailedError, HotloadFailedError, TimeoutError) as exc:
+            log.warning("hotload failed", extra={"snapshot": snapshot_name, "reason": str(exc)})
+            return False
+        return True
+
+    def check_deployment_state(self) -> Json:
+        """The sampler's weight-sync state: ready, serving_version/checkpoint/digest,
+        target_version, pending, and the last hotload's status and reason."""
+        return self._deploy_mgr().get_sampler_weights(self.deployment_id)
+
+    def wait_for_hotload_ready(self, timeout_s: float = 300, poll_interval_s: float = 5) -> Json:
+        """Block until a worker hosts the sampler (syncs reach it from then on); returns the
+        state. TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.check_deployment_state()
+            if state["ready"]:
+                return state
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"sampler {self.deployment_id} not ready after {timeout_s}s: {state}"
+                )
+            time.sleep(min(poll_interval_s, max(0.0, deadline - time.monotonic())))
+
+    def reset_delta_chain(self) -> None:
+        """The next save is a base. Call it when the sampler or the trainer session changes,
+        or the next delta could name a base the sampler never loaded."""
+        self._chain_started = False
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _next_type(self, requested: str | None) -> CheckpointType:
+        if requested is not None and requested not in ("base", "delta"):
+            raise ValueError(f"checkpoint_type must be 'base' or 'delta', got {requested!r}")
+        if self.lora_rank > 0:
+            return "base"  # a LoRA export is a standalone adapter: no chain
+        if requested is not None:
+            return requested  # type: ignore[return-value]
+        return "delta" if self._chain_started else self.first_checkpoint_type
+
+    def _deploy_mgr(self) -> ServiceClient:
+        if self.deploy_mgr is None:
+            raise RuntimeError("no deploy_mgr: this WeightSyncer does not sync weights")
+        return self.deploy_mgr
+
+    def _wait_for_sync(self, name: str, *, request_id: str) -> dict[str, Any]:
+        """Wait until the sync `request_id` caused is succeeded or failed on the sampler."""
+        deploy_mgr = self._deploy_mgr()
+        deadline = time.monotonic() + self.hotload_timeout
+        while True:
+            syncs = deploy_mgr.list_weight_syncs(self.deployment_id, request_id=request_id, limit=1)
+            if syncs and syncs[0]["status"] == "succeeded":
+                self.last_weights_version = syncs[0]["weights_version"]
+                return syncs[0]
+            if syncs and syncs[0]["status"] == "failed":
+                raise HotloadFailedError(name, syncs[0]["weights_version"], syncs[0]["reason"])
+            if time.monotonic() >= deadline:
+                status = syncs[0]["status"] if syncs else "not recorded yet"
+                raise TimeoutError(
+                    f"hotload of {name!r} not done after {self.hotload_timeout}s ({status})"
+                )
+            time.sleep(SYNC_POLL_S)
