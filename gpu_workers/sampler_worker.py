@@ -45,7 +45,7 @@ from events.work import (
 )
 from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointRef, CheckpointStore
 from gpu_workers.deltas import DeltaChainError, read_link
-from gpu_workers.engine.sampler import SamplerEngine
+from gpu_workers.engine.sampler import SamplerEngine, SamplerEngineProtocol
 from gpu_workers.engine.types import SamplingParams
 from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
@@ -74,7 +74,7 @@ class HostedSampler:
     run_id: str
     base_model: str
     base_dir: Path
-    engine: SamplerEngine
+    engine: SamplerEngineProtocol
     uri: str | None  # checkpoint the weights came from; None = base model
     checkpoint_id: str | None = None
     # The sync the served weights came from (0: the base model or the run's start checkpoint);
@@ -511,7 +511,7 @@ class SamplerWorker(WorkerService):
             base = resolve_base_model(self.settings, row["base_model"])
         except UnknownBaseModel as exc:
             raise WorkRejected(str(exc), field="base_model") from exc
-        engine = SamplerEngine(base, device=self.settings.torch_device, checkpoint_id="base")
+        engine = self._engine(base, max_seq_len=row["max_seq_len"])
         hosted = HostedSampler(
             sampler_id=sampler_id,
             run_id=row["run_id"],
@@ -541,6 +541,13 @@ class SamplerWorker(WorkerService):
             )
         self.samplers[sampler_id] = hosted
         return hosted
+
+    def _engine(self, base: Path, *, max_seq_len: int) -> SamplerEngineProtocol:
+        if self.settings.sampler_engine == "vllm":
+            from gpu_workers.engine.vllm_sampler import VllmSamplerEngine
+
+            return VllmSamplerEngine(base, max_seq_len=max_seq_len, checkpoint_id="base")
+        return SamplerEngine(base, device=self.settings.torch_device, checkpoint_id="base")
 
     def _load_for_request(
         self,
@@ -592,7 +599,7 @@ class SamplerWorker(WorkerService):
             time.sleep(0.02)
 
 
-def _warm_up(engine: SamplerEngine, max_retries: int) -> tuple[int, float]:
+def _warm_up(engine: SamplerEngineProtocol, max_retries: int) -> tuple[int, float]:
     """One short generation on the new weights, retried up to `max_retries` times. Returns
     (attempts, ms); raises WarmupError when none gives finite logprobs."""
     prompt = engine.tokenizer.encode(WARMUP_PROMPT, add_special_tokens=False) or [0]

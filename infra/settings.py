@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,8 @@ class Settings(BaseSettings):
     # Where other base models live as Hugging Face folders: <model_root>/<base_model name>.
     model_root: Path = Path.home() / ".cache" / "loopstream" / "models"
     torch_device: str = "cpu"
+    # The sampler's engine: plain torch (any host), or vLLM (a CUDA host with the `gpu` extra).
+    sampler_engine: Literal["torch", "vllm"] = "torch"
     # A training step runs inside the worker's Kafka transaction: allow long steps.
     worker_transaction_timeout_ms: int = Field(default=300_000, ge=10_000)
     # The PostgreSQL schema of the Loops read models (projections/, docs/projections.md).

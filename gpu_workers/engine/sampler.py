@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file
@@ -48,6 +48,8 @@ MAX_SAMPLES_PER_CALL = 1024  # a guard against a typo turning into an out-of-mem
 
 @runtime_checkable
 class SamplerEngineProtocol(Protocol):
+    tokenizer: Any  # a Hugging Face tokenizer: the worker encodes text prompts with it
+
     @property
     def weights_version(self) -> WeightsVersion: ...
 
