@@ -70,14 +70,23 @@ def _runs_table(runs: list[dict[str, Any]]) -> Table:
 
 
 def _checkpoints_table(checkpoints: list[dict[str, Any]]) -> Table:
-    table = Table("checkpoint", "uri", "status", "files", "bytes", "step", "created")
+    table = Table("checkpoint", "uri", "type", "status", "files", "bytes", "step", "promoted",
+                  "created")  # fmt: skip
     for c in checkpoints:
         step = str(c["step"]) if c["step"] is not None else "-"
+        kind = c.get("checkpoint_type") or "-"
+        if c.get("chain_position"):
+            kind += f" #{c['chain_position']}"
         table.add_row(
-            c["checkpoint_id"], c["uri"], c["status"], str(len(c["files"])),
-            f"{c['total_size_bytes']:,}", step, _when(c["created_at"]),
+            c["checkpoint_id"], c["uri"], kind, c["status"], str(len(c["files"])),
+            f"{c['total_size_bytes']:,}", step, ", ".join(c.get("promoted_to") or []) or "-",
+            _when(c["created_at"]),
         )  # fmt: skip
     return table
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.0f}" if value is not None else "-"
 
 
 @sessions_app.command("list")
@@ -114,6 +123,51 @@ def runs_show(run_id: str, base_url: str | None = BASE_URL) -> None:
     run = _call(client.get_run, run_id)
     out.print(_runs_table([run]))
     out.print(_checkpoints_table(_call(client.list_checkpoints, run_id)))
+
+
+@runs_app.command("syncs")
+def runs_syncs(
+    run_id: str,
+    limit: int = typer.Option(20, min=1, max=500),
+    base_url: str | None = BASE_URL,
+) -> None:
+    """The weight syncs of a run's sampler, newest first, and what it serves now."""
+    client = _client(base_url)
+    sampler_id = _call(client.get_run, run_id)["sampler_id"]
+    state = _call(client.get_sampler_weights, sampler_id)
+    out.print(
+        f"[bold]sampler {sampler_id}[/]  ready {state['ready']}  serving version "
+        f"{state['serving_version']} ({state['serving_checkpoint_id'] or 'base model'})  "
+        f"newest sync {state['target_version']}{'  [yellow]pending[/]' if state['pending'] else ''}"
+    )
+    table = Table("version", "checkpoint", "type", "status", "bytes", "fetch ms", "apply ms",
+                  "total ms", "warmup", "reason", title="weight syncs")  # fmt: skip
+    for s in _call(client.list_weight_syncs, sampler_id, limit=limit):
+        warmup = f"{s['warmup_attempts']} try" if s["warmup_attempts"] else "-"
+        table.add_row(
+            str(s["weights_version"]), s["checkpoint_id"], s["checkpoint_type"] or "-",
+            s["status"], f"{s['bytes_moved']:,}" if s["bytes_moved"] is not None else "-",
+            _ms(s["fetch_ms"]), _ms(s["apply_ms"]), _ms(s["total_ms"]), warmup,
+            s["reason"] or "",
+        )  # fmt: skip
+    out.print(table)
+
+
+@checkpoints_app.command("promote")
+def checkpoints_promote(
+    checkpoint_id: str,
+    environment: str = typer.Option("production", help="the environment to promote to"),
+    base_url: str | None = BASE_URL,
+) -> None:
+    """Promote a sampler checkpoint (a base, or any LoRA one) to an environment."""
+    client = _client(base_url)
+    future = _call(client.promote_checkpoint, checkpoint_id, environment=environment)
+    try:
+        future.result(timeout=60)
+    except Exception as exc:  # rejected: the reason quotes the promotability rule
+        err.print(f"[bold red]not promoted:[/] {exc}")
+        raise typer.Exit(code=1) from exc
+    out.print(f"checkpoint {checkpoint_id} promoted to {environment}")
 
 
 @checkpoints_app.command("list")
