@@ -451,11 +451,28 @@ class TrainingClient:
         return self.service._submit(f"/v1/loops/runs/{self.run_id}/{action}", body, _identity)
 
     def forward_backward(
-        self, data: Sequence[Datum | Json], loss_fn: LossFn = "cross_entropy"
+        self,
+        data: Sequence[Datum | Json],
+        loss_fn: LossFn = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
     ) -> APIFuture[Json]:
         """Result: {loss, metrics, loss_fn_outputs}."""
         return self._post("forward_backward", {"data": [_dump(d) for d in data],
-                                               "loss_fn": loss_fn})  # fmt: skip
+                          "loss_fn": loss_fn, "loss_fn_config": loss_fn_config})  # fmt: skip
+
+    def forward(
+        self,
+        data: Sequence[Datum | Json],
+        loss_fn: LossFn = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+    ) -> APIFuture[Json]:
+        """The loss without touching the gradients. Result as forward_backward."""
+        return self._post("forward", {"data": [_dump(d) for d in data], "loss_fn": loss_fn,
+                                      "loss_fn_config": loss_fn_config})  # fmt: skip
+
+    def load_state(self, checkpoint_uri: str, *, optimizer: bool = True) -> APIFuture[Json]:
+        """Load a full-state checkpoint into this run. Result: {path, step, loader_state}."""
+        return self._post("load_state", {"checkpoint_uri": checkpoint_uri, "optimizer": optimizer})
 
     def optim_step(self, adam_params: AdamParams | Json | None = None) -> APIFuture[Json]:
         """Result: {step, metrics}."""
@@ -544,6 +561,7 @@ class SamplingClient:
         max_tokens: int = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = -1,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         affinity_key: str | None = None,
@@ -560,6 +578,7 @@ class SamplingClient:
             "max_tokens": max_tokens,
             "temperature": temperature,
             "top_p": top_p,
+            "top_k": top_k,
             "seed": seed,
             "stop": list(stop) if stop is not None else None,
             "checkpoint_uri": self.checkpoint_uri,

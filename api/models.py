@@ -23,7 +23,9 @@ from commands.work import (
     AdamParams,
     CompressionFormat,
     ComputeLogprobs,
+    Forward,
     ForwardBackward,
+    LoadState,
     OptimStep,
     Sample,
 )
@@ -44,7 +46,15 @@ class ForwardBackwardCreate(ForwardBackward):
     request_id: str | None = REQUEST_ID
 
 
+class ForwardCreate(Forward):
+    request_id: str | None = REQUEST_ID
+
+
 class OptimStepCreate(OptimStep):
+    request_id: str | None = REQUEST_ID
+
+
+class LoadStateCreate(LoadState):
     request_id: str | None = REQUEST_ID
 
 

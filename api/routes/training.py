@@ -17,6 +17,8 @@ from api.errors import unprocessable
 from api.models import (
     ComputeLogprobsCreate,
     ForwardBackwardCreate,
+    ForwardCreate,
+    LoadStateCreate,
     OptimStepCreate,
     RequestAccepted,
     SaveWeightsCreate,
@@ -25,7 +27,15 @@ from api.queries import ReadModels
 from api.routes._common import active_run, envelope
 from api.submit import Submitter, resolve_request_id
 from commands.handling import first_validation_error
-from commands.work import ComputeLogprobs, ForwardBackward, OptimStep, SaveWeights, WorkRequest
+from commands.work import (
+    ComputeLogprobs,
+    Forward,
+    ForwardBackward,
+    LoadState,
+    OptimStep,
+    SaveWeights,
+    WorkRequest,
+)
 
 router = APIRouter(prefix="/v1/loops/runs", tags=["training"])
 
@@ -77,12 +87,49 @@ def forward_backward(
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
-    """Forward and backward pass on a batch; gradients accumulate until optim_step."""
-    request = ForwardBackward(data=body.data, loss_fn=body.loss_fn)
+    """Forward and backward pass on a batch; gradients accumulate until optim_step.
+    `loss_fn_config` sets the loss's parameters (ppo/cispo clip thresholds, dro beta)."""
+    request = ForwardBackward.model_validate(body.model_dump(exclude={"request_id"}))
     return _submit(
         run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
         header_key=idempotency_key, query_key=request_id,
         sequences=[d.model_input for d in body.data], sequences_field="data.{i}.model_input",
+    )  # fmt: skip
+
+
+@router.post("/{run_id}/forward", status_code=status.HTTP_202_ACCEPTED)
+def forward(
+    run_id: str,
+    body: ForwardCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """The loss and per-token logprobs of a batch, gradients untouched (evaluation)."""
+    request = Forward.model_validate(body.model_dump(exclude={"request_id"}))
+    return _submit(
+        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        header_key=idempotency_key, query_key=request_id,
+        sequences=[d.model_input for d in body.data], sequences_field="data.{i}.model_input",
+    )  # fmt: skip
+
+
+@router.post("/{run_id}/load_state", status_code=status.HTTP_202_ACCEPTED)
+def load_state(
+    run_id: str,
+    body: LoadStateCreate,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Load a full-state (`weights`) checkpoint into the run: weights, and with `optimizer` the
+    AdamW moments, step and RNG. The result hands back the `loader_state` saved with it."""
+    request = LoadState.model_validate(body.model_dump(exclude={"request_id"}))
+    return _submit(
+        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        header_key=idempotency_key, query_key=request_id,
     )  # fmt: skip
 
 
