@@ -567,6 +567,7 @@ class SamplingClient:
         affinity_key: str | None = None,
         min_weights_version: int | None = None,
         min_weights_wait_s: float = 60.0,
+        prompt_logprobs: bool = False,
     ) -> APIFuture[Json]:
         """Result: {prompt_tokens, sequences: [{tokens, text, logprobs, stop_reason}], and the
         weights version that produced them}. `min_weights_version`: only weights of that sync
@@ -583,6 +584,7 @@ class SamplingClient:
             "stop": list(stop) if stop is not None else None,
             "checkpoint_uri": self.checkpoint_uri,
             "affinity_key": affinity_key,
+            "prompt_logprobs": prompt_logprobs,
         }
         if min_weights_version is not None:
             body["min_weights_version"] = min_weights_version

@@ -19,6 +19,7 @@ from api.weight_syncer import WeightSyncer
 from commands.loops import PROMOTABILITY_RULE
 from commands.work import AdamParams, Datum, LossFnInputs
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
+from gpu_workers.deltas import DELTA_WEIGHTS_NAME
 from gpu_workers.engine.trainer import TrainerEngine
 from gpu_workers.models import resolve_base_model
 from infra.s3 import ObjectStore
@@ -240,3 +241,48 @@ def test_promotion_follows_the_promotability_matrix(
     second = checkpoint(service, lora.run_id, "l1")
     assert second["checkpoint_type"] == "base"
     service.promote_checkpoint(second["checkpoint_id"], environment="staging").result(TIMEOUT_S)
+
+
+@pytest.mark.timeout(300)
+def test_a_sampler_that_missed_twenty_deltas_walks_the_chain_to_the_trainers_weights(
+    service: ServiceClient, trainer: TrainingClient, settings: Settings
+) -> None:
+    """A base and 20 deltas saved without syncing; then one hotload of the last: the sampler
+    fetches all 21 folders, applies them in order and serves the trainer's weights, digest for
+    digest. A corrupted link is refused; reset_delta_chain (a new base) recovers."""
+    syncer = WeightSyncer(trainer, deploy_mgr=service, warmup_after_hotload=False)
+    syncer.wait_for_hotload_ready(timeout_s=60, poll_interval_s=0.1)
+    for step in range(21):
+        train_step(trainer)
+        assert syncer.save_only(f"c{step}") == f"c{step}"
+    head = checkpoint(service, trainer.run_id, "c20")
+    assert (head["checkpoint_type"], head["chain_position"]) == ("delta", 20)
+
+    assert syncer.hotload("c20", "delta")
+    (sync,) = service.list_weight_syncs(trainer.sampler_id, limit=1)
+    assert sync["folders_applied"] == 21 and sync["status"] == "succeeded"
+    state = syncer.check_deployment_state()
+    assert state["serving_digest"] == sync["content_digest"]
+    # The trainer's own view of the same weights: its logprobs equal the sampler's.
+    served = sample(trainer, prompt_logprobs=True).result(TIMEOUT_S)
+    assert served["weights_version"]["digest"] == sync["content_digest"]
+    (trainer_logprobs,) = trainer.compute_logprobs([PROMPT]).result(TIMEOUT_S)["logprobs"]
+    assert served["prompt_logprobs"][1:] == pytest.approx(trainer_logprobs[1:], abs=1e-4)
+
+    # Corrupt the next delta in the store: refused, the sampler keeps c20.
+    train_step(trainer)
+    syncer.save_only("c21")
+    store = CheckpointStore(ObjectStore.from_settings(settings))
+    ref = CheckpointRef(trainer.run_id, "sampler_weights", "c21")
+    key = store.prefix(ref) + DELTA_WEIGHTS_NAME
+    data = store.store.get_bytes(key)
+    store.store.put_bytes(key, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert syncer.hotload("c21", "delta") is False
+    (refused,) = service.list_weight_syncs(trainer.sampler_id, limit=1)
+    assert DELTA_WEIGHTS_NAME in refused["reason"] and "sha256" in refused["reason"]
+    assert syncer.check_deployment_state()["serving_digest"] == sync["content_digest"]
+
+    syncer.reset_delta_chain()
+    train_step(trainer)
+    syncer.save_and_hotload("c22")
+    assert checkpoint(service, trainer.run_id, "c22")["checkpoint_type"] == "base"
