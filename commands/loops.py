@@ -367,15 +367,18 @@ def _(command: CreateRun, state: SessionState, now: datetime) -> list[DomainEven
     ]
 
 
+def _active_run(state: SessionState, run_id: str) -> RunState:
+    run = state.runs.get(run_id)
+    if run is None:
+        raise Rejected(f"run {run_id} does not exist in session {state.session_id}", field="run_id")
+    if not run.active:
+        raise Rejected(f"run {run_id} is stopped", field="run_id")
+    return run
+
+
 @_decide_in_active_session.register
 def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[DomainEvent]:
-    run = state.runs.get(command.run_id)
-    if run is None:
-        raise Rejected(
-            f"run {command.run_id} does not exist in session {state.session_id}", field="run_id"
-        )
-    if not run.active:
-        raise Rejected(f"run {command.run_id} is stopped", field="run_id")
+    run = _active_run(state, command.run_id)
     if command.checkpoint_id in state.checkpoints:
         raise Rejected(f"checkpoint {command.checkpoint_id} already exists", field="checkpoint_id")
     if state.live_checkpoint(command.run_id, command.kind, command.name) is not None:
@@ -450,13 +453,7 @@ def _weights_ready(
 
 @_decide_in_active_session.register
 def _(command: HotloadWeights, state: SessionState, now: datetime) -> list[DomainEvent]:
-    run = state.runs.get(command.run_id)
-    if run is None:
-        raise Rejected(
-            f"run {command.run_id} does not exist in session {state.session_id}", field="run_id"
-        )
-    if not run.active:
-        raise Rejected(f"run {command.run_id} is stopped", field="run_id")
+    run = _active_run(state, command.run_id)
     checkpoint = state.live_checkpoint(command.run_id, "sampler_weights", command.name)
     if checkpoint is None:
         raise Rejected(

@@ -446,6 +446,22 @@ def _(event: HotloadStarted, envelope: EventEnvelope) -> list[RowChange]:
                          values)]  # fmt: skip
 
 
+def _hotload_finished(
+    weights_version: int, envelope: EventEnvelope, values: dict[str, Any]
+) -> list[RowChange]:
+    """The sync's row, and the sampler's "last hotload" columns, from one outcome."""
+    last = {
+        "last_hotload_version": weights_version,
+        "last_hotload_status": values["status"],
+        "last_hotload_reason": values["reason"],
+        "last_hotload_at": envelope.occurred_at,
+    }
+    return [
+        _sync_change("hotloads", envelope.aggregate_id, weights_version, envelope, values),
+        _sampler_weights(envelope, last),
+    ]
+
+
 @_project.register
 def _(event: HotloadSucceeded, envelope: EventEnvelope) -> list[RowChange]:
     if event.weights_version is None:
@@ -467,16 +483,7 @@ def _(event: HotloadSucceeded, envelope: EventEnvelope) -> list[RowChange]:
         "prompt_cache_entries_dropped": event.prompt_cache_entries_dropped,
         "finished_at": envelope.occurred_at,
     }
-    last = {
-        "last_hotload_version": event.weights_version,
-        "last_hotload_status": "succeeded",
-        "last_hotload_reason": None,
-        "last_hotload_at": envelope.occurred_at,
-    }
-    return [
-        _sync_change("hotloads", envelope.aggregate_id, event.weights_version, envelope, values),
-        _sampler_weights(envelope, last),
-    ]
+    return _hotload_finished(event.weights_version, envelope, values)
 
 
 @_project.register
@@ -493,13 +500,4 @@ def _(event: HotloadFailed, envelope: EventEnvelope) -> list[RowChange]:
         "total_ms": event.total_ms,
         "finished_at": envelope.occurred_at,
     }
-    last = {
-        "last_hotload_version": event.weights_version,
-        "last_hotload_status": "failed",
-        "last_hotload_reason": event.reason,
-        "last_hotload_at": envelope.occurred_at,
-    }
-    return [
-        _sync_change("hotloads", envelope.aggregate_id, event.weights_version, envelope, values),
-        _sampler_weights(envelope, last),
-    ]
+    return _hotload_finished(event.weights_version, envelope, values)

@@ -9,12 +9,15 @@ from events.envelope import EventEnvelope
 from events.loops import (
     CheckpointDeleted,
     CheckpointFile,
+    CheckpointPromoted,
     CheckpointSaved,
     DomainEvent,
     RunCreated,
     SessionCreated,
     SessionEnded,
+    WeightsReady,
 )
+from events.work import HotloadFailed, HotloadStarted, HotloadSucceeded
 from projections.loops import TABLES, event_log_row, project_event, project_result
 
 AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -126,3 +129,62 @@ def test_command_result_becomes_a_future_row() -> None:
     assert change.values["status"] == "rejected" and change.values["field"] == "session_id"
     assert change.values["events"] == [{"event_id": "e", "type": "RunCreated", "sequence": 2}]
     assert TABLES["command_results"].insert_only
+
+
+def test_a_weight_sync_is_a_row_per_sampler_and_version_with_its_command() -> None:
+    event = WeightsReady(
+        sampler_id="smp-1", run_id="run-1", session_id="ses-1", checkpoint_id="ck-1",
+        uri="bt://loops:run-1/sampler_weights/a", content_digest="d" * 64, weights_version=3,
+        checkpoint_type="delta", warmup=True,
+    )  # fmt: skip
+    (change,) = project_event(envelope(event, 9), event)
+    assert change.table == "weight_syncs" and change.key == ("smp-1", 3) and change.version == 9
+    assert change.values["command_id"] == "cmd-1" and change.values["warmup"] is True
+    assert set(change.values) == set(TABLES["weight_syncs"].columns)
+
+
+def test_hotload_outcomes_fill_the_sync_row_and_the_samplers_last_hotload() -> None:
+    uri = "bt://loops:run-1/sampler_weights/a"
+    started = HotloadStarted(checkpoint_id="ck-1", uri=uri, from_digest="0" * 64,
+                             weights_version=2)  # fmt: skip
+    (row,) = project_event(envelope(started, 4, "smp-1"), started)
+    assert (row.table, row.key, row.values["status"]) == ("hotloads", ("smp-1", 2), "started")
+
+    ok = HotloadSucceeded(
+        checkpoint_id="ck-1", uri=uri, checkpoint_type="delta", content_digest="d" * 64,
+        folders_applied=1, bytes_moved=10, fetch_ms=1.0, apply_ms=1.0, total_ms=2.0,
+        weights_version=2, warmup_attempts=1, warmup_ms=3.0,
+    )  # fmt: skip
+    sync, sampler = project_event(envelope(ok, 5, "smp-1"), ok)
+    assert sync.values["status"] == "succeeded" and sync.values["warmup_attempts"] == 1
+    assert sampler.table == "sampler_weights" and sampler.key == ("smp-1",)
+    assert sampler.values["last_hotload_status"] == "succeeded"
+
+    failed = HotloadFailed(
+        checkpoint_id="ck-2", uri=uri, reason="WarmupError: no", bytes_moved=10, total_ms=2.0,
+        serving_checkpoint_id="ck-1", serving_digest="d" * 64, weights_version=3,
+        rolled_back=True,
+    )  # fmt: skip
+    sync, sampler = project_event(envelope(failed, 8, "smp-1"), failed)
+    assert sync.key == ("smp-1", 3) and sync.values["rolled_back"] is True
+    assert sampler.values["last_hotload_reason"] == "WarmupError: no"
+    assert all(set(c.values) <= set(TABLES[c.table].columns) for c in (sync, sampler))
+
+
+def test_a_pinned_requests_load_is_not_a_sync() -> None:
+    event = HotloadStarted(checkpoint_id="ck-1", uri="bt://loops:r/sampler_weights/a",
+                           from_digest="0" * 64)  # fmt: skip
+    assert project_event(envelope(event, 2, "smp-1"), event) == []
+
+
+def test_a_promotion_is_an_insert_only_row_per_environment() -> None:
+    event = CheckpointPromoted(
+        checkpoint_id="ck-1",
+        run_id="run-1",
+        session_id="ses-1",
+        uri="bt://loops:run-1/sampler_weights/a",
+        environment="staging",
+    )
+    (change,) = project_event(envelope(event, 5), event)
+    assert (change.table, change.key) == ("promotions", ("ck-1", "staging"))
+    assert TABLES["promotions"].insert_only and change.values["promoted_at"] == AT
