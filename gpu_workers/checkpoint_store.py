@@ -5,6 +5,10 @@ folder, so a checkpoint's files can be handed out as presigned URLs one by one a
 is deleted with one prefix delete. `manifest.json` is uploaded last: a checkpoint whose manifest
 is not there is an unfinished upload, and readers treat it as absent.
 
+Files move several at a time (small config files beside a big shard), and each is hashed as
+its bytes stream past, on the way up and on the way down: a file is read once, never once to
+check and again to send.
+
 Content-addressed dedup is not done here on purpose: across the checkpoints of one run only the
 small config/tokenizer files repeat (every weights file differs), and per-checkpoint prefixes
 keep deletion and TTL expiry a plain prefix delete with no reference counting.
@@ -19,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from minio.error import S3Error
 
@@ -26,14 +31,19 @@ from gpu_workers.manifest import (
     MANIFEST_NAME,
     ChecksumMismatchError,
     Manifest,
-    sha256_file,
-    verify_folder,
+    ManifestFile,
+    check_listing,
+    map_threads,
 )
 from infra.s3 import ObjectStore
 
 CHECKPOINT_KINDS = ("weights", "sampler_weights")  # the two targets of a bt://loops: URI
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _URI = re.compile(r"^bt://loops:(?P<run_id>[^/]+)/(?P<kind>[^/]+)/(?P<name>[^/]+)$")
+# Files in flight at once, each way. A big file is also split into parts sent 3 at a time by
+# the S3 client (put_object's default), so this mostly lets the small files go beside it.
+TRANSFER_THREADS = 4
+_CHUNK = 1 << 20  # 1 MiB: download chunks, written and hashed as they come
 
 
 class CheckpointNotFoundError(LookupError):
@@ -101,9 +111,11 @@ class CheckpointStore:
         return f"{self.root}/{ref.run_id}/{ref.kind}/{ref.name}/"
 
     def upload(self, folder: str | os.PathLike[str], ref: CheckpointRef) -> StoredCheckpoint:
-        """Store a checkpoint folder (verified against its own manifest first). Idempotent."""
+        """Store a checkpoint folder, checked against its own manifest: every file's sha256 is
+        computed from the bytes as they are sent, and the manifest (which marks the checkpoint
+        complete) goes up only once every file matched. Idempotent."""
         folder = Path(folder)
-        manifest = verify_folder(folder)
+        manifest = check_listing(folder)
         manifest_bytes = (folder / MANIFEST_NAME).read_bytes()
         existing = self._stored_manifest(ref)
         if existing is not None:
@@ -114,10 +126,17 @@ class CheckpointStore:
                 )
             return self._described(ref, *existing, uploaded_bytes=0)
         prefix = self.prefix(ref)
-        for f in manifest.files:
-            # fput_object streams from disk (multipart for big shards) instead of reading the
-            # whole file into memory as put_bytes would.
-            self.store.client.fput_object(self.store.bucket, prefix + f.path, str(folder / f.path))
+
+        def put(f: ManifestFile) -> None:
+            with (folder / f.path).open("rb") as fh:
+                reader = _HashingReader(fh)
+                # Streams from disk (in parts, for big shards) instead of reading the whole
+                # file into memory; the client only ever calls read().
+                self.store.client.put_object(self.store.bucket, prefix + f.path,
+                                             cast(BinaryIO, reader), f.size_bytes)  # fmt: skip
+            _check(f, reader.hexdigest(), reader.size, where=str(folder))
+
+        map_threads(put, manifest.files, threads=TRANSFER_THREADS)
         # The manifest goes last: its presence marks the upload complete.
         self.store.put_bytes(
             prefix + MANIFEST_NAME, manifest_bytes, content_type="application/json"
@@ -138,21 +157,25 @@ class CheckpointStore:
         prefix = self.prefix(ref)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+
+        def get(f: ManifestFile) -> None:
+            path = staging / f.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            h, size = hashlib.sha256(), 0
+            response = self.store.client.get_object(self.store.bucket, prefix + f.path)
+            try:
+                with path.open("wb") as out:
+                    for chunk in response.stream(_CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            _check(f, h.hexdigest(), size, where=ref.uri)
+
         try:
-            for f in manifest.files:
-                path = staging / f.path
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.store.client.fget_object(self.store.bucket, prefix + f.path, str(path))
-                size = path.stat().st_size
-                if size != f.size_bytes:
-                    raise ChecksumMismatchError(
-                        f.path, f"{ref.uri}: size {size} != manifest {f.size_bytes}"
-                    )
-                digest = sha256_file(path)
-                if digest != f.sha256:
-                    raise ChecksumMismatchError(
-                        f.path, f"{ref.uri}: sha256 {digest} != manifest {f.sha256}"
-                    )
+            map_threads(get, manifest.files, threads=TRANSFER_THREADS)
             (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
             if dest.exists():
                 dest.rmdir()
@@ -211,3 +234,28 @@ class CheckpointStore:
             )
         )
         return StoredCheckpoint(ref, manifest, tuple(files), uploaded_bytes)
+
+
+class _HashingReader:
+    """A file handed to the S3 client that hashes every byte the client reads from it."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._fh.read(n)
+        self._sha256.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+
+def _check(f: ManifestFile, sha256: str, size: int, *, where: str) -> None:
+    if size != f.size_bytes:
+        raise ChecksumMismatchError(f.path, f"{where}: size {size} != manifest {f.size_bytes}")
+    if sha256 != f.sha256:
+        raise ChecksumMismatchError(f.path, f"{where}: sha256 {sha256} != manifest {f.sha256}")

@@ -22,11 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import TypeVar, get_args
 
+import numpy as np
 import torch
 import zstandard
 from safetensors.torch import load_file, save_file
@@ -52,6 +54,13 @@ CHAIN_FORMAT = "loopstream.weights_chain/v1"
 ZSTD_LEVEL = 3  # level 3 is zstd's default: ~300 MB/s per core, most of the gain of higher levels
 # Same-width integer views of float tensors, so XOR works on their bits.
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Tensors encoded or decoded at once: zstd, XOR and the byte shuffles release the GIL, and the
+# full-state digest is computed beside them on the calling thread. Below PARALLEL_MIN_BYTES of
+# weights the hand-offs between threads cost more than they save: one thread does it all.
+CODEC_THREADS = min(4, os.cpu_count() or 1)
+PARALLEL_MIN_BYTES = 4 << 20
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class DeltaChainError(ValueError):
@@ -121,13 +130,17 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, raw bytes) of every tensor, in name order."""
     h = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        h.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        h.update(memoryview(_bytes_of(tensor)))
+        _digest_tensor(h, name, state[name])
     return h.hexdigest()
 
 
-def _bytes_of(tensor: torch.Tensor):  # -> numpy uint8 array, no copy of a contiguous CPU tensor
+def _digest_tensor(h: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    h.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+    h.update(_bytes_of(tensor).data)
+
+
+def _bytes_of(tensor: torch.Tensor) -> np.ndarray:  # uint8, no copy of a contiguous CPU tensor
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
@@ -149,11 +162,11 @@ def encode(new: torch.Tensor, parent: torch.Tensor, codec: Codec) -> torch.Tenso
     if codec == "raw":
         return new.clone()
     if codec == "zstd":
-        payload = _bytes_of(new).tobytes()
+        payload = _bytes_of(new)
     else:  # xor_zstd
         xor_N = _bits(new).reshape(-1) ^ _bits(parent.to("cpu")).reshape(-1)  # (N,)
-        payload = _shuffle(xor_N.view(torch.uint8), new.element_size())
-    compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload)
+        payload = _shuffle(_bytes_of(xor_N), new.element_size())
+    compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(payload.data)
     return torch.frombuffer(bytearray(compressed), dtype=torch.uint8)
 
 
@@ -167,32 +180,63 @@ def decode(
 ) -> torch.Tensor:
     if codec == "raw":
         return stored
-    raw = zstandard.ZstdDecompressor().decompress(stored.numpy().tobytes())
+    raw = zstandard.ZstdDecompressor().decompress(stored.numpy().data)
     item = torch.empty((), dtype=dtype).element_size()
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # (N * item,)
     if codec == "zstd":
-        return flat.view(dtype).reshape(shape)
-    xor_N = _unshuffle(flat, item).view(_BITS_DTYPE[item])  # (N,)
-    bits_N = xor_N ^ _bits(parent.to("cpu")).reshape(-1)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    bytes_NI = _unshuffle(np.frombuffer(raw, dtype=np.uint8), item)  # (N * item,), writable
+    xor_N = torch.from_numpy(bytes_NI).view(_BITS_DTYPE[item])  # (N,)
+    bits_N = xor_N.bitwise_xor_(_bits(parent.to("cpu")).reshape(-1))
     return bits_N.view(dtype).reshape(shape)
 
 
-def _shuffle(bytes_NI: torch.Tensor, item: int) -> bytes:
+# The shuffles copy one byte lane at a time (a strided numpy copy): the same bytes as a 2-D
+# transpose, which torch does about 8x slower on uint8.
+
+
+def _shuffle(bytes_NI: np.ndarray, item: int) -> np.ndarray:
     # (N * item,) -> (item, N): byte k of every element together, so zero high bytes form runs.
-    return bytes_NI.reshape(-1, item).t().contiguous().numpy().tobytes()
+    shuffled_IN = np.empty((item, bytes_NI.size // item), dtype=np.uint8)
+    for k in range(item):
+        shuffled_IN[k] = bytes_NI[k::item]
+    return shuffled_IN
 
 
-def _unshuffle(bytes_IN: torch.Tensor, item: int) -> torch.Tensor:
-    return bytes_IN.reshape(item, -1).t().contiguous().reshape(-1)  # (N * item,)
+def _unshuffle(bytes_IN: np.ndarray, item: int) -> np.ndarray:
+    lanes_IN = bytes_IN.reshape(item, -1)
+    bytes_NI = np.empty(bytes_IN.size, dtype=np.uint8)  # (N * item,)
+    for k in range(item):
+        bytes_NI[k::item] = lanes_IN[k]
+    return bytes_NI
+
+
+def _worth_threads(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether these tensors are worth spreading over CODEC_THREADS threads."""
+    return sum(t.numel() * t.element_size() for t in tensors) >= PARALLEL_MIN_BYTES
+
+
+def _map_in_order(fn: Callable[[_T], _R], items: list[_T], *, parallel: bool) -> Iterator[_R]:
+    """`fn` over `items`, results in order. `parallel`: every item is handed to a pool now, so
+    the caller can work beside it; else lazily, on the caller's thread, as it iterates."""
+    if not parallel or CODEC_THREADS <= 1:
+        return map(fn, items)
+    pool = ThreadPoolExecutor(max_workers=CODEC_THREADS)
+    try:
+        return pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=False)  # its threads finish what was handed to them, then exit
 
 
 # ---------------------------------------------------------------------------------- writing
 
 
-def write_base_link(folder: Path, state: Mapping[str, torch.Tensor]) -> ChainLink:
-    """Mark a full sampler-weights folder (before its manifest is written) as a chain's base."""
-    link = ChainLink(checkpoint_type="base", position=0, state_digest=state_digest(state),
-                     base_digest="")  # fmt: skip
+def write_base_link(
+    folder: Path, state: Mapping[str, torch.Tensor], *, digest: str | None = None
+) -> ChainLink:
+    """Mark a full sampler-weights folder (before its manifest is written) as a chain's base.
+    `digest`: `state_digest(state)`, when the caller has computed it already."""
+    link = ChainLink(checkpoint_type="base", position=0,
+                     state_digest=digest or state_digest(state), base_digest="")  # fmt: skip
     (folder / CHAIN_NAME).write_text(link.to_json())
     return link
 
@@ -212,16 +256,26 @@ def write_delta(
         raise DeltaChainError("the weights' tensor names differ from the chain head's: save a base")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, torch.Tensor] = {}
-    index: dict[str, dict[str, object]] = {}
-    for name in sorted(state):
+    names = sorted(state)
+    for name in names:
         new, old = state[name], parent.state[name]
         if new.shape != old.shape or new.dtype != old.dtype:
             raise DeltaChainError(f"{name}: shape or dtype changed since the base: save a base")
+
+    def encode_changed(name: str) -> torch.Tensor | None:
+        new, old = state[name], parent.state[name]
         if bitwise_equal(new.to("cpu"), old):
-            continue  # unchanged bits: nothing to move
-        payload[name] = encode(new, old, codec)
-        index[name] = {"dtype": str(new.dtype).removeprefix("torch."), "shape": list(new.shape)}
+            return None  # unchanged bits: nothing to move
+        return encode(new, old, codec)
+
+    encoded = _map_in_order(encode_changed, names, parallel=_worth_threads(state.values()))
+    digest = state_digest(state)  # on this thread, while the pool encodes
+    payload = {n: e for n, e in zip(names, encoded, strict=True) if e is not None}
+    index = {
+        name: {"dtype": str(state[name].dtype).removeprefix("torch."),
+               "shape": list(state[name].shape)}
+        for name in payload
+    }  # fmt: skip
     # safetensors refuses an empty file's worth of nothing only in old versions; keep it uniform.
     save_file(payload, str(folder / DELTA_WEIGHTS_NAME), metadata={"format": "pt"})
     doc = {"codec": codec, "num_tensors": len(state), "tensors": index}
@@ -229,7 +283,7 @@ def write_delta(
     link = ChainLink(
         checkpoint_type="delta",
         position=parent.position + 1,
-        state_digest=state_digest(state),
+        state_digest=digest,
         base_digest=parent.base_digest,
         parent_digest=parent.folder_digest,
         parent_uri=parent.uri,
@@ -288,13 +342,29 @@ def apply_delta(
     stored = load_file(str(folder / DELTA_WEIGHTS_NAME))
     if index["num_tensors"] != len(state) or set(index["tensors"]) - set(state):
         raise DeltaChainError(f"{folder.name}: tensor names do not fit the weights it applies to")
-    new_state = dict(state)
-    for name, spec in index["tensors"].items():
-        dtype = getattr(torch, spec["dtype"])
+    codec = link.codec
+
+    def decode_one(name: str) -> torch.Tensor:
+        spec = index["tensors"][name]
         parent = state[name].detach()
-        new = decode(stored[name], parent.to("cpu"), link.codec, dtype=dtype, shape=spec["shape"])
-        new_state[name] = new.to(parent.device)
-    digest = state_digest(new_state)
+        dtype = getattr(torch, spec["dtype"])
+        new = decode(stored[name], parent.to("cpu"), codec, dtype=dtype, shape=spec["shape"])
+        return new.to(parent.device)
+
+    new_state = dict(state)
+    changed = sorted(index["tensors"])
+    parallel = _worth_threads(state[name] for name in changed)
+    # The digest goes in name order on this thread, each changed tensor as soon as it is decoded
+    # (both lists are sorted by name, so they come in step).
+    decoded = zip(changed, _map_in_order(decode_one, changed, parallel=parallel), strict=True)
+    next_changed = next(decoded, None)
+    h = hashlib.sha256()
+    for name in sorted(new_state):
+        if next_changed is not None and next_changed[0] == name:
+            new_state[name] = next_changed[1]
+            next_changed = next(decoded, None)
+        _digest_tensor(h, name, new_state[name])
+    digest = h.hexdigest()
     if digest != link.state_digest:
         raise ChecksumMismatchError(
             DELTA_WEIGHTS_NAME,

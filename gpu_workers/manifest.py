@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "loopstream.checkpoint/v1"
 _CHUNK = 1 << 20  # 1 MiB reads keep memory flat on multi-GB shards
+# Files hashed at once when a folder holds several big shards (sha256 releases the GIL, so they
+# hash on several cores); small files go quicker one after the other on the calling thread.
+HASH_THREADS = 4
+PARALLEL_HASH_MIN_BYTES = 8 << 20
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class ChecksumMismatchError(ValueError):
@@ -95,24 +103,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_manifest(folder: Path, *, kind: str, metadata: dict[str, Any] | None = None) -> Manifest:
-    files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+def map_threads(fn: Callable[[_T], _R], items: Iterable[_T], *, threads: int) -> list[_R]:
+    """`[fn(x) for x in items]` on up to `threads` threads, in order; the first error raises."""
+    items = list(items)
+    if len(items) <= 1 or threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _hash_threads(sizes: Iterable[int]) -> int:
+    return HASH_THREADS if sum(size >= PARALLEL_HASH_MIN_BYTES for size in sizes) >= 2 else 1
+
+
+def build_manifest(
+    folder: Path,
+    *,
+    kind: str,
+    metadata: dict[str, Any] | None = None,
+    hashed: Mapping[str, str] | None = None,
+) -> Manifest:
+    """The manifest of every file under `folder`. `hashed`: sha256 the caller computed from the
+    very bytes it just wrote (relative path -> hex digest); those files are not read again."""
+    hashed = hashed or {}
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder) != Path(MANIFEST_NAME)
+    )
+
+    def describe(path: Path) -> ManifestFile:
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST_NAME:
-            continue
-        files.append(
-            ManifestFile(path=rel, sha256=sha256_file(path), size_bytes=path.stat().st_size)
-        )
+        digest = hashed.get(rel) or sha256_file(path)
+        return ManifestFile(path=rel, sha256=digest, size_bytes=path.stat().st_size)
+
+    threads = _hash_threads(p.stat().st_size for p in paths)
+    files = map_threads(describe, paths, threads=threads)
     return Manifest(kind=kind, files=tuple(files), metadata=dict(metadata or {}))
 
 
 def write_manifest(
-    folder: str | Path, *, kind: str, metadata: dict[str, Any] | None = None
+    folder: str | Path,
+    *,
+    kind: str,
+    metadata: dict[str, Any] | None = None,
+    hashed: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """Hash every file under `folder` and write `manifest.json` next to them."""
+    """Hash every file under `folder` (but those in `hashed`) and write `manifest.json`."""
     folder = Path(folder)
-    manifest = build_manifest(folder, kind=kind, metadata=metadata)
+    manifest = build_manifest(folder, kind=kind, metadata=metadata, hashed=hashed)
     (folder / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
 
@@ -127,6 +164,21 @@ def read_manifest(folder: str | Path) -> Manifest:
 def verify_folder(folder: str | Path, *, allow_extra: bool = False) -> Manifest:
     """Check every file of `folder` against its manifest; return the manifest or raise."""
     folder = Path(folder)
+    manifest = check_listing(folder, allow_extra=allow_extra)
+
+    def check(f: ManifestFile) -> None:
+        digest = sha256_file(folder / f.path)
+        if digest != f.sha256:
+            raise ChecksumMismatchError(f.path, f"sha256 {digest} != manifest {f.sha256}")
+
+    map_threads(check, manifest.files, threads=_hash_threads(f.size_bytes for f in manifest.files))
+    return manifest
+
+
+def check_listing(folder: str | Path, *, allow_extra: bool = False) -> Manifest:
+    """`verify_folder` without reading the files: each one listed is there with its size, and
+    (unless `allow_extra`) nothing else is. For a caller that hashes the bytes as it reads them."""
+    folder = Path(folder)
     manifest = read_manifest(folder)
     for f in manifest.files:
         path = folder / f.path
@@ -135,9 +187,6 @@ def verify_folder(folder: str | Path, *, allow_extra: bool = False) -> Manifest:
         size = path.stat().st_size
         if size != f.size_bytes:
             raise ChecksumMismatchError(f.path, f"size {size} != manifest {f.size_bytes}")
-        digest = sha256_file(path)
-        if digest != f.sha256:
-            raise ChecksumMismatchError(f.path, f"sha256 {digest} != manifest {f.sha256}")
     if not allow_extra:
         listed = {f.path for f in manifest.files} | {MANIFEST_NAME}
         for path in folder.rglob("*"):

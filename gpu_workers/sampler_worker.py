@@ -103,7 +103,7 @@ class SamplerWorker(WorkerService):
     aggregate_type = "sampler"
     request_types = SAMPLER_REQUESTS
     # New weights are looked for between waits: keep the waits short.
-    poll_timeout_s = 0.01
+    poll_timeout_s = 0.002
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)

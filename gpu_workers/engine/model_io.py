@@ -62,8 +62,15 @@ def drop_tied(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[st
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    # safetensors refuses tensors that share memory; clone makes each one its own buffer.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(state.items())}
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in sorted(state.items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()  # 0 for an empty tensor
+        if storage and storage in storages:  # safetensors refuses tensors sharing memory
+            tensor = tensor.clone()
+        storages.add(storage)
+        tensors[name] = tensor
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from gpu_workers.deltas import (
     Codec,
     chain_metadata,
     choose_checkpoint_type,
+    state_digest,
     write_base_link,
     write_delta,
 )
@@ -66,7 +68,7 @@ from gpu_workers.engine.types import (
     check_loss_fn_config,
     check_token_range,
 )
-from gpu_workers.manifest import Manifest, verify_folder, write_manifest
+from gpu_workers.manifest import Manifest, sha256_file, verify_folder, write_manifest
 
 # Files of v1 trainer state folders (still loaded; v2 keeps tensors in dcp/, see resume.py).
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -287,7 +289,9 @@ class TrainerEngine:
             has_chain_head=self.sampler_chain is not None,
             lora_rank=self.config.lora_rank,
         )
-        state = self._merged_state_dict()
+        # One CPU copy of the weights: what is written, and the bits the next delta is computed
+        # against (the live weights move on with the next optim_step).
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self._merged_state_dict().items()}
         metadata = self._metadata()
         head = self.sampler_chain
         with _staged_folder(folder) as staging:
@@ -297,17 +301,24 @@ class TrainerEngine:
                 )
                 position, base_digest = head.position + 1, head.base_digest
             else:
-                save_weights(state, staging / WEIGHTS_NAME)
-                self._save_config_and_tokenizer(staging)
-                link = write_base_link(staging, state)
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    # The full-state digest (for chain.json) beside writing and hashing the file:
+                    # sha256 releases the GIL.
+                    digest = pool.submit(state_digest, state)
+                    save_weights(state, staging / WEIGHTS_NAME)
+                    hashed = {WEIGHTS_NAME: sha256_file(staging / WEIGHTS_NAME)}
+                    self._save_config_and_tokenizer(staging)
+                    link = write_base_link(staging, state, digest=digest.result())
                 manifest = write_manifest(
-                    staging, kind="sampler_weights", metadata={**metadata, **chain_metadata(link)}
+                    staging,
+                    kind="sampler_weights",
+                    metadata={**metadata, **chain_metadata(link)},
+                    hashed=hashed,
                 )
                 position, base_digest = 0, manifest.digest
         if self.config.lora_rank == 0:  # LoRA keeps no chain: every save is a base
             self.sampler_chain = ChainHead(
-                # A CPU copy of what was saved: the next delta is computed against these bits.
-                state={k: v.detach().to("cpu", copy=True) for k, v in state.items()},
+                state=state,
                 folder_digest=manifest.digest,
                 uri=uri,
                 position=position,

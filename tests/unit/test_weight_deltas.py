@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from commands.loops import PROMOTABILITY_RULE, NotPromotableError, check_promotable
+from gpu_workers import deltas
 from gpu_workers.deltas import (
     DELTA_WEIGHTS_NAME,
     ChainHead,
@@ -24,6 +26,7 @@ from gpu_workers.deltas import (
     write_delta,
 )
 from gpu_workers.engine.model_io import WEIGHTS_NAME, full_state_dict, save_weights
+from gpu_workers.engine.sampler import SamplerEngine
 from gpu_workers.engine.trainer import TrainerEngine
 from gpu_workers.engine.types import AdamParams, Datum
 from gpu_workers.manifest import ChecksumMismatchError, read_manifest, write_manifest
@@ -190,3 +193,65 @@ def test_promotability_matrix_quotes_the_rule() -> None:
         check_promotable(checkpoint_type="delta", position=3, lora_rank=0)
     assert PROMOTABILITY_RULE in str(err.value)
     assert "only the first checkpoint (saved as base) is promotable" in str(err.value)
+
+
+@pytest.mark.parametrize("item", [1, 2, 4, 8])
+def test_byte_shuffle_is_the_transpose_of_the_elements_bytes(item: int) -> None:
+    bytes_NI = np.random.default_rng(0).integers(0, 256, size=24 * item, dtype=np.uint8)
+    shuffled_IN = deltas._shuffle(bytes_NI, item)
+    # The stored format: byte k of every element, then byte k + 1 of every element, ...
+    assert shuffled_IN.tobytes() == bytes_NI.reshape(-1, item).T.tobytes()
+    back = deltas._unshuffle(np.frombuffer(shuffled_IN.tobytes(), dtype=np.uint8), item)
+    assert back.tobytes() == bytes_NI.tobytes()
+
+
+def test_threads_write_and_apply_the_same_delta_as_one_thread(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = TrainerEngine(model_dir, max_seq_len=64)
+    base_state = {k: v.clone() for k, v in full_state_dict(trainer.model).items()}
+    head = save_base(tmp_path / "base", base_state, "base")
+    rl_step(trainer, random.Random(4))
+    state = full_state_dict(trainer.model)
+    one = write_delta(tmp_path / "one", parent=head, state=state)
+    monkeypatch.setattr(deltas, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(deltas, "CODEC_THREADS", 3)
+
+    threaded = write_delta(tmp_path / "threaded", parent=head, state=state)
+
+    assert threaded.digest == one.digest  # byte for byte the same folder
+    assert state_digest(apply_delta(base_state, tmp_path / "threaded")) == state_digest(state)
+    wrong = {k: v + 1 for k, v in base_state.items()}
+    with pytest.raises(ChecksumMismatchError, match="weights digest after apply"):
+        apply_delta(wrong, tmp_path / "threaded")
+
+
+def test_trainer_saves_a_base_then_deltas_that_a_sampler_replays_bit_for_bit(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    trainer = TrainerEngine(model_dir, max_seq_len=64)
+    sampler = SamplerEngine(model_dir)
+    rng = random.Random(5)
+    trainer.save_weights_for_sampler(tmp_path / "0", checkpoint_type="base", uri="u0")
+    for step in range(1, 3):
+        rl_step(trainer, rng)  # moves the live weights: the chain head must be a copy
+        trainer.save_weights_for_sampler(tmp_path / str(step), checkpoint_type="delta",
+                                         uri=f"u{step}")  # fmt: skip
+    sampler.load_chain([tmp_path / "0", tmp_path / "1", tmp_path / "2"], checkpoint_id="2")
+
+    assert state_digest(full_state_dict(sampler.model)) == state_digest(
+        full_state_dict(trainer.model)
+    )
+    assert read_link(tmp_path / "2").state_digest == state_digest(full_state_dict(trainer.model))
+
+
+def test_tensors_sharing_memory_are_saved_each_with_its_own_bytes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tied = torch.randn(4, 3)
+    state = {"embed.weight": tied, "lm_head.weight": tied, "norm.weight": torch.ones(3)}
+
+    save_weights(state, tmp_path / WEIGHTS_NAME)
+
+    back = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert all(torch.equal(back[k], v) for k, v in state.items())
