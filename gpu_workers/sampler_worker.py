@@ -312,7 +312,10 @@ class SamplerWorker(WorkerService):
                 target_type = read_link(chain[0]).checkpoint_type
                 # The caller drops the prompt cache (or keeps it, when the sync says so).
                 version = hosted.engine.load_chain(
-                    chain[::-1], checkpoint_id=checkpoint_id or uri, keep_prompt_cache=True
+                    chain[::-1],
+                    checkpoint_id=checkpoint_id or uri,
+                    keep_prompt_cache=True,
+                    verified=True,  # by the download, file by file
                 )
         except (CheckpointNotFoundError, ChecksumMismatchError, DeltaChainError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {exc}"

@@ -39,11 +39,16 @@ from gpu_workers.engine.types import (
     SamplingParams,
     StopReason,
     WeightsVersion,
+    check_sample_request,
     check_token_range,
 )
-from gpu_workers.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_folder
-
-MAX_SAMPLES_PER_CALL = 1024  # a guard against a typo turning into an out-of-memory
+from gpu_workers.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    build_manifest,
+    read_manifest,
+    verify_folder,
+)
 
 
 @runtime_checkable
@@ -69,6 +74,7 @@ class SamplerEngineProtocol(Protocol):
         *,
         checkpoint_id: str,
         keep_prompt_cache: bool = False,
+        verified: bool = False,
     ) -> WeightsVersion: ...
 
     def reset_prompt_cache(self) -> int | None: ...
@@ -127,7 +133,10 @@ class SamplerEngine:
     def sample(
         self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
     ) -> list[SampledSequence]:
-        prompt = self._check_request(prompt_tokens, num_samples, params)
+        prompt = check_sample_request(
+            prompt_tokens, num_samples, params, vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+        )  # fmt: skip
         with self._lock:
             version = self._version
             base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -207,6 +216,7 @@ class SamplerEngine:
         *,
         checkpoint_id: str,
         keep_prompt_cache: bool = False,
+        verified: bool = False,
     ) -> WeightsVersion:
         """Swap in the weights a chain of folders leads to: [base, delta, ...] or [delta, ...]
         onto the weights loaded now. Every file's sha256, every parent link and the digest of the
@@ -216,7 +226,9 @@ class SamplerEngine:
         paths = [Path(f) for f in folders]
         if not paths:
             raise InvalidInputError("checkpoint", "no folder to load")
-        manifests = [verify_folder(p) for p in paths]
+        # `verified`: every file was just checked against its manifest (CheckpointStore.download
+        # hashes as it streams); hashing it again would double the cost of a big base.
+        manifests = [read_manifest(p) if verified else verify_folder(p) for p in paths]
         if read_link(paths[0]).checkpoint_type == "base":
             shards = weight_files([f.path for f in manifests[0].files])
             if not shards:
@@ -250,32 +262,6 @@ class SamplerEngine:
         return dropped
 
     # ------------------------------------------------------------------ internals
-
-    def _check_request(
-        self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
-    ) -> list[int]:
-        if not isinstance(params, SamplingParams):
-            raise InvalidInputError("sampling_params", "must be a SamplingParams")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-            raise InvalidInputError("num_samples", f"must be an int, got {num_samples!r}")
-        if not 1 <= num_samples <= MAX_SAMPLES_PER_CALL:
-            raise InvalidInputError(
-                "num_samples", f"must be in [1, {MAX_SAMPLES_PER_CALL}], got {num_samples}"
-            )
-        if isinstance(prompt_tokens, str | bytes) or not prompt_tokens:
-            raise InvalidInputError("prompt_tokens", "must be a non-empty list of token ids")
-        prompt = [int(t) for t in prompt_tokens]
-        check_token_range(prompt, "prompt_tokens", self.vocab_size)
-        if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise InvalidInputError(
-                "max_tokens",
-                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
-                f"max_seq_len {self.max_seq_len}",
-            )
-        for i, s in enumerate(params.stop_token_ids):
-            if not 0 <= s < self.vocab_size:
-                raise InvalidInputError(f"stop[{i}]", f"token id {s} outside the vocabulary")
-        return prompt
 
     def _prefill(self, prompt: list[int]) -> tuple[object, torch.Tensor]:
         """A private copy of the prompt's KV cache and its last logits (1 x V), from the cache

@@ -265,6 +265,42 @@ def check_batch(
     return loss_fn
 
 
+MAX_SAMPLES_PER_CALL = 1024  # a guard against a typo turning into an out-of-memory
+
+
+def check_sample_request(
+    prompt_tokens: Sequence[int],
+    num_samples: int,
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    max_seq_len: int,
+) -> list[int]:
+    """The checks every sampler engine makes before sampling; returns the prompt as ints."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidInputError("sampling_params", "must be a SamplingParams")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise InvalidInputError("num_samples", f"must be an int, got {num_samples!r}")
+    if not 1 <= num_samples <= MAX_SAMPLES_PER_CALL:
+        raise InvalidInputError(
+            "num_samples", f"must be in [1, {MAX_SAMPLES_PER_CALL}], got {num_samples}"
+        )
+    if isinstance(prompt_tokens, str | bytes) or not prompt_tokens:
+        raise InvalidInputError("prompt_tokens", "must be a non-empty list of token ids")
+    prompt = [int(t) for t in prompt_tokens]
+    check_token_range(prompt, "prompt_tokens", vocab_size)
+    if len(prompt) + params.max_tokens > max_seq_len:
+        raise InvalidInputError(
+            "max_tokens",
+            f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
+            f"max_seq_len {max_seq_len}",
+        )
+    for i, s in enumerate(params.stop_token_ids):
+        if not 0 <= s < vocab_size:
+            raise InvalidInputError(f"stop[{i}]", f"token id {s} outside the vocabulary")
+    return prompt
+
+
 def check_token_range(tokens: Sequence[float], where: str, vocab_size: int) -> None:
     for t, token in enumerate(tokens):
         if token != IGNORE_INDEX and not 0 <= token < vocab_size:

@@ -70,16 +70,22 @@ from safetensors.torch import load_file, save_file
 
 from gpu_workers.deltas import apply_delta, read_link
 from gpu_workers.engine.model_io import WEIGHTS_NAME, weight_files
-from gpu_workers.engine.sampler import MAX_SAMPLES_PER_CALL
 from gpu_workers.engine.types import (
     InvalidInputError,
     SampledSequence,
     SamplingParams,
     StopReason,
     WeightsVersion,
+    check_sample_request,
     check_token_range,
 )
-from gpu_workers.manifest import MANIFEST_NAME, Manifest, build_manifest, verify_folder
+from gpu_workers.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    build_manifest,
+    read_manifest,
+    verify_folder,
+)
 
 PINNED_VLLM_VERSION = "0.33.0"  # the version this module was checked against (pyproject `gpu`)
 WORKER_EXTENSION = "gpu_workers.engine.vllm_sampler.WeightReloadExtension"
@@ -379,6 +385,7 @@ class VllmSamplerEngine:
         *,
         checkpoint_id: str,
         keep_prompt_cache: bool = False,
+        verified: bool = False,
     ) -> WeightsVersion:
         """Swap in the weights a chain of folders leads to: [base, delta, ...] or [delta, ...]
         onto the weights served now. Every file's sha256, every parent link, the digest of the
@@ -387,7 +394,9 @@ class VllmSamplerEngine:
         paths = [Path(f) for f in folders]
         if not paths:
             raise InvalidInputError("checkpoint", "no folder to load")
-        manifests = [verify_folder(p) for p in paths]
+        # `verified`: every file was just checked against its manifest (CheckpointStore.download
+        # hashes as it streams); hashing it again would double the cost of a big base.
+        manifests = [read_manifest(p) if verified else verify_folder(p) for p in paths]
         base: tuple[Path, list[str]] | None = None
         if read_link(paths[0]).checkpoint_type == "base":
             shards = weight_files([f.path for f in manifests[0].files])
@@ -457,32 +466,14 @@ class VllmSamplerEngine:
     def _check_request(
         self, prompt_tokens: Sequence[int], num_samples: int, params: SamplingParams
     ) -> list[int]:
-        if not isinstance(params, SamplingParams):
-            raise InvalidInputError("sampling_params", "must be a SamplingParams")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-            raise InvalidInputError("num_samples", f"must be an int, got {num_samples!r}")
-        if not 1 <= num_samples <= MAX_SAMPLES_PER_CALL:
-            raise InvalidInputError(
-                "num_samples", f"must be in [1, {MAX_SAMPLES_PER_CALL}], got {num_samples}"
-            )
         if params.temperature > VLLM_MAX_TEMPERATURE:
             raise InvalidInputError(
                 "temperature", f"vLLM samples at temperature <= 2, got {params.temperature}"
             )
-        if isinstance(prompt_tokens, str | bytes) or not prompt_tokens:
-            raise InvalidInputError("prompt_tokens", "must be a non-empty list of token ids")
-        prompt = [int(t) for t in prompt_tokens]
-        check_token_range(prompt, "prompt_tokens", self.vocab_size)
-        if len(prompt) + params.max_tokens > self.max_seq_len:
-            raise InvalidInputError(
-                "max_tokens",
-                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds "
-                f"max_seq_len {self.max_seq_len}",
-            )
-        for i, s in enumerate(params.stop_token_ids):
-            if not 0 <= s < self.vocab_size:
-                raise InvalidInputError(f"stop[{i}]", f"token id {s} outside the vocabulary")
-        return prompt
+        return check_sample_request(
+            prompt_tokens, num_samples, params, vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+        )  # fmt: skip
 
 
 def _verified_or_built_manifest(model_dir: Path) -> Manifest:
