@@ -57,8 +57,10 @@ log = logging.getLogger("loopstream.sampler_worker")
 
 # How long a pinned checkpoint may take to appear in the read model after its save.
 RECORD_GRACE_S = 10.0
-# How long a just-created sampler may take to appear in the read model before hosting gives up.
+# How long a just-created sampler may take to appear in the read model before hosting gives up,
+# and how often it is looked for meanwhile (the loop itself runs every few ms).
 HOSTING_GRACE_S = 60.0
+HOSTING_RETRY_S = 0.05
 # A sampler more than this many deltas behind reloads from the chain's base instead of walking on.
 MAX_CHAIN_FETCH = 1000
 # Warmup: one short generation on the new weights; a retry waits a little longer each time.
@@ -113,6 +115,7 @@ class SamplerWorker(WorkerService):
         self.latest_ready: dict[str, WeightsReady] = {}
         # Samplers created but not hosted yet -> give up hosting at this monotonic time.
         self.to_host: dict[str, float] = {}
+        self.next_hosting_try = 0.0
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
         self.requests_partitions = 0
@@ -175,6 +178,18 @@ class SamplerWorker(WorkerService):
 
     def between_batches(self) -> None:
         self._read_weights_feed()
+        now_s = time.monotonic()
+        if self.to_host and now_s >= self.next_hosting_try:
+            self.next_hosting_try = now_s + HOSTING_RETRY_S
+            self._host_new_samplers()
+        for hosted in list(self.samplers.values()):
+            ready = self.latest_ready.get(hosted.sampler_id)
+            if ready is not None and ready.weights_version > hosted.synced_version:
+                self._emit(hosted.sampler_id, self._sync(hosted, ready),
+                           causation_id=ready.checkpoint_id)  # fmt: skip
+
+    def _host_new_samplers(self) -> None:
+        """Host the samplers created on this worker's partitions, once the read model has them."""
         for sampler_id, give_up_at in list(self.to_host.items()):
             if sampler_id in self.samplers:
                 del self.to_host[sampler_id]
@@ -191,11 +206,6 @@ class SamplerWorker(WorkerService):
             del self.to_host[sampler_id]
             now = utc_now()
             self._emit(sampler_id, [(e, now) for e in events], causation_id=sampler_id)
-        for hosted in list(self.samplers.values()):
-            ready = self.latest_ready.get(hosted.sampler_id)
-            if ready is not None and ready.weights_version > hosted.synced_version:
-                self._emit(hosted.sampler_id, self._sync(hosted, ready),
-                           causation_id=ready.checkpoint_id)  # fmt: skip
 
     def _sync(self, hosted: HostedSampler, ready: WeightsReady) -> list[Timed]:
         """Apply one weight sync: load, drop the prompt cache, warm up. Never raises: a refusal
