@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from commands.work import DEFAULT_COMPRESSION_FORMAT, CompressionFormat
 from events.loops import CheckpointType
+from gpu_workers.engine.model_io import weight_files
+from gpu_workers.engine.types import InvalidInputError
 from gpu_workers.manifest import (
     ChecksumMismatchError,
     Manifest,
@@ -373,16 +375,45 @@ def apply_delta(
     return new_state
 
 
+@dataclass(frozen=True)
+class ChainToLoad:
+    """Sampler folders to load, in chain order and checked against their manifests: a base
+    (with its weight shards) or none (the deltas continue the weights served now), then deltas."""
+
+    base: Path | None
+    base_shards: tuple[str, ...]
+    base_digest: str  # "" without a base
+    deltas: tuple[Path, ...]
+    digest: str  # folder digest of the last folder: the weights version the chain leads to
+
+
+def open_chain(folders: Sequence[str | os.PathLike[str]], *, verified: bool = False) -> ChainToLoad:
+    """Check every folder against its manifest (`verified`: the caller just did, e.g.
+    CheckpointStore.download hashes as it streams) and split off the base, if the chain has one."""
+    paths = [Path(f) for f in folders]
+    if not paths:
+        raise InvalidInputError("checkpoint", "no folder to load")
+    manifests = [read_manifest(p) if verified else verify_folder(p) for p in paths]
+    if read_link(paths[0]).checkpoint_type != "base":
+        return ChainToLoad(None, (), "", tuple(paths), manifests[-1].digest)
+    shards = tuple(weight_files([f.path for f in manifests[0].files]))
+    if not shards:
+        raise InvalidInputError("checkpoint", f"{paths[0]} holds no model*.safetensors weights")
+    return ChainToLoad(paths[0], shards, manifests[0].digest, tuple(paths[1:]),
+                       manifests[-1].digest)  # fmt: skip
+
+
 def apply_chain(
-    base_state: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     folders: Sequence[str | os.PathLike[str]],
     *,
-    base_digest: str,
+    parent_digest: str,
+    verified: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Apply delta folders in chain order onto the base's weights; each must name the previous."""
-    state = dict(base_state)
-    parent = base_digest
+    """Apply delta folders in chain order onto `state` (the weights of `parent_digest`); each
+    must name the previous as its parent. `state` is left untouched, and the tensors no delta
+    changed are returned as the same objects."""
     for folder in folders:
-        state = apply_delta(state, folder, parent_digest=parent)
-        parent = read_manifest(Path(folder)).digest  # verified by apply_delta
-    return state
+        state = apply_delta(state, folder, parent_digest=parent_digest, verified=verified)
+        parent_digest = read_manifest(Path(folder)).digest  # verified by apply_delta or the caller
+    return dict(state)

@@ -25,13 +25,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file
 
-from gpu_workers.deltas import apply_delta, read_link
+from gpu_workers.deltas import apply_chain, open_chain
 from gpu_workers.engine.model_io import (
     copy_state_into,
     full_state_dict,
     load_causal_lm,
     sequence_logprobs,
-    weight_files,
 )
 from gpu_workers.engine.types import (
     InvalidInputError,
@@ -46,7 +45,6 @@ from gpu_workers.manifest import (
     MANIFEST_NAME,
     Manifest,
     build_manifest,
-    read_manifest,
     verify_folder,
 )
 
@@ -223,35 +221,23 @@ class SamplerEngine:
         resulting weights are checked before a single weight is touched. Cached prompts were
         computed with the old weights: they are dropped unless `keep_prompt_cache` (the weight
         sync's `reset_prompt_cache: false`, or a caller that resets them itself)."""
-        paths = [Path(f) for f in folders]
-        if not paths:
-            raise InvalidInputError("checkpoint", "no folder to load")
-        # `verified`: every file was just checked against its manifest (CheckpointStore.download
-        # hashes as it streams); hashing it again would double the cost of a big base.
-        manifests = [read_manifest(p) if verified else verify_folder(p) for p in paths]
-        if read_link(paths[0]).checkpoint_type == "base":
-            shards = weight_files([f.path for f in manifests[0].files])
-            if not shards:
-                raise InvalidInputError(
-                    "checkpoint", f"{paths[0]} holds no model*.safetensors weights"
-                )
+        chain = open_chain(folders, verified=verified)
+        if chain.base is not None:
             device = str(next(self.model.parameters()).device)
             state: dict[str, torch.Tensor] = {}
-            for name in shards:
-                state.update(load_file(str(paths[0] / name), device=device))
-            parent, paths, manifests = manifests[0].digest, paths[1:], manifests[1:]
+            for name in chain.base_shards:
+                state.update(load_file(str(chain.base / name), device=device))
+            parent = chain.base_digest
         else:
             # Views of the live weights: apply_delta builds new tensors and leaves these alone.
             state, parent = full_state_dict(self.model), self._version.digest
-        for path, manifest in zip(paths, manifests, strict=True):
-            state = apply_delta(state, path, parent_digest=parent, verified=True)
-            parent = manifest.digest
+        state = apply_chain(state, chain.deltas, parent_digest=parent, verified=True)
         with self._lock:
             # A delta's unchanged tensors are the live ones: copy_state_into skips them.
             copy_state_into(self.model, state)
             if not keep_prompt_cache:
                 self._prompt_cache.clear()
-            self._version = WeightsVersion(checkpoint_id, parent)
+            self._version = WeightsVersion(checkpoint_id, chain.digest)
         return self._version
 
     def reset_prompt_cache(self) -> int:

@@ -68,7 +68,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gpu_workers.deltas import apply_delta, read_link
+from gpu_workers.deltas import apply_chain, open_chain
 from gpu_workers.engine.model_io import WEIGHTS_NAME, weight_files
 from gpu_workers.engine.types import (
     InvalidInputError,
@@ -83,7 +83,6 @@ from gpu_workers.manifest import (
     MANIFEST_NAME,
     Manifest,
     build_manifest,
-    read_manifest,
     verify_folder,
 )
 
@@ -391,35 +390,20 @@ class VllmSamplerEngine:
         onto the weights served now. Every file's sha256, every parent link, the digest of the
         resulting weights, and every name and shape are checked before a single weight moves.
         The prefix cache is reset unless `keep_prompt_cache` (the caller then resets it)."""
-        paths = [Path(f) for f in folders]
-        if not paths:
-            raise InvalidInputError("checkpoint", "no folder to load")
-        # `verified`: every file was just checked against its manifest (CheckpointStore.download
-        # hashes as it streams); hashing it again would double the cost of a big base.
-        manifests = [read_manifest(p) if verified else verify_folder(p) for p in paths]
-        base: tuple[Path, list[str]] | None = None
-        if read_link(paths[0]).checkpoint_type == "base":
-            shards = weight_files([f.path for f in manifests[0].files])
-            if not shards:
-                raise InvalidInputError(
-                    "checkpoint", f"{paths[0]} holds no model*.safetensors weights"
-                )
-            state = read_state(paths[0], shards)
-            check_layout(state, self._host_state, partial=False)
-            base = (paths[0], shards)
-            parent, paths, manifests = manifests[0].digest, paths[1:], manifests[1:]
+        chain = open_chain(folders, verified=verified)
+        if chain.base is not None:
+            start = read_state(chain.base, chain.base_shards)
+            check_layout(start, self._host_state, partial=False)
+            parent = chain.base_digest
         else:
-            state, parent = self._host_state, self._version.digest
-        changed: set[str] = set()
-        for path, manifest in zip(paths, manifests, strict=True):
-            new_state = apply_delta(state, path, parent_digest=parent, verified=True)
-            # apply_delta keeps the tensor objects of what it did not change.
-            changed |= {k for k, v in new_state.items() if v is not state[k]}
-            state, parent = new_state, manifest.digest
+            start, parent = self._host_state, self._version.digest
+        state = apply_chain(start, chain.deltas, parent_digest=parent, verified=True)
+        # apply_chain hands back the tensors no delta changed as the same objects.
+        changed = {k for k, v in state.items() if v is not start[k]}
         with self._lock:
             try:
-                if base is not None:
-                    self._push_folder(*base)
+                if chain.base is not None:
+                    self._push_folder(chain.base, list(chain.base_shards))
                 if changed:
                     self._push_tensors({k: state[k] for k in sorted(changed)})
                 if not keep_prompt_cache:
@@ -431,7 +415,7 @@ class VllmSamplerEngine:
                     "undefined until a base checkpoint loads"
                 ) from exc
             self._host_state = state
-            self._version = WeightsVersion(checkpoint_id, parent)
+            self._version = WeightsVersion(checkpoint_id, chain.digest)
         return self._version
 
     def reset_prompt_cache(self) -> int | None:

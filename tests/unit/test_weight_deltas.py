@@ -101,7 +101,7 @@ def test_chain_of_20_deltas_on_a_fresh_state_equals_the_trainers_weights(
     from safetensors.torch import load_file
 
     fresh = load_file(str(tmp_path / "base" / WEIGHTS_NAME))
-    rebuilt = apply_chain(fresh, folders, base_digest=read_manifest(tmp_path / "base").digest)
+    rebuilt = apply_chain(fresh, folders, parent_digest=read_manifest(tmp_path / "base").digest)
     trained = full_state_dict(trainer.model)
     assert state_digest(rebuilt) == state_digest(trained)
     assert all(torch.equal(rebuilt[k].view(torch.int32), trained[k].view(torch.int32))
