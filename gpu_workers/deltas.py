@@ -35,8 +35,6 @@ from safetensors.torch import load_file, save_file
 
 from commands.work import DEFAULT_COMPRESSION_FORMAT, CompressionFormat
 from events.loops import CheckpointType
-from gpu_workers.engine.model_io import weight_files
-from gpu_workers.engine.types import InvalidInputError
 from gpu_workers.manifest import (
     ChecksumMismatchError,
     Manifest,
@@ -373,34 +371,6 @@ def apply_delta(
             f"{folder.name}: weights digest after apply {digest} != trainer's {link.state_digest}",
         )
     return new_state
-
-
-@dataclass(frozen=True)
-class ChainToLoad:
-    """Sampler folders to load, in chain order and checked against their manifests: a base
-    (with its weight shards) or none (the deltas continue the weights served now), then deltas."""
-
-    base: Path | None
-    base_shards: tuple[str, ...]
-    base_digest: str  # "" without a base
-    deltas: tuple[Path, ...]
-    digest: str  # folder digest of the last folder: the weights version the chain leads to
-
-
-def open_chain(folders: Sequence[str | os.PathLike[str]], *, verified: bool = False) -> ChainToLoad:
-    """Check every folder against its manifest (`verified`: the caller just did, e.g.
-    CheckpointStore.download hashes as it streams) and split off the base, if the chain has one."""
-    paths = [Path(f) for f in folders]
-    if not paths:
-        raise InvalidInputError("checkpoint", "no folder to load")
-    manifests = [read_manifest(p) if verified else verify_folder(p) for p in paths]
-    if read_link(paths[0]).checkpoint_type != "base":
-        return ChainToLoad(None, (), "", tuple(paths), manifests[-1].digest)
-    shards = tuple(weight_files([f.path for f in manifests[0].files]))
-    if not shards:
-        raise InvalidInputError("checkpoint", f"{paths[0]} holds no model*.safetensors weights")
-    return ChainToLoad(paths[0], shards, manifests[0].digest, tuple(paths[1:]),
-                       manifests[-1].digest)  # fmt: skip
 
 
 def apply_chain(

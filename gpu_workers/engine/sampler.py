@@ -25,7 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from safetensors.torch import load_file
 
-from gpu_workers.deltas import apply_chain, open_chain
+from gpu_workers.deltas import apply_chain
+from gpu_workers.engine.chain import open_chain
 from gpu_workers.engine.model_io import (
     copy_state_into,
     full_state_dict,

@@ -68,7 +68,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gpu_workers.deltas import apply_chain, open_chain
+from gpu_workers.deltas import apply_chain
+from gpu_workers.engine.chain import open_chain
 from gpu_workers.engine.model_io import WEIGHTS_NAME, weight_files
 from gpu_workers.engine.types import (
     InvalidInputError,
