@@ -41,6 +41,7 @@ import torch
 from confluent_kafka import Consumer
 from rich.console import Console
 from rich.table import Table
+from weight_sync import events_feed  # benchmarks/weight_sync.py: every partition, from now on
 
 from api.kafka_driver import Driver, datum, query, wait_for_result
 from commands.bus import CommandBus
@@ -152,18 +153,6 @@ def bf16_delta(model_dir: Path, args: argparse.Namespace, tmp: Path) -> dict[str
 
 
 # ------------------------------------------------------------------ part 2: the real stack
-
-
-def events_feed(settings) -> Consumer:  # type: ignore[no-untyped-def]
-    from confluent_kafka import OFFSET_END
-
-    from events.kafka_log import assign_all, consumer_config
-
-    topic = settings.topic("events")
-    consumer = Consumer(consumer_config(settings, group_id=f"bench-delta-{uuid.uuid4().hex}"))
-    assign_all(consumer, settings, topic, OFFSET_END)
-    consumer.consume(1, timeout=1)  # settle the assignment before the clock starts
-    return consumer
 
 
 @dataclass

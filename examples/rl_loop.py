@@ -20,10 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_curve import write_reward_curve  # examples/reward_curve.py
+from reward_curve import print_summary, write_reward_curve  # examples/reward_curve.py
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from api.client import ServiceClient
 from api.weight_syncer import WeightSyncer
@@ -145,19 +144,8 @@ def main(config: Config) -> list[dict[str, float]]:
         config.out_dir / "reward_curve.png",
         title="loopstream demo: on-policy policy gradient, tiny Llama",
     )
-    summary = Table("step", "reward/mean", "logprob gap", "time/step (s)", title="RL loop")
-    for m in history[:3] + history[-3:]:
-        summary.add_row(
-            str(int(m["step"])),
-            f"{m['reward/mean']:.3f}",
-            f"{m['logprob_gap/mean']:.2e}",
-            f"{m['time/step']:.2f}",
-        )
-    console.print(summary)
-    console.print(
-        f"mean reward {history[0]['reward/mean']:.3f} -> {history[-1]['reward/mean']:.3f} "
-        f"in {len(history)} steps; curve: {plot}"
-    )
+    print_summary(console, history, title="RL loop", plot=plot,
+                  metric=("logprob gap", "logprob_gap/mean", ".2e"))  # fmt: skip
     print_audit_trail(console, session.session_id, training.run_id, training.sampler_id)
     return history
 

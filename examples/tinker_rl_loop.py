@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tinker
-from reward_curve import write_reward_curve  # examples/reward_curve.py
+from reward_curve import print_summary, write_reward_curve  # examples/reward_curve.py
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from tinker import types
 
 TARGET_BYTE = ord("a")
@@ -152,20 +151,8 @@ def main(config: Config) -> list[dict[str, float]]:
         config.out_dir / "reward_curve.png",
         title="tinker SDK on loopstream: importance sampling, tiny Llama",
     )
-    summary = Table("step", "reward/mean", "loss/sum", "time/step (s)", title="tinker RL loop")
-    for m in history[:3] + history[-3:]:
-        summary.add_row(
-            str(int(m["step"])),
-            f"{m['reward/mean']:.3f}",
-            f"{m['loss/sum']:.3f}",
-            f"{m['time/step']:.2f}",
-        )
-    console.print(summary)
-    console.print(
-        f"mean reward {history[0]['reward/mean']:.3f} -> {history[-1]['reward/mean']:.3f} "
-        f"in {len(history)} steps, {statistics.median(m['time/step'] for m in history):.2f} s "
-        f"per step (median); curve: {plot}"
-    )
+    print_summary(console, history, title="tinker RL loop", plot=plot,
+                  metric=("loss/sum", "loss/sum", ".3f"))  # fmt: skip
     service.close("success").result()
     return history
 
