@@ -56,6 +56,10 @@ class CommandResult(BaseModel):
     # For a rejection: a human-readable reason, and the field or rule it is about.
     reason: str | None = None
     field: str | None = None
+    # Whose fault a rejection or failure is. "user": the input or a rule (fix the request and
+    # send it again); "server": loopstream itself failed (retryable, not the caller's fault).
+    # None for accepted results and for results written before this field existed.
+    category: Literal["user", "server"] | None = None
     # What a worker computed for a work request (loss, metrics, tokens, ...); None otherwise.
     output: dict[str, Any] | None = None
     correlation_id: str | None = None

@@ -83,6 +83,7 @@ def handle_command(
                 status="rejected",
                 reason=reason,
                 field=field,
+                category="user",
                 processed_at=now,
             )
         )
