@@ -123,3 +123,121 @@ def test_future_schema_version_is_refused_naming_the_version() -> None:
     assert isinstance(outcome, Refused)
     assert outcome.result.field == "schema_version"
     assert "schema_version 2" in (outcome.result.reason or "")
+
+
+# --- no poison pill: whatever one command does, it gets an answer and the next one is served ---
+
+SHA = "0" * 64
+
+
+def checkpoint_command(command_id: str, **payload: Any) -> bytes:
+    return cmd(
+        "RecordCheckpoint",
+        {
+            "run_id": "r1",
+            "checkpoint_id": command_id,
+            "name": command_id,
+            "kind": "weights",
+            "files": [{"relative_file_name": "a", "size_bytes": 1, "sha256": SHA}],
+            **payload,
+        },
+        command_id,
+    )
+
+
+def session_with_a_run() -> InMemoryAggregates:
+    bus = InMemoryAggregates()
+    bus.handle(cmd("CreateSession", {"base_model": "m"}, "c1"))
+    bus.handle(cmd("CreateRun", {"run_id": "r1", "sampler_id": "p1", "max_seq_len": 8}, "c2"))
+    return bus
+
+
+def test_exception_in_decide_is_a_server_rejection_and_the_next_command_is_served() -> None:
+    # Finding 1's mechanism: a datetime overflow in RecordCheckpoint (expires_at = now + ttl) used
+    # to escape handle_command and kill the processor at the same offset on every restart. The
+    # clock at datetime's end makes it overflow whatever maximum the TTL has.
+    bus = session_with_a_run()
+    version = bus.states["s1"].version
+    outcome = handle_command(
+        checkpoint_command("k1", ttl_seconds=60),
+        key=b"s1",
+        load_state=bus._load,
+        previous_result=bus.results.get,
+        now=datetime.max.replace(tzinfo=UTC),
+        new_event_id=lambda: "e-late",
+    )
+    assert isinstance(outcome, Refused)
+    assert outcome.result.status == "rejected" and outcome.result.category == "server"
+    assert (outcome.result.reason or "").startswith("internal error: OverflowError: ")
+    assert bus.states["s1"].version == version  # nothing folded
+    assert isinstance(bus.handle(checkpoint_command("k2", ttl_seconds=60)), Accepted)
+
+
+def test_exception_while_folding_state_is_a_server_rejection() -> None:
+    # A state the aggregate cannot work with (e.g. rebuilt around a skipped event): decide or
+    # evolve raises a plain bug-type exception, which must still become an answer.
+    bus = session_with_a_run()
+    broken = bus.states["s1"]
+    bus.states["s1"] = type(broken)(**{**vars(broken), "runs": {"r1": "not a run"}})  # type: ignore[arg-type]
+    outcome = bus.handle(checkpoint_command("k1"))
+    assert isinstance(outcome, Refused) and outcome.result.category == "server"
+    assert "AttributeError" in (outcome.result.reason or "")
+
+
+def test_rule_and_validation_rejections_are_the_users() -> None:
+    bus = InMemoryAggregates()
+    assert bus.handle(cmd("EndSession", {}, "c1")).result.category == "user"
+    assert bus.handle(cmd("CreateSession", {}, "c2")).result.category == "user"
+
+
+def test_lone_surrogate_command_id_is_undeliverable_not_a_crash() -> None:
+    # Before: refusing it built a CommandResult with that id, which pydantic refused: it raised.
+    raw = b'{"command_id": "c\\ud800", "type": "CreateSession", "aggregate_id": "s1"}'
+    assert isinstance(InMemoryAggregates().handle(raw), Undeliverable)
+
+
+def test_lone_surrogate_in_echoed_ids_is_refused_without_echoing_them() -> None:
+    raw = b'{"command_id": "c1", "type": "Create\\ud800", "aggregate_id": "s\\udfff"}'
+    outcome = InMemoryAggregates().handle(raw)
+    assert isinstance(outcome, Refused) and outcome.result.category == "user"
+    assert outcome.result.aggregate_id is None and outcome.result.command_type is None
+    outcome.result.to_bytes()  # writable
+
+
+def test_deeply_nested_json_is_undeliverable() -> None:
+    # json.loads raises RecursionError (not a ValueError) past ~1000 levels.
+    assert isinstance(InMemoryAggregates().handle(b"[" * 100_000), Undeliverable)
+    nested = b'{"command_id": "c1", "payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert isinstance(InMemoryAggregates().handle(nested), Undeliverable)
+
+
+def test_reason_quoting_a_huge_input_is_cut_to_a_readable_length() -> None:
+    outcome = InMemoryAggregates().handle(cmd("X" * 500_000 + "\x00", {}))
+    assert isinstance(outcome, Refused) and outcome.result.field == "type"
+    reason = outcome.result.reason or ""
+    assert len(reason) <= 1000 and "\x00" not in reason
+
+
+def test_command_id_too_long_to_key_a_result_is_undeliverable() -> None:
+    raw = json.dumps({"command_id": "c" * 5000, "type": "EndSession", "aggregate_id": "s1"})
+    assert isinstance(InMemoryAggregates().handle(raw.encode()), Undeliverable)
+
+
+def test_events_over_the_record_limit_are_refused_not_produced() -> None:
+    outcome = handle_command(
+        cmd("CreateSession", {"base_model": "m"}),
+        key=b"s1",
+        load_state=InMemoryAggregates()._load,
+        previous_result=lambda _: None,
+        now=NOW,
+        new_event_id=lambda: "e1",
+        max_record_bytes=100,
+    )
+    assert isinstance(outcome, Refused) and outcome.result.category == "user"
+    assert "record limit" in (outcome.result.reason or "")
+
+
+def test_accepted_carries_the_bytes_it_folded() -> None:
+    outcome = InMemoryAggregates().handle(cmd("CreateSession", {"base_model": "m"}))
+    assert isinstance(outcome, Accepted)
+    assert [e.to_bytes() for e in outcome.events] == list(outcome.event_bytes)
