@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from commands.checkpoint_chains import dependents, needed
 from events.loops import (
     CheckpointDeleted,
     CheckpointFile,
@@ -202,6 +203,9 @@ class RunState:
     keep_last_checkpoints: int | None = None
     active: bool = True
     weights_version: int = 0  # syncs sent to the run's sampler so far
+    # The checkpoint of the newest sync: what the sampler serves, or is about to (retention and
+    # expiry keep it and its chain while the run is active).
+    synced_checkpoint_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -410,9 +414,9 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
             chain_position=command.chain_position,
         )
     ]
-    saved += _retention(state, run, command.kind)
+    synced: list[DomainEvent] = []
     if command.kind == "sampler_weights" and command.hotload is not None:
-        saved.append(
+        synced.append(
             _weights_ready(
                 state,
                 run,
@@ -423,7 +427,10 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
                 options=command.hotload,
             )
         )
-    return saved
+    # Retention looks at the state after this save and its sync: the new checkpoint counts, its
+    # chain is needed, and a new base frees the old chain once the sampler moves to it.
+    after = functools.reduce(evolve, [*saved, *synced], state)
+    return [*saved, *_retention(after, command.kind, saving=command.checkpoint_id), *synced]
 
 
 def _weights_ready(
@@ -515,9 +522,46 @@ def _(command: PromoteCheckpoint, state: SessionState, now: datetime) -> list[Do
     ]
 
 
-def _retention(state: SessionState, run: RunState, kind: str) -> list[DomainEvent]:
+def _served(state: SessionState) -> set[str]:
+    """Checkpoints the samplers of active runs serve (or are about to): each run's newest sync,
+    or, before any sync, the sampler checkpoint the run started from."""
+    served = set()
+    for run in state.runs.values():
+        if not run.active:
+            continue
+        if run.synced_checkpoint_id is not None:
+            served.add(run.synced_checkpoint_id)
+        elif run.from_checkpoint is not None and "/sampler_weights/" in run.from_checkpoint:
+            served.update(
+                c.checkpoint_id
+                for c in state.checkpoints.values()
+                if c.uri == run.from_checkpoint and not c.deleted
+            )
+    return served
+
+
+def _still_needed(state: SessionState, checkpoint: CheckpointState) -> str | None:
+    """Why expiry or retention must leave `checkpoint`, or None. A sampler serving it, or a
+    live delta whose chain goes through it, would fail to (re)load without it."""
+    if checkpoint.checkpoint_id in _served(state):
+        return f"the sampler of run {checkpoint.run_id} serves it (its newest weight sync)"
+    later = dependents(state.checkpoints.values(), checkpoint.checkpoint_id)
+    if later:
+        return f"it is a link of the delta chain of live checkpoint(s) {_some(later)}"
+    return None
+
+
+def _some(ids: list[str], shown: int = 5) -> str:
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def _retention(state: SessionState, kind: str, *, saving: str) -> list[DomainEvent]:
     """Deletions that keep the run's newest `keep_last_checkpoints` of this kind, counting the
-    one being saved now. Checkpoints are kept in the order they were saved."""
+    one being saved now (`state` already holds it). Oldest first, skipping what a chain still
+    needs (see `_still_needed`): a skipped link goes later, once its dependents are gone or a
+    new base took over, so a run on one long delta chain may keep more than it asked for."""
+    run = state.runs[state.checkpoints[saving].run_id]
     if run.keep_last_checkpoints is None:
         return []
     live = [
@@ -525,7 +569,24 @@ def _retention(state: SessionState, run: RunState, kind: str) -> list[DomainEven
         for c in state.checkpoints.values()
         if not c.deleted and c.run_id == run.run_id and c.kind == kind and not c.promoted_to
     ]
-    excess = len(live) + 1 - run.keep_last_checkpoints
+    served = _served(state)
+    doomed: list[CheckpointState] = []
+    for _ in range(len(live) - run.keep_last_checkpoints):
+        # Deleting the tail of a chain can free its parent: look again after each choice.
+        kept = needed(
+            state.checkpoints.values(), keep=served, gone={c.checkpoint_id for c in doomed}
+        )
+        victim = next(
+            (
+                c
+                for c in live
+                if c.checkpoint_id != saving and c not in doomed and c.checkpoint_id not in kept
+            ),
+            None,
+        )
+        if victim is None:
+            break
+        doomed.append(victim)
     return [
         CheckpointDeleted(
             checkpoint_id=c.checkpoint_id,
@@ -534,7 +595,7 @@ def _retention(state: SessionState, run: RunState, kind: str) -> list[DomainEven
             uri=c.uri,
             reason="retention",
         )
-        for c in live[: max(excess, 0)]
+        for c in doomed
     ]
 
 
@@ -554,6 +615,25 @@ def _(command: DeleteCheckpoint, state: SessionState, now: datetime) -> list[Dom
             f"{', '.join(sorted(checkpoint.promoted_to))}: kept until deleted by a user",
             field="checkpoint_id",
         )
+    if command.reason != "deleted":
+        why = _still_needed(state, checkpoint)
+        if why is not None:
+            # The janitor tries again when the chain changes (a new base, a deletion, a stop).
+            raise Rejected(
+                f"checkpoint {command.checkpoint_id} is not {command.reason}: {why}",
+                field="checkpoint_id",
+            )
+    else:
+        later = dependents(state.checkpoints.values(), checkpoint.checkpoint_id)
+        if later:
+            # Deleting a link would silently break every later delta; the user deletes those
+            # first (newest first), or keeps the chain. What a sampler serves now stays in its
+            # memory, so a user may still delete a chain's head.
+            raise Rejected(
+                f"checkpoint {command.checkpoint_id} is a link of the delta chain of live "
+                f"checkpoint(s) {_some(later)}: delete those first",
+                field="checkpoint_id",
+            )
     return [
         CheckpointDeleted(
             checkpoint_id=checkpoint.checkpoint_id,
@@ -642,7 +722,11 @@ def _(event: CheckpointSaved, state: SessionState) -> SessionState:
 @_evolve.register
 def _(event: WeightsReady, state: SessionState) -> SessionState:
     run = state.runs[event.run_id]
-    run = replace(run, weights_version=max(event.weights_version, run.weights_version + 1))
+    run = replace(
+        run,
+        weights_version=max(event.weights_version, run.weights_version + 1),
+        synced_checkpoint_id=event.checkpoint_id,
+    )
     return replace(state, runs=MappingProxyType({**state.runs, run.run_id: run}))
 
 

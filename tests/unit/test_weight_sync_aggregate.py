@@ -7,10 +7,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from commands.checkpoint_chains import dependents, parents
 from commands.loops import (
     PROMOTABILITY_RULE,
     CreateRun,
     DeleteCheckpoint,
+    EndSession,
     HotloadOptions,
     HotloadWeights,
     PromoteCheckpoint,
@@ -159,3 +161,82 @@ def test_a_promoted_checkpoint_outlives_retention_and_expiry_but_not_its_user() 
     with pytest.raises(Rejected, match="promoted to production"):
         decide(state, DeleteCheckpoint(checkpoint_id="ck-a", reason="expired"), now=NOW)
     assert decide(state, DeleteCheckpoint(checkpoint_id="ck-a"), now=NOW)
+
+
+# --- chain-aware retention and expiry ---------------------------------------------------------
+
+
+def deleted_ids(events: list[DomainEvent]) -> list[str]:
+    return [e.checkpoint_id for e in events if isinstance(e, CheckpointDeleted)]
+
+
+def test_retention_keeps_every_link_of_the_chain_the_sampler_serves() -> None:
+    state, events = play(run(keep=2), save("a", 0), save("d1", 1), save("d2", 2), save("d3", 3))
+    assert deleted_ids(events) == []  # d3 is served and needs d2, d1 and a
+    assert [c.name for c in state.checkpoints.values() if not c.deleted] == ["a", "d1", "d2", "d3"]
+
+
+def test_a_new_base_lets_retention_collect_the_old_chain_from_its_tail() -> None:
+    state, events = play(
+        run(keep=2), save("a", 0), save("d1", 1), save("d2", 2), save("d3", 3), save("b", 0)
+    )
+    # Oldest first among what no chain needs: d3 (no longer served) frees d2, which frees d1.
+    assert deleted_ids(events) == ["ck-d3", "ck-d2", "ck-d1"]
+    assert [c.name for c in state.checkpoints.values() if not c.deleted] == ["a", "b"]
+
+
+def test_retention_skips_a_needed_link_and_deletes_the_next_eligible() -> None:
+    _, events = play(
+        run(keep=3), save("w", 0, kind="weights"), save("x", 0, hotload=None), save("a", 0),
+        save("d1", 1), save("d2", 2),
+    )  # fmt: skip
+    assert deleted_ids(events) == ["ck-x"]  # a is d2's base: x, a standalone base, goes instead
+
+
+def test_expiry_of_a_chain_link_or_of_the_served_weights_waits_for_the_chain_to_move_on() -> None:
+    state, _ = play(run(), save("a", 0, ttl=1), save("d1", 1, ttl=1))
+    with pytest.raises(Rejected, match=r"link of the delta chain of live checkpoint.* ck-d1"):
+        decide(state, DeleteCheckpoint(checkpoint_id="ck-a", reason="expired"), now=NOW)
+    with pytest.raises(Rejected, match="sampler of run r1 serves it") as err:
+        decide(state, DeleteCheckpoint(checkpoint_id="ck-d1", reason="expired"), now=NOW)
+    assert err.value.field == "checkpoint_id"
+
+    # A new base: the sampler moves to it, d1 may expire, and then its base a.
+    state, events = play(run(), save("a", 0, ttl=1), save("d1", 1, ttl=1), save("b", 0),
+                         DeleteCheckpoint(checkpoint_id="ck-d1", reason="expired"),
+                         DeleteCheckpoint(checkpoint_id="ck-a", reason="expired"))  # fmt: skip
+    assert deleted_ids(events) == ["ck-d1", "ck-a"]
+
+
+def test_a_user_cannot_delete_a_link_that_later_deltas_need_but_may_delete_the_head() -> None:
+    state, _ = play(run(), save("a", 0), save("d1", 1), save("d2", 2))
+    with pytest.raises(Rejected, match=r"ck-d1, ck-d2: delete those first"):
+        decide(state, DeleteCheckpoint(checkpoint_id="ck-a"), now=NOW)
+    _, events = play(
+        run(), save("a", 0), save("d1", 1), save("d2", 2), DeleteCheckpoint(checkpoint_id="ck-d2"),
+        DeleteCheckpoint(checkpoint_id="ck-d1"), DeleteCheckpoint(checkpoint_id="ck-a"),
+    )  # fmt: skip
+    assert deleted_ids(events) == ["ck-d2", "ck-d1", "ck-a"]
+
+
+def test_after_the_session_ends_links_still_wait_for_their_live_deltas() -> None:
+    _, events = play(
+        run(), save("a", 0, ttl=1), save("d1", 1, ttl=1), EndSession(),
+        DeleteCheckpoint(checkpoint_id="ck-d1", reason="expired"),  # no sampler serves it now
+        DeleteCheckpoint(checkpoint_id="ck-a", reason="expired"),
+    )  # fmt: skip
+    assert deleted_ids(events) == ["ck-d1", "ck-a"]
+    state, _ = play(run(), save("a", 0, ttl=1), save("d1", 1, ttl=1), EndSession())
+    with pytest.raises(Rejected, match="ck-d1"):
+        decide(state, DeleteCheckpoint(checkpoint_id="ck-a", reason="expired"), now=NOW)
+
+
+def test_a_delta_chains_onto_the_runs_previous_sampler_save_at_the_position_before() -> None:
+    state, _ = play(
+        run(), save("a", 0), save("d1", 1), save("w", 0, kind="weights"), save("d2", 2),
+        save("b", 0), save("e1", 1),
+    )  # fmt: skip
+    chain = parents(state.checkpoints.values())
+    assert chain == {"ck-d1": "ck-a", "ck-d2": "ck-d1", "ck-e1": "ck-b"}
+    assert dependents(state.checkpoints.values(), "ck-a") == ["ck-d1", "ck-d2"]
+    assert dependents(state.checkpoints.values(), "ck-b") == ["ck-e1"]
