@@ -13,19 +13,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from events.envelope import EventEnvelope, utc_now
+from events.limits import RequestKey, ShortText, Text
 from events.loops import DomainEvent
 
 
 class CommandEnvelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    command_id: str = Field(min_length=1, max_length=200, description="idempotency key")
+    command_id: RequestKey = Field(description="idempotency key")
     type: str = Field(description="imperative command type, e.g. CreateRun")
     schema_version: int = Field(default=1, ge=1)
-    aggregate_id: str = Field(min_length=1, max_length=200, description="also the Kafka key")
-    actor: str = Field(default="anonymous", max_length=200)
-    correlation_id: str | None = None
-    causation_id: str | None = None
+    aggregate_id: RequestKey = Field(description="also the Kafka key")
+    actor: ShortText = "anonymous"
+    correlation_id: Text | None = None
+    causation_id: Text | None = None
     issued_at: datetime = Field(default_factory=utc_now)
     payload: dict[str, Any] = Field(default_factory=dict)
 

@@ -20,6 +20,14 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from commands.checkpoint_chains import dependents, needed
+from events.limits import (
+    MAX_COUNT,
+    NonNegativeInt64,
+    RequestKey,
+    ShortText,
+    Text,
+    TtlSeconds,
+)
 from events.loops import (
     CheckpointDeleted,
     CheckpointFile,
@@ -101,18 +109,18 @@ class Rejected(Exception):
 
 
 class Command(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     schema_version: int = 1  # overridden per class when a payload schema changes
 
 
 class CreateSession(Command):
-    base_model: str = Field(min_length=1, max_length=200)
-    project: str | None = Field(default=None, max_length=200)
-    name: str | None = Field(default=None, max_length=200)
+    base_model: RequestKey
+    project: ShortText | None = None
+    name: ShortText | None = None
 
 
 class EndSession(Command):
-    reason: str = Field(default="ended by user", max_length=500)
+    reason: Text = "ended by user"
 
 
 class CreateRun(Command):
@@ -124,14 +132,17 @@ class CreateRun(Command):
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
     from_checkpoint: CheckpointUri | None = Field(default=None, description="bt://loops:... URI")
     keep_last_checkpoints: int | None = Field(
-        default=None, ge=1, description="per kind, older checkpoints are deleted (retention)"
+        default=None,
+        ge=1,
+        le=MAX_COUNT,
+        description="per kind, older checkpoints are deleted (retention)",
     )
 
 
 class HotloadOptions(BaseModel):
     """What a sampler does around a weight sync (the weight syncer's constructor options)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     warmup: bool = Field(default=False, description="send a warmup request after the swap")
     warmup_max_retries: int = Field(default=10, ge=0, le=100)
@@ -148,10 +159,10 @@ class RecordCheckpoint(Command):
     name: str = Field(pattern=CHECKPOINT_NAME)
     kind: CheckpointKind
     files: tuple[CheckpointFile, ...] = Field(min_length=1)
-    step: int | None = Field(default=None, ge=0)
-    ttl_seconds: int | None = Field(default=None, ge=1)
+    step: NonNegativeInt64 | None = None
+    ttl_seconds: TtlSeconds | None = None
     checkpoint_type: CheckpointType | None = None  # sampler weights: base or delta
-    chain_position: int | None = Field(default=None, ge=0)
+    chain_position: NonNegativeInt64 | None = None
     # Sampler weights: sync them to the run's sampler now (None: save only, `HotloadWeights` later).
     hotload: HotloadOptions | None = Field(default_factory=HotloadOptions)
 

@@ -9,11 +9,24 @@ so a bad value is refused with the same message (naming the field) wherever it i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from commands.loops import CHECKPOINT_NAME, CHECKPOINT_URI, HotloadOptions
+from events.limits import (
+    MAX_COUNT,
+    MAX_NEW_TOKENS,
+    MAX_TOKEN_ID,
+    FiniteFloat,
+    JsonObject,
+    PositiveInt64,
+    PromptText,
+    Seed,
+    Text,
+    TokenId,
+    TtlSeconds,
+)
 
 LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 # The loss_fn_config keys each loss takes (gpu_workers.engine.types has their defaults).
@@ -25,31 +38,32 @@ LOSS_FN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "dro": ("beta",),
 }
 IGNORE_INDEX = -100  # cross_entropy ignores target positions marked with it
+TargetToken = Annotated[int, Field(ge=IGNORE_INDEX, le=MAX_TOKEN_ID)]
 # How a delta checkpoint is encoded (gpu_workers/deltas.py): lossless all three.
 CompressionFormat = Literal["raw", "zstd", "xor_zstd"]
 DEFAULT_COMPRESSION_FORMAT: CompressionFormat = "xor_zstd"
 
 
 class WorkRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     schema_version: int = 1
 
 
 class LossFnInputs(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    target_tokens: list[int] = Field(min_length=1)
-    weights: list[float] | None = None  # cross_entropy
-    logprobs: list[float] | None = None  # policy-gradient losses: the sampler's logprobs
-    advantages: list[float] | None = None  # policy-gradient losses
+    target_tokens: list[TargetToken] = Field(min_length=1)
+    weights: list[FiniteFloat] | None = None  # cross_entropy
+    logprobs: list[FiniteFloat] | None = None  # policy-gradient losses: the sampler's logprobs
+    advantages: list[FiniteFloat] | None = None  # policy-gradient losses
 
 
 class Datum(BaseModel):
     """One training example: input tokens and per-position loss inputs (Tinker's Datum)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    model_input: list[int] = Field(min_length=1, description="input token ids")
+    model_input: list[TokenId] = Field(min_length=1, description="input token ids")
     loss_fn_inputs: LossFnInputs
 
     @model_validator(mode="after")
@@ -69,7 +83,7 @@ class ForwardBackward(WorkRequest):
     data: list[Datum] = Field(min_length=1)
     loss_fn: LossFn = "cross_entropy"
     # Per-loss parameters (ppo/cispo: clip_low_threshold, clip_high_threshold; dro: beta).
-    loss_fn_config: dict[str, float] | None = None
+    loss_fn_config: dict[Text, FiniteFloat] | None = None
 
     @model_validator(mode="after")
     def _inputs_for_loss(self) -> ForwardBackward:
@@ -98,7 +112,7 @@ class Forward(ForwardBackward):
 class AdamParams(BaseModel):
     """AdamW hyper-parameters of one optimizer step; defaults as Tinker's AdamParams."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     learning_rate: float = Field(default=1e-4, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -113,7 +127,7 @@ class OptimStep(WorkRequest):
 
 
 class ComputeLogprobs(WorkRequest):
-    sequences: list[list[int]] = Field(min_length=1)
+    sequences: list[list[TokenId]] = Field(min_length=1)
 
 
 class SaveWeights(WorkRequest):
@@ -123,14 +137,14 @@ class SaveWeights(WorkRequest):
 
     name: str = Field(pattern=CHECKPOINT_NAME)
     kind: Literal["weights", "sampler_weights"] = "sampler_weights"
-    ttl_seconds: int | None = Field(default=None, ge=1)
+    ttl_seconds: TtlSeconds | None = None
     # Sampler weights: a full `base`, or a `delta` against the last sampler save (only changed
     # tensors, lossless). None = base; LoRA runs always save a base.
     checkpoint_type: Literal["base", "delta"] | None = None
     compression_format: CompressionFormat = DEFAULT_COMPRESSION_FORMAT  # of a delta
     hotload: HotloadOptions | None = Field(default_factory=HotloadOptions)
     # Full-state saves: the caller's data position (epoch, batch, ...), handed back on load.
-    loader_state: dict[str, Any] | None = None
+    loader_state: JsonObject | None = None
 
     @model_validator(mode="after")
     def _fields_for_the_kind(self) -> SaveWeights:
@@ -144,22 +158,24 @@ class SaveWeights(WorkRequest):
 
 
 class Sample(WorkRequest):
-    prompt_tokens: list[int] | None = Field(default=None, min_length=1)
-    prompt: str | None = Field(default=None, min_length=1)
+    prompt_tokens: list[TokenId] | None = Field(default=None, min_length=1)
+    prompt: PromptText | None = None
     num_samples: int = Field(default=1, ge=1, le=128)
-    max_tokens: int = Field(default=16, ge=1, le=8192)
+    max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=1.0, ge=0, le=10)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=-1, ge=-1, description="-1 = off; else the k most likely tokens")
-    seed: int | None = None
-    stop: list[str] | None = None
+    top_k: int = Field(
+        default=-1, ge=-1, le=MAX_COUNT, description="-1 = off; else the k most likely tokens"
+    )
+    seed: Seed | None = None
+    stop: list[Text] | None = Field(default=None, max_length=64)
     # Also answer logp(prompt[t] | prompt[:t]) for every prompt position (None for the first).
     prompt_logprobs: bool = False
     # Pinned to one checkpoint, or None to follow the latest weights the sampler has.
-    checkpoint_uri: str | None = None
+    checkpoint_uri: Text | None = None
     # Serve only with weights from sync N or later (`weights_version` in every answer); the
     # sampler waits up to `min_weights_wait_s` for that sync to land, then refuses.
-    min_weights_version: int | None = Field(default=None, ge=1)
+    min_weights_version: PositiveInt64 | None = None
     min_weights_wait_s: float = Field(default=60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
@@ -179,7 +195,7 @@ class LoadState(WorkRequest):
     """Load a `weights` (full state) checkpoint into the run: its weights, and its AdamW state
     and step too when `optimizer` is set (else the optimizer starts afresh)."""
 
-    checkpoint_uri: str
+    checkpoint_uri: Text
     optimizer: bool = True
 
     @model_validator(mode="after")
