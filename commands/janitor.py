@@ -5,7 +5,10 @@
 It reacts to events and acts on the world:
 - `CheckpointSaved` with an `expires_at`: when that time passes, it sends `DeleteCheckpoint`
   (reason `expired`) to the session, with a command id derived from the checkpoint, so a
-  repeated decision is a duplicate and changes nothing;
+  repeated decision is a duplicate and changes nothing. The session refuses to expire a link
+  of a live delta chain or what a sampler serves; such a checkpoint is asked again (a new
+  command id, derived from the event) only when its session's chains change: a new base, a
+  deletion, a run stopping. Never in a loop;
 - `CheckpointDeleted` (by a user, by expiry, by keep-last retention): it removes the
   checkpoint's objects from the S3 store. Deleting a prefix twice is harmless.
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -29,14 +32,14 @@ from commands.envelope import CommandEnvelope
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
-from events.loops import CheckpointDeleted, CheckpointSaved
+from events.loops import CheckpointDeleted, CheckpointSaved, RunStopped, SessionEnded
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.s3 import ObjectStore
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.janitor")
 
-WATCHED = {b"CheckpointSaved", b"CheckpointDeleted"}
+WATCHED = {b"CheckpointSaved", b"CheckpointDeleted", b"RunStopped", b"SessionEnded"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,14 @@ class Expiring:
     checkpoint_id: str
     session_id: str
     expires_at: datetime
+    # The latest event since its save that may have freed it from a chain: part of the expiry's
+    # command id, so a refused expiry is asked again after it (and only then).
+    retry_after: str = ""
+
+    @property
+    def command_id(self) -> str:
+        suffix = f"-after-{self.retry_after}" if self.retry_after else ""
+        return f"expire-{self.checkpoint_id}{suffix}"
 
 
 class CheckpointJanitor:
@@ -52,7 +63,7 @@ class CheckpointJanitor:
         self.bus = CommandBus(settings)
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.expiring: dict[str, Expiring] = {}
-        self.expiry_sent: set[str] = set()
+        self.expiry_sent: set[str] = set()  # command ids sent by this process
         self.stop_requested = threading.Event()
         topic = settings.topic("events")
         self.consumer = Consumer(
@@ -76,11 +87,13 @@ class CheckpointJanitor:
             return
         envelope = EventEnvelope.from_bytes(value)
         event = decode_payload(envelope)
+        if _may_free_a_chain(event):
+            self._retry_refused(envelope.aggregate_id, after=envelope.event_id)
         if isinstance(event, CheckpointSaved) and event.expires_at is not None:
             self.expiring[event.checkpoint_id] = Expiring(
                 event.checkpoint_id, event.session_id, event.expires_at
             )
-        elif isinstance(event, CheckpointDeleted):
+        if isinstance(event, CheckpointDeleted):
             self.expiring.pop(event.checkpoint_id, None)
             removed = self.checkpoints.delete(CheckpointRef.from_uri(event.uri))
             if removed:
@@ -89,17 +102,24 @@ class CheckpointJanitor:
                     extra={"uri": event.uri, "objects": removed, "reason": event.reason},
                 )
 
+    def _retry_refused(self, session_id: str, *, after: str) -> None:
+        """The session's chains changed: checkpoints of it that wait to expire get a fresh
+        command id, so one that was refused as a needed link is asked again once due."""
+        for e in list(self.expiring.values()):
+            if e.session_id == session_id:
+                self.expiring[e.checkpoint_id] = replace(e, retry_after=after)
+
     def expire(self, *, now: datetime) -> list[str]:
         due = [
             e
             for e in self.expiring.values()
-            if e.expires_at <= now and e.checkpoint_id not in self.expiry_sent
+            if e.expires_at <= now and e.command_id not in self.expiry_sent
         ]
         if not due:
             return []
         self.bus.send_many(
             CommandEnvelope(
-                command_id=f"expire-{e.checkpoint_id}",
+                command_id=e.command_id,
                 type="DeleteCheckpoint",
                 aggregate_id=e.session_id,
                 actor="janitor",
@@ -107,8 +127,17 @@ class CheckpointJanitor:
             )
             for e in due
         )
-        self.expiry_sent.update(e.checkpoint_id for e in due)
+        self.expiry_sent.update(e.command_id for e in due)
         return [e.checkpoint_id for e in due]
+
+
+def _may_free_a_chain(event: object) -> bool:
+    """Events after which a checkpoint refused as a needed chain link may be deletable: a
+    deletion (its dependent may be gone), a new base (the sampler leaves the old chain), a run
+    or session stopping (no sampler serves it any more)."""
+    if isinstance(event, CheckpointSaved):
+        return event.kind == "sampler_weights" and event.checkpoint_type != "delta"
+    return isinstance(event, CheckpointDeleted | RunStopped | SessionEnded)
 
 
 def main() -> None:
