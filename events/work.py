@@ -71,6 +71,17 @@ class WeightsSaved(TrainerEvent):
     parent_digest: str | None = None
 
 
+class TrainerReleased(DomainEvent):
+    """A worker dropped a run's engine (weights, optimizer state, gradients) because the run
+    stopped (its session ended, by a user, by Tinker's finish or a missed heartbeat). Work for
+    the run is refused from then on; a worker's memory holds live runs only."""
+
+    aggregate_type: ClassVar[str] = "trainer"
+    run_id: str
+    reason: str
+    engines_held: int  # run engines the worker still holds after this release
+
+
 class SamplerEvent(DomainEvent):
     aggregate_type: ClassVar[str] = "sampler"
 
@@ -151,6 +162,7 @@ WORK_EVENTS: tuple[type[DomainEvent], ...] = (
     OptimStepCompleted,
     LogprobsComputed,
     WeightsSaved,
+    TrainerReleased,
     SamplerReady,
     WeightsLoaded,
     HotloadStarted,

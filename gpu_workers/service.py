@@ -26,21 +26,26 @@ from commands.handling import first_validation_error
 from commands.work import WorkRequest
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
-from events.kafka_log import read_partition
+from events.kafka_log import partition_for, read_partition
 from events.loops import DomainEvent
 from events.transactional import LoopConfig, TransactionalLoop, dead_letter
+from gpu_workers.failures import Category, InfrastructureError
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.worker")
 
 
 class WorkRejected(Exception):
-    """The request cannot be done as asked; the reason names the field or rule."""
+    """The request cannot be done as asked; the reason names the field or rule. Category
+    "user" (the request is wrong) unless the caller says the refusal is loopstream's own."""
 
-    def __init__(self, reason: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, field: str | None = None, category: Category = "user"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.field = field
+        self.category = category
 
 
 @dataclass
@@ -66,6 +71,7 @@ class WorkerService:
         self.types = {t.__name__: t for t in self.request_types}
         self.versions: dict[str, int] = {}  # aggregate_id -> sequence of its last event
         self.seen: dict[str, CommandResult] = {}  # request_id -> result
+        self._partitions = 0  # of the requests topic, read when first needed
         self.loop = TransactionalLoop(
             settings,
             LoopConfig(
@@ -99,7 +105,10 @@ class WorkerService:
         log.info("worker started", extra={"worker": self.loop.transactional_id})
         try:
             while not self.loop.stop_requested.is_set():
-                self.between_batches()
+                try:
+                    self.between_batches()
+                except Exception:  # periodic upkeep must not take request serving down with it
+                    log.error("between batches failed", extra={"trace": traceback.format_exc()})
                 batch = self.loop.next_batch()
                 if not batch:
                     continue
@@ -109,22 +118,82 @@ class WorkerService:
         finally:
             self.loop.close()
 
+    def emit(self, aggregate_id: str, events: list[DomainEvent], *, causation_id: str) -> None:
+        """Events outside any request, in a small transaction of their own, on the partition
+        the aggregate's requests (and so its request events) use: a rebuild finds its
+        sequence there."""
+        if not events:
+            return
+        topic = self.settings.topic(self.requests_topic)
+        if not self._partitions:
+            metadata = self.loop.consumer.list_topics(topic, timeout=10)
+            self._partitions = len(metadata.topics[topic].partitions)
+        partition = partition_for(aggregate_id.encode(), self._partitions)
+        sequence = self.versions.get(aggregate_id, 0)
+        now = utc_now()
+        encoded = []
+        for event in events:
+            sequence += 1
+            encoded.append(
+                EventEnvelope(
+                    event_id=new_event_id(),
+                    type=type(event).__name__,
+                    schema_version=event.schema_version,
+                    aggregate_type=self.aggregate_type,
+                    aggregate_id=aggregate_id,
+                    sequence=sequence,
+                    occurred_at=now,
+                    causation_id=causation_id,
+                    correlation_id=causation_id,
+                    actor=self.name,
+                    payload=event.model_dump(mode="json"),
+                )
+            )
+        producer = self.loop.producer
+        producer.begin_transaction()
+        try:
+            for envelope in encoded:
+                producer.produce(
+                    self.settings.topic("events"),
+                    key=aggregate_id.encode(),
+                    value=envelope.to_bytes(),
+                    headers=envelope.kafka_headers(),
+                    partition=partition,
+                )
+            producer.commit_transaction(30)
+        except Exception:
+            producer.abort_transaction(30)
+            raise
+        self.versions[aggregate_id] = sequence
+
     def _on_assign(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
             self._rebuild(tp.partition)
 
     def _rebuild(self, partition: int) -> None:
         events = self.settings.topic("events")
+        skipped = 0
         for message in read_partition(self.settings, events, partition):
-            envelope = EventEnvelope.from_bytes(message.value())
+            try:
+                envelope = EventEnvelope.from_bytes(message.value())
+            except Exception:  # a stray record someone produced: not ours to stop on
+                skipped += 1
+                continue
             if envelope.aggregate_type == self.aggregate_type:
                 self.versions[envelope.aggregate_id] = envelope.sequence
         for message in read_partition(
             self.settings, self.settings.topic("command-results"), partition
         ):
-            result = CommandResult.model_validate_json(message.value() or b"")
+            try:
+                result = CommandResult.model_validate_json(message.value() or b"")
+            except ValidationError:
+                skipped += 1
+                continue
             if result.command_type in self.types:
                 self.seen[result.command_id] = result
+        if skipped:
+            log.warning("undecodable records skipped while rebuilding",
+                        extra={"partition": partition, "skipped": skipped})  # fmt: skip
 
     def _batch_handler(
         self, touched: set[str]
@@ -184,7 +253,10 @@ class WorkerService:
             return result, version
 
         def refuse(
-            reason: str, field_name: str | None, status: str = "rejected"
+            reason: str,
+            field_name: str | None,
+            status: str = "rejected",
+            category: Category = "user",
         ) -> tuple[CommandResult, None]:
             return finish(
                 CommandResult(
@@ -195,6 +267,7 @@ class WorkerService:
                     status=status,  # type: ignore[arg-type]
                     reason=reason,
                     field=field_name,
+                    category=category,
                 )
             )  # type: ignore[return-value]
 
@@ -207,41 +280,58 @@ class WorkerService:
             request = request_type.model_validate(envelope.payload)
         except ValidationError as exc:
             return refuse(*first_validation_error(exc, prefix="payload."))
+
+        def failed(exc: Exception) -> tuple[CommandResult, None]:
+            """A bug, a device error or infrastructure that stayed down: answer, log, keep
+            serving. Category "server": the request was fine, loopstream was not."""
+            log.error("request failed", extra={"request_id": envelope.command_id,
+                                                "trace": traceback.format_exc()})  # fmt: skip
+            if isinstance(exc, InfrastructureError):
+                return refuse(str(exc), None, status="failed", category="server")
+            return refuse(f"worker error: {type(exc).__name__}: {exc} (retryable)", None,
+                          status="failed", category="server")  # fmt: skip
+
         try:
             done = self.execute(envelope, request)
         except WorkRejected as exc:
-            return refuse(exc.reason, exc.field)
+            return refuse(exc.reason, exc.field, category=exc.category)
         except ValueError as exc:  # the engine's input checks name the field too
             return refuse(str(exc), getattr(exc, "field", None))
-        except Exception as exc:  # a bug or a device error: answer, log, keep serving
-            log.error("request failed", extra={"request_id": envelope.command_id,
-                                                "trace": traceback.format_exc()})  # fmt: skip
-            return refuse(f"worker error: {type(exc).__name__}: {exc}", None, status="failed")
+        except Exception as exc:
+            return failed(exc)
 
         version = pending_versions.get(
             envelope.aggregate_id, self.versions.get(envelope.aggregate_id, 0)
         )
-        refs = []
         now = utc_now()
-        for event in done.events:
-            version += 1
-            event_envelope = caused_event(
-                event, command=envelope, sequence=version, occurred_at=now, event_id=new_event_id()
-            )
+        # Everything is encoded before anything is produced: an event that cannot be encoded
+        # fails the request alone, never half of its events.
+        try:
+            encoded = []
+            for event in done.events:
+                version += 1
+                encoded.append(caused_event(event, command=envelope, sequence=version,
+                                            occurred_at=now, event_id=new_event_id()))  # fmt: skip
+            encoded_bytes = [(e, e.to_bytes(), e.kafka_headers()) for e in encoded]
+            follow_ups = [(c, c.to_bytes()) for c in done.follow_ups]
+        except Exception as exc:
+            return failed(exc)
+        refs = []
+        for event_envelope, value, headers in encoded_bytes:
             producer.produce(
                 self.settings.topic("events"),
                 key=envelope.aggregate_id.encode(),
-                value=event_envelope.to_bytes(),
-                headers=event_envelope.kafka_headers(),
+                value=value,
+                headers=headers,
                 partition=partition,
             )
             refs.append(EventRef(event_id=event_envelope.event_id, type=event_envelope.type,
-                                 sequence=version))  # fmt: skip
-        for command in done.follow_ups:
+                                 sequence=event_envelope.sequence))  # fmt: skip
+        for command, command_bytes in follow_ups:
             producer.produce(
                 self.settings.topic("commands"),
                 key=command.aggregate_id.encode(),
-                value=command.to_bytes(),
+                value=command_bytes,
             )
         return finish(
             CommandResult(

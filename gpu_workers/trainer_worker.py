@@ -7,6 +7,15 @@ run's first request from its base model, restored from the run's latest full-sta
 when there is one (a restarted worker resumes from there; work since that save is lost with the
 process, as on any trainer). Saving uploads the folder to the S3 store and records the
 checkpoint on the session in the same Kafka transaction as the result.
+
+Engines live as long as their run: the worker follows `RunStopped` on the events topic (and
+checks the read model every `RELEASE_SWEEP_S` for a stop it missed, e.g. one before it started)
+and drops a stopped run's engine with a `TrainerReleased` event; work for a stopped run is then
+refused ("run X is stopped"), never served.
+
+S3 transfers that fail on infrastructure (store down, 5xx, timeouts) are retried with back-off
+(gpu_workers/failures.py), then answered "failed" with category "server"; a checkpoint that
+does not exist or does not match its manifest is the request's fault ("user").
 """
 
 from __future__ import annotations
@@ -14,11 +23,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from confluent_kafka import OFFSET_END, Consumer
 from psycopg.rows import dict_row
 from pydantic import BaseModel
 
@@ -33,12 +45,17 @@ from commands.work import (
     OptimStep,
     SaveWeights,
 )
+from events.catalog import decode_payload
+from events.envelope import EventEnvelope
+from events.kafka_log import assign_all, consumer_config
+from events.loops import RunStopped
 from events.work import (
     ForwardBackwardCompleted,
     ForwardCompleted,
     LogprobsComputed,
     OptimStepCompleted,
     StateLoaded,
+    TrainerReleased,
     WeightsSaved,
 )
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
@@ -46,12 +63,19 @@ from gpu_workers.deltas import ChainLink, DeltaChainError, read_link
 from gpu_workers.engine.trainer import TrainerEngine
 from gpu_workers.engine.types import AdamParams as EngineAdamParams
 from gpu_workers.engine.types import Datum as EngineDatum
+from gpu_workers.failures import category_of, with_retries
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
 from infra.s3 import ObjectStore
 from infra.settings import Settings
 
 log = logging.getLogger("loopstream.trainer_worker")
+
+# How often held engines are checked against the read model for a stop the events feed missed.
+RELEASE_SWEEP_S = 10.0
+# Stopped runs remembered so a request racing the read model is refused, not served by a fresh
+# engine; bounded, so memory does not grow with the number of runs ever ended.
+REMEMBERED_STOPS = 4096
 
 
 @dataclass
@@ -70,12 +94,64 @@ class TrainerWorker(WorkerService):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.runs: dict[str, RunEngine] = {}
+        self.stopped: OrderedDict[str, str] = OrderedDict()  # run_id -> why, newest last
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
+        self.next_sweep = time.monotonic() + RELEASE_SWEEP_S
+        self.stops_feed = self._subscribe_to_stops()
 
     def forget(self, aggregate_ids: set[str]) -> None:
         for run_id in aggregate_ids:
             self.runs.pop(run_id, None)
+
+    # --- engine lifecycle ----------------------------------------------------------------------
+
+    def _subscribe_to_stops(self) -> Consumer:
+        # Every partition, from now on: a stop before start is found by the read-model sweep.
+        topic = self.settings.topic("events")
+        consumer = Consumer(consumer_config(self.settings, group_id=f"{self.loop.group_id}-stops"))
+        assign_all(consumer, self.settings, topic, OFFSET_END)
+        return consumer
+
+    def between_batches(self) -> None:
+        for message in self.stops_feed.consume(num_messages=200, timeout=0):
+            if message.error() is not None:
+                continue
+            if dict(message.headers() or []).get("event_type") != b"RunStopped":
+                continue
+            event = decode_payload(EventEnvelope.from_bytes(message.value()))
+            if isinstance(event, RunStopped):
+                self._note_stopped(event.run_id, event.reason)
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + RELEASE_SWEEP_S
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Release held engines whose run the read model says is no longer active."""
+        if not self.runs:
+            return
+        rows = self.db.execute(
+            f"select run_id, status, stop_reason from {self.settings.read_schema}.runs "
+            "where run_id = any(%s) and status <> 'active'",
+            (list(self.runs),),
+        ).fetchall()
+        for row in rows:
+            self._note_stopped(row["run_id"], row["stop_reason"] or row["status"])
+
+    def _note_stopped(self, run_id: str, reason: str) -> None:
+        self.stopped[run_id] = reason
+        self.stopped.move_to_end(run_id)
+        while len(self.stopped) > REMEMBERED_STOPS:
+            self.stopped.popitem(last=False)
+        if self.runs.pop(run_id, None) is None:
+            return
+        held = len(self.runs)
+        self.emit(
+            run_id,
+            [TrainerReleased(run_id=run_id, reason=reason, engines_held=held)],
+            causation_id=run_id,
+        )
+        log.info("run released", extra={"run_id": run_id, "reason": reason, "engines_held": held})
 
     def execute(self, envelope: CommandEnvelope, request: BaseModel) -> WorkDone:
         run = self._run(envelope.aggregate_id)
@@ -152,13 +228,7 @@ class TrainerWorker(WorkerService):
             )
         with tempfile.TemporaryDirectory(prefix="loopstream-load-") as tmp:
             folder = Path(tmp) / "checkpoint"
-            try:
-                self.checkpoints.download(CheckpointRef.from_uri(request.checkpoint_uri), folder)
-            except Exception as exc:  # a missing or deleted checkpoint is the caller's mistake
-                raise WorkRejected(
-                    f"checkpoint {request.checkpoint_uri} cannot be read: {exc}",
-                    field="checkpoint_uri",
-                ) from exc
+            self._download(request.checkpoint_uri, folder, field="checkpoint_uri")
             run.engine.load_state(folder, optimizer=request.optimizer)
         return WorkDone(
             output={
@@ -179,19 +249,36 @@ class TrainerWorker(WorkerService):
 
     # --- runs ----------------------------------------------------------------------------------
 
+    def _download(self, uri: str, folder: Path, *, field: str) -> None:
+        """Fetch a checkpoint, retrying infrastructure failures (InfrastructureError, "server",
+        once they persist); a checkpoint that is missing or corrupt is the request's fault."""
+        try:
+            with_retries(
+                f"downloading {uri}",
+                lambda: self.checkpoints.download(CheckpointRef.from_uri(uri), folder),
+            )
+        except Exception as exc:
+            if category_of(exc) == "user":
+                raise WorkRejected(f"checkpoint {uri} cannot be read: {exc}", field=field) from exc
+            raise
+
     def _run(self, run_id: str) -> RunEngine:
         known = self.runs.get(run_id)
         if known is not None:
             return known
+        if run_id in self.stopped:  # stopped, though the read model may not say so yet
+            raise WorkRejected(f"run {run_id} is stopped ({self.stopped[run_id]})", field="run_id")
         row = self.db.execute(
-            f"select session_id, base_model, max_seq_len, lora_rank, from_checkpoint, status "
-            f"from {self.settings.read_schema}.runs where run_id = %s",
+            f"select session_id, base_model, max_seq_len, lora_rank, from_checkpoint, status, "
+            f"stop_reason from {self.settings.read_schema}.runs where run_id = %s",
             (run_id,),
         ).fetchone()
         if row is None:
             raise WorkRejected(f"run {run_id} does not exist", field="run_id")
         if row["status"] != "active":
-            raise WorkRejected(f"run {run_id} is {row['status']}", field="run_id")
+            raise WorkRejected(
+                f"run {run_id} is stopped ({row['stop_reason'] or row['status']})", field="run_id"
+            )
         try:
             model_dir = resolve_base_model(self.settings, row["base_model"])
         except UnknownBaseModel as exc:
@@ -201,7 +288,7 @@ class TrainerWorker(WorkerService):
             restore_dir: Path | None = None
             if restore_uri is not None:
                 restore_dir = Path(tmp) / "checkpoint"
-                self.checkpoints.download(CheckpointRef.from_uri(restore_uri), restore_dir)
+                self._download(restore_uri, restore_dir, field="from_checkpoint")
                 if _kind(restore_uri) == "sampler_weights":  # a plain model folder: start there
                     if read_link(restore_dir).checkpoint_type != "base":
                         raise WorkRejected(
@@ -218,9 +305,10 @@ class TrainerWorker(WorkerService):
             )
             if restore_dir is not None:
                 engine.load_state(restore_dir)
-        log.info("run loaded", extra={"run_id": run_id, "restored_from": restore_uri})
         run = RunEngine(run_id=run_id, session_id=row["session_id"], engine=engine)
         self.runs[run_id] = run
+        log.info("run loaded", extra={"run_id": run_id, "restored_from": restore_uri,
+                                      "engines_held": len(self.runs)})  # fmt: skip
         return run
 
     def _latest_state_uri(self, run_id: str) -> str | None:
@@ -266,7 +354,11 @@ class TrainerWorker(WorkerService):
                     raise WorkRejected(str(exc), field="checkpoint_type") from exc
                 link = read_link(folder)
             try:
-                stored = self.checkpoints.upload(folder, CheckpointRef.from_uri(uri))
+                # Idempotent: a retry after a lost answer finds its own manifest and is done.
+                stored = with_retries(
+                    f"uploading {uri}",
+                    lambda: self.checkpoints.upload(folder, CheckpointRef.from_uri(uri)),
+                )
             except Exception:
                 # The engine's chain head is a folder the store never got: no delta may name it.
                 run.engine.reset_delta_chain()
