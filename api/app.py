@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
+from api.boundary import InputBoundary
 from api.config import ApiSettings, get_api_settings
 from api.deps import AppState
-from api.errors import install_error_handlers
+from api.errors import ErrorBody, ValidationErrorBody, install_error_handlers
 from api.routes import checkpoints, futures, runs, sampling, sessions, training, weight_sync
+from api.routes import health as health_route
 from api.tinker import rest as tinker_rest
 from api.tinker import routes as tinker_routes
 from infra.settings import Settings, get_settings
@@ -44,18 +48,69 @@ def create_app(
     app.dependency_overrides[get_settings] = lambda: settings
     app.dependency_overrides[get_api_settings] = lambda: api_settings
     install_error_handlers(app)
+    app.add_middleware(InputBoundary, max_body_bytes=api_settings.api_max_body_bytes)
     for module in (sessions, runs, training, sampling, futures, checkpoints):
         app.include_router(module.router)
     app.include_router(weight_sync.runs_router)
     app.include_router(weight_sync.samplers_router)
     app.include_router(tinker_routes.router)  # the Tinker wire protocol over the same commands
     app.include_router(tinker_rest.router)  # and the Tinker RestClient's reads and deletes
+    app.include_router(health_route.router)  # GET /health: projection failures and lag
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+# The error answers of the Tinker wire routes (api/tinker/routes.py raises them).
+_TINKER_ERRORS = {
+    "400": "bad request",
+    "401": "missing or invalid API key",
+    "404": "not found",
+    "410": "unknown request, resubmit",
+    "503": "not applied in time; retry",
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI with the error bodies this API really sends: every 422 is
+    `ValidationErrorBody` (not FastAPI's HTTPValidationError), and every other error an
+    `ErrorBody`. The Tinker routes' own errors (api/tinker/routes.py) are declared here."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorBody, ValidationErrorBody):
+        components[model.__name__] = model.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+
+    def error(description: str, model: type = ErrorBody) -> dict[str, Any]:
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            # Every route: the boundary refuses bad text or numbers in path, query or body.
+            responses["422"] = error("a value is refused (names the field)", ValidationErrorBody)
+            if "requestBody" in operation:
+                responses["413"] = error("request body larger than the configured limit")
+            if path.startswith("/api/v1/"):
+                for code, description in _TINKER_ERRORS.items():
+                    responses.setdefault(code, error(description))
+            for code, response in responses.items():
+                if code.startswith(("4", "5")) and "content" not in response:
+                    response["content"] = error(response.get("description", ""))["content"]
+    app.openapi_schema = schema
+    return schema
 
 
 def serve(settings: ApiSettings | None = None) -> None:

@@ -34,6 +34,10 @@ class ApiSettings(BaseSettings):
     # A request this API sent and that has no result yet answers "pending" for this long;
     # after that (or after an API restart) an unknown id answers 404 "unknown request, resubmit".
     request_retention_s: float = Field(default=900.0, gt=0)
+    # Largest request body accepted (413 above it), checked while the body is read. 16 MiB
+    # holds a forward_backward batch of ~64 sequences x 8k tokens as JSON (token, target,
+    # weight: ~40 bytes a position) and more as Tinker protobuf; the demo sends ~20 KB.
+    api_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
     @model_validator(mode="after")
     def _no_dev_secret_off_loopback(self) -> ApiSettings:

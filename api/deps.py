@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy import Engine
 
 from api.config import ApiSettings, get_api_settings
@@ -18,6 +18,8 @@ from api.queries import ReadModels
 from api.result_feed import ResultFeed
 from api.submit import SentRequests, Submitter
 from commands.bus import CommandBus
+from commands.loops import RESOURCE_ID
+from events.limits import MAX_PAGE_OFFSET, RequestKey
 from infra.s3 import ObjectStore
 from infra.settings import Settings, get_settings
 from projections.db import get_engine
@@ -95,10 +97,18 @@ StoreDep = Annotated[ObjectStore, Depends(get_store)]
 # The idempotency key may come as a header (as Stripe's and Tinker's clients send it) or as a
 # `request_id` query parameter; bodies may carry `request_id` too (see api/models.py).
 IdempotencyHeader = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", min_length=1, max_length=200, description="idempotency key"),
+    RequestKey | None, Header(alias="Idempotency-Key", description="idempotency key")
 ]
 RequestIdQuery = Annotated[
-    str | None,
-    Query(alias="request_id", min_length=1, max_length=200, description="idempotency key"),
+    RequestKey | None, Query(alias="request_id", description="idempotency key")
 ]
+
+# Path ids. Runs, samplers and checkpoints are named by the API (commands.loops.RESOURCE_ID);
+# sessions and requests may come from other producers, so any storable key of up to 200 chars.
+SessionIdPath = Annotated[RequestKey, Path(description="session id")]
+RunIdPath = Annotated[str, Path(pattern=RESOURCE_ID, description="run id")]
+SamplerIdPath = Annotated[str, Path(pattern=RESOURCE_ID, description="sampler id")]
+CheckpointIdPath = Annotated[str, Path(pattern=RESOURCE_ID, description="checkpoint id")]
+RequestIdPath = Annotated[RequestKey, Path(description="request id (idempotency key)")]
+# Pagination: an offset past any real listing is refused before it reaches PostgreSQL.
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_PAGE_OFFSET, description="rows to skip")]

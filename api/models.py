@@ -29,8 +29,9 @@ from commands.work import (
     OptimStep,
     Sample,
 )
+from events.limits import JsonObject, RequestKey, ShortText, TtlSeconds
 
-REQUEST_ID = Field(default=None, min_length=1, max_length=200, description="idempotency key")
+REQUEST_ID = Field(default=None, description="idempotency key")
 
 
 class Public(BaseModel):
@@ -43,23 +44,23 @@ class Public(BaseModel):
 
 
 class ForwardBackwardCreate(ForwardBackward):
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class ForwardCreate(Forward):
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class OptimStepCreate(OptimStep):
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class LoadStateCreate(LoadState):
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class ComputeLogprobsCreate(ComputeLogprobs):
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class SaveWeightsCreate(BaseModel):
@@ -69,7 +70,7 @@ class SaveWeightsCreate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=CHECKPOINT_NAME)
-    ttl_seconds: int | None = Field(default=None, ge=1)
+    ttl_seconds: TtlSeconds | None = None
     # save_weights_for_sampler only:
     checkpoint_type: Literal["base", "delta"] | None = None
     compression_format: CompressionFormat = DEFAULT_COMPRESSION_FORMAT
@@ -77,8 +78,8 @@ class SaveWeightsCreate(BaseModel):
         default_factory=HotloadOptions, description="null: save only, hotload later"
     )
     # save_weights only: the caller's data position, handed back when the state is loaded.
-    loader_state: dict[str, Any] | None = None
-    request_id: str | None = REQUEST_ID
+    loader_state: JsonObject | None = None
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class HotloadCreate(HotloadOptions):
@@ -86,21 +87,21 @@ class HotloadCreate(HotloadOptions):
 
     name: str = Field(pattern=CHECKPOINT_NAME, description="the snapshot's checkpoint name")
     checkpoint_type: Literal["base", "delta"] | None = None
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class PromoteCreate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     environment: str = Field(default="production", pattern=ENVIRONMENT_NAME)
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class SampleCreate(Sample):
     # Rollouts sharing an affinity key belong together (one group of an RL step); the key
     # travels as the request's correlation id.
-    affinity_key: str | None = Field(default=None, min_length=1, max_length=200)
-    request_id: str | None = REQUEST_ID
+    affinity_key: RequestKey | None = None
+    request_id: RequestKey | None = REQUEST_ID
 
 
 # --- sessions ---------------------------------------------------------------------------------
@@ -109,10 +110,10 @@ class SampleCreate(Sample):
 class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(min_length=1, max_length=200)
-    project: str | None = Field(default=None, max_length=200)
-    name: str | None = Field(default=None, max_length=200)
-    request_id: str | None = REQUEST_ID
+    base_model: RequestKey
+    project: ShortText | None = None
+    name: ShortText | None = None
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class SessionAccepted(BaseModel):
@@ -142,11 +143,11 @@ class SessionsPublic(BaseModel):
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    session_id: str = Field(min_length=1, max_length=200)
+    session_id: RequestKey
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
     from_checkpoint: CheckpointUri | None = Field(default=None, description="bt://loops:... URI")
-    request_id: str | None = REQUEST_ID
+    request_id: RequestKey | None = REQUEST_ID
 
 
 class RunAccepted(BaseModel):

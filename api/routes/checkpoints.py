@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
 from api.deps import (
     ApiSettingsDep,
+    CheckpointIdPath,
     IdempotencyHeader,
     ReadDep,
     RequestIdQuery,
+    RunIdPath,
     StoreDep,
     SubmitterDep,
 )
-from api.errors import ApiError, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.models import (
     CheckpointFilesPage,
     CheckpointPublic,
@@ -28,6 +31,7 @@ from api.queries import ReadModels, Row
 from api.routes._common import envelope
 from api.submit import resolve_request_id
 from commands.loops import DeleteCheckpoint, PromoteCheckpoint
+from events.limits import Text
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 
 router = APIRouter(prefix="/v1/loops", tags=["checkpoints"])
@@ -40,9 +44,9 @@ def _checkpoint(reads: ReadModels, checkpoint_id: str) -> Row:
     return row
 
 
-@router.get("/runs/{run_id}/checkpoints")
+@router.get("/runs/{run_id}/checkpoints", responses=error_responses(404))
 def list_run_checkpoints(
-    run_id: str,
+    run_id: RunIdPath,
     reads: ReadDep,
     include_deleted: bool = Query(False, description="also list deleted/expired checkpoints"),
 ) -> CheckpointsPublic:
@@ -54,22 +58,24 @@ def list_run_checkpoints(
     )
 
 
-@router.get("/checkpoints/{checkpoint_id}")
-def get_checkpoint(checkpoint_id: str, reads: ReadDep) -> CheckpointPublic:
+@router.get("/checkpoints/{checkpoint_id}", responses=error_responses(404))
+def get_checkpoint(checkpoint_id: CheckpointIdPath, reads: ReadDep) -> CheckpointPublic:
     return CheckpointPublic.model_validate(_checkpoint(reads, checkpoint_id))
 
 
 @router.get(
     "/checkpoints/{checkpoint_id}/files",
-    responses={400: {"description": "bad page_token"}, 410: {"description": "deleted"}},
+    responses=error_responses(400, 404, 410),
 )
 def list_checkpoint_files(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointIdPath,
     reads: ReadDep,
     store: StoreDep,
     api_settings: ApiSettingsDep,
     page_size: int = Query(100, ge=1, le=1000),
-    page_token: str | None = Query(None, description="next_page_token of the previous page"),
+    page_token: Annotated[
+        Text | None, Query(description="next_page_token of the previous page")
+    ] = None,
 ) -> CheckpointFilesPage:
     """One presigned GET URL per file of the checkpoint folder, `page_size` at a time."""
     row = _checkpoint(reads, checkpoint_id)
@@ -114,9 +120,13 @@ def list_checkpoint_files(
     )
 
 
-@router.delete("/checkpoints/{checkpoint_id}", status_code=status.HTTP_202_ACCEPTED)
+@router.delete(
+    "/checkpoints/{checkpoint_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404, 410),
+)
 def delete_checkpoint(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointIdPath,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -140,9 +150,13 @@ def delete_checkpoint(
     return RequestAccepted(request_id=key)
 
 
-@router.post("/checkpoints/{checkpoint_id}/promote", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/checkpoints/{checkpoint_id}/promote",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404),
+)
 def promote_checkpoint(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointIdPath,
     body: PromoteCreate,
     reads: ReadDep,
     submitter: SubmitterDep,

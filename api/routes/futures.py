@@ -16,8 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiSettingsDep, EngineDep, SettingsDep, StateDep
-from api.errors import not_found
+from api.deps import ApiSettingsDep, EngineDep, RequestIdPath, SettingsDep, StateDep
+from api.errors import ErrorBody, not_found
 from api.models import EventRefPublic, FuturePublic
 from api.queries import ReadModels, Row
 from commands.envelope import CommandResult
@@ -56,10 +56,15 @@ def _to_future(request_id: str, row: Row) -> FuturePublic:
 
 @router.get(
     "/{request_id}",
-    responses={404: {"description": "unknown request, resubmit (same idempotency key)"}},
+    responses={
+        404: {
+            "model": ErrorBody,
+            "description": "unknown request, resubmit (same idempotency key)",
+        }
+    },
 )
 async def get_future(
-    request_id: str,
+    request_id: RequestIdPath,
     settings: SettingsDep,
     api_settings: ApiSettingsDep,
     engine: EngineDep,

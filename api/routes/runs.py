@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
-from api.errors import not_found
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
+from api.errors import error_responses, not_found
 from api.models import RunAccepted, RunCreate, RunPublic
 from api.routes._common import active_session, envelope
 from api.submit import derived_resource_id, new_resource_id, resolve_request_id
@@ -14,7 +14,7 @@ from commands.loops import CreateRun
 router = APIRouter(prefix="/v1/loops/runs", tags=["runs"])
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(404, 409))
 def create_run(
     body: RunCreate,
     reads: ReadDep,
@@ -45,8 +45,8 @@ def create_run(
     )
 
 
-@router.get("/{run_id}")
-def get_run(run_id: str, reads: ReadDep) -> RunPublic:
+@router.get("/{run_id}", responses=error_responses(404))
+def get_run(run_id: RunIdPath, reads: ReadDep) -> RunPublic:
     row = reads.run(run_id)
     if row is None:
         raise not_found(f"run {run_id} not found", field="run_id")

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
-from api.errors import conflict, not_found, unprocessable
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SamplerIdPath, SubmitterDep
+from api.errors import conflict, error_responses, not_found, unprocessable
 from api.models import RequestAccepted, SampleCreate
 from api.routes._common import envelope
 from api.submit import resolve_request_id
 from commands.work import Sample
 
-router = APIRouter(prefix="/v1/loops/samplers", tags=["sampling"])
+router = APIRouter(
+    prefix="/v1/loops/samplers", tags=["sampling"], responses=error_responses(404, 409)
+)
 
 
 @router.post("/{sampler_id}/sample", status_code=status.HTTP_202_ACCEPTED)
 def sample(
-    sampler_id: str,
+    sampler_id: SamplerIdPath,
     body: SampleCreate,
     reads: ReadDep,
     submitter: SubmitterDep,

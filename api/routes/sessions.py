@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
-from api.errors import not_found
+from api.deps import (
+    IdempotencyHeader,
+    OffsetQuery,
+    ReadDep,
+    RequestIdQuery,
+    SessionIdPath,
+    SubmitterDep,
+)
+from api.errors import error_responses, not_found
 from api.models import (
     CheckpointPublic,
     RequestAccepted,
@@ -22,8 +29,10 @@ from api.models import (
 from api.routes._common import active_session, envelope
 from api.submit import derived_resource_id, new_resource_id, resolve_request_id
 from commands.loops import CreateSession, EndSession
+from events.limits import Text
 
 router = APIRouter(prefix="/v1/loops/sessions", tags=["sessions"])
+ITEM_ERRORS = error_responses(404, 409)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
@@ -49,14 +58,14 @@ def list_sessions(
     reads: ReadDep,
     status_: Literal["active", "ended"] | None = Query(None, alias="status"),
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: OffsetQuery = 0,
 ) -> SessionsPublic:
     rows, total = reads.sessions(status=status_, limit=limit, offset=offset)
     return SessionsPublic(data=[SessionPublic.model_validate(r) for r in rows], count=total)
 
 
-@router.get("/{session_id}")
-def get_session(session_id: str, reads: ReadDep) -> SessionDetail:
+@router.get("/{session_id}", responses=error_responses(404))
+def get_session(session_id: SessionIdPath, reads: ReadDep) -> SessionDetail:
     """The session with its runs, samplers and checkpoints (deleted ones included)."""
     row = reads.session(session_id)
     if row is None:
@@ -71,14 +80,14 @@ def get_session(session_id: str, reads: ReadDep) -> SessionDetail:
     )
 
 
-@router.delete("/{session_id}", status_code=status.HTTP_202_ACCEPTED)
+@router.delete("/{session_id}", status_code=status.HTTP_202_ACCEPTED, responses=ITEM_ERRORS)
 def end_session(
-    session_id: str,
+    session_id: SessionIdPath,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
-    reason: str = Query("ended by user", max_length=500),
+    reason: Annotated[Text, Query(description="why (kept on the session)")] = "ended by user",
 ) -> RequestAccepted:
     """End the session: its run and sampler stop and their workers release them."""
     key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)

@@ -12,8 +12,8 @@ from typing import Literal
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ValidationError
 
-from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
-from api.errors import unprocessable
+from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
+from api.errors import error_responses, unprocessable
 from api.models import (
     ComputeLogprobsCreate,
     ForwardBackwardCreate,
@@ -37,7 +37,7 @@ from commands.work import (
     WorkRequest,
 )
 
-router = APIRouter(prefix="/v1/loops/runs", tags=["training"])
+router = APIRouter(prefix="/v1/loops/runs", tags=["training"], responses=error_responses(404, 409))
 
 SAMPLER_ONLY = frozenset({"checkpoint_type", "compression_format", "hotload"})
 STATE_ONLY = frozenset({"loader_state"})
@@ -80,7 +80,7 @@ def _submit(
 
 @router.post("/{run_id}/forward_backward", status_code=status.HTTP_202_ACCEPTED)
 def forward_backward(
-    run_id: str,
+    run_id: RunIdPath,
     body: ForwardBackwardCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -99,7 +99,7 @@ def forward_backward(
 
 @router.post("/{run_id}/forward", status_code=status.HTTP_202_ACCEPTED)
 def forward(
-    run_id: str,
+    run_id: RunIdPath,
     body: ForwardCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -117,7 +117,7 @@ def forward(
 
 @router.post("/{run_id}/load_state", status_code=status.HTTP_202_ACCEPTED)
 def load_state(
-    run_id: str,
+    run_id: RunIdPath,
     body: LoadStateCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -135,7 +135,7 @@ def load_state(
 
 @router.post("/{run_id}/optim_step", status_code=status.HTTP_202_ACCEPTED)
 def optim_step(
-    run_id: str,
+    run_id: RunIdPath,
     body: OptimStepCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -151,7 +151,7 @@ def optim_step(
 
 @router.post("/{run_id}/compute_logprobs", status_code=status.HTTP_202_ACCEPTED)
 def compute_logprobs(
-    run_id: str,
+    run_id: RunIdPath,
     body: ComputeLogprobsCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -168,7 +168,7 @@ def compute_logprobs(
 
 def _save(
     kind: Literal["weights", "sampler_weights"],
-    run_id: str,
+    run_id: RunIdPath,
     body: SaveWeightsCreate,
     reads: ReadModels,
     submitter: Submitter,
@@ -195,7 +195,7 @@ def _save(
 
 @router.post("/{run_id}/save_weights", status_code=status.HTTP_202_ACCEPTED)
 def save_weights(
-    run_id: str,
+    run_id: RunIdPath,
     body: SaveWeightsCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -208,7 +208,7 @@ def save_weights(
 
 @router.post("/{run_id}/save_weights_for_sampler", status_code=status.HTTP_202_ACCEPTED)
 def save_weights_for_sampler(
-    run_id: str,
+    run_id: RunIdPath,
     body: SaveWeightsCreate,
     reads: ReadDep,
     submitter: SubmitterDep,

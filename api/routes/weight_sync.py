@@ -12,8 +12,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SubmitterDep
-from api.errors import not_found
+from api.deps import (
+    IdempotencyHeader,
+    ReadDep,
+    RequestIdQuery,
+    RunIdPath,
+    SamplerIdPath,
+    SubmitterDep,
+)
+from api.errors import error_responses, not_found
 from api.models import (
     HotloadCreate,
     RequestAccepted,
@@ -25,14 +32,19 @@ from api.queries import ReadModels, Row
 from api.routes._common import active_run, envelope
 from api.submit import resolve_request_id
 from commands.loops import HotloadOptions, HotloadWeights
+from events.limits import RequestKey
 
-runs_router = APIRouter(prefix="/v1/loops/runs", tags=["weight sync"])
-samplers_router = APIRouter(prefix="/v1/loops/samplers", tags=["weight sync"])
+runs_router = APIRouter(
+    prefix="/v1/loops/runs", tags=["weight sync"], responses=error_responses(404, 409)
+)
+samplers_router = APIRouter(
+    prefix="/v1/loops/samplers", tags=["weight sync"], responses=error_responses(404)
+)
 
 
 @runs_router.post("/{run_id}/hotload", status_code=status.HTTP_202_ACCEPTED)
 def hotload(
-    run_id: str,
+    run_id: RunIdPath,
     body: HotloadCreate,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -64,7 +76,7 @@ def _sampler(reads: ReadModels, sampler_id: str) -> Row:
 
 
 @samplers_router.get("/{sampler_id}/weights")
-def sampler_weights(sampler_id: str, reads: ReadDep) -> SamplerWeightsPublic:
+def sampler_weights(sampler_id: SamplerIdPath, reads: ReadDep) -> SamplerWeightsPublic:
     """Which weights the sampler serves, the newest sync sent to it, and how the last hotload
     went (the weight syncer's `check_deployment_state`)."""
     sampler = _sampler(reads, sampler_id)
@@ -95,12 +107,14 @@ def sampler_weights(sampler_id: str, reads: ReadDep) -> SamplerWeightsPublic:
 
 @samplers_router.get("/{sampler_id}/syncs")
 def weight_syncs(
-    sampler_id: str,
+    sampler_id: SamplerIdPath,
     reads: ReadDep,
     request_id: Annotated[
-        str | None, Query(description="the save or hotload request that caused the sync")
+        RequestKey | None, Query(description="the save or hotload request that caused the sync")
     ] = None,
-    checkpoint_id: str | None = None,
+    checkpoint_id: Annotated[
+        RequestKey | None, Query(description="syncs of one checkpoint")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> WeightSyncsPublic:
     """The sampler's syncs, newest first, each with its hotload outcome, timings and bytes."""

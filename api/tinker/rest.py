@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from api.deps import (
     ApiSettingsDep,
     EngineDep,
+    OffsetQuery,
     ReadDep,
     SettingsDep,
     StateDep,
@@ -36,6 +37,7 @@ from api.routes._common import envelope
 from api.tinker import ids
 from api.tinker.routes import _lookup, require_api_key
 from commands.loops import DeleteCheckpoint
+from events.limits import RequestKey, ShortText
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(require_api_key)])
@@ -43,6 +45,9 @@ router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(requ
 DELETE_WAIT_S = 30.0  # the SDK's delete resolves on the HTTP answer: answer once it is applied
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
 TinkerKind = Literal["weights", "sampler_weights", "external_weights"]
+# A Tinker model id (`<session>:train:<n>`, or a loops run id) and a checkpoint name.
+ModelIdPath = Annotated[RequestKey, Path(description="training run (model) id")]
+NamePath = Annotated[ShortText, Path(description="checkpoint name")]
 
 
 def _run(reads: ReadModels, model_id: str) -> Row:
@@ -93,7 +98,7 @@ def _checkpoint_row(reads: ReadModels, model_id: str, kind: str, name: str) -> R
 def list_training_runs(
     reads: ReadDep,
     limit: int = Query(20, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: OffsetQuery = 0,
 ) -> dict[str, Any]:
     rows, total = reads.runs(limit=limit, offset=offset)
     return {
@@ -103,7 +108,7 @@ def list_training_runs(
 
 
 @router.get("/training_runs/{model_id}")
-def get_training_run(model_id: str, reads: ReadDep) -> dict[str, Any]:
+def get_training_run(model_id: ModelIdPath, reads: ReadDep) -> dict[str, Any]:
     return _training_run_public(reads, _run(reads, model_id))
 
 
@@ -122,7 +127,7 @@ def weights_info(body: dict[str, Any], reads: ReadDep) -> dict[str, Any]:
 
 
 @router.get("/training_runs/{model_id}/checkpoints")
-def list_checkpoints(model_id: str, reads: ReadDep) -> dict[str, Any]:
+def list_checkpoints(model_id: ModelIdPath, reads: ReadDep) -> dict[str, Any]:
     run = _run(reads, model_id)
     rows = reads.checkpoints_of_run(run["run_id"], include_deleted=False)
     return {"checkpoints": [_checkpoint_public(r) for r in rows]}
@@ -130,9 +135,9 @@ def list_checkpoints(model_id: str, reads: ReadDep) -> dict[str, Any]:
 
 @router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/external_weights_urls")
 def external_weights_urls(
-    model_id: str,
+    model_id: ModelIdPath,
     kind: TinkerKind,
-    name: str,
+    name: NamePath,
     reads: ReadDep,
     store: StoreDep,
     api_settings: ApiSettingsDep,
@@ -153,9 +158,9 @@ def external_weights_urls(
 
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
 def delete_checkpoint(
-    model_id: str,
+    model_id: ModelIdPath,
     kind: Literal["weights", "sampler_weights"],
-    name: str,
+    name: NamePath,
     reads: ReadDep,
     submitter: SubmitterDep,
     state: StateDep,
@@ -191,7 +196,7 @@ def delete_checkpoint(
 
 
 @router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
-def set_checkpoint_ttl(model_id: str, kind: str, name: str) -> Response:
+def set_checkpoint_ttl(model_id: ModelIdPath, kind: ShortText, name: NamePath) -> Response:
     # A checkpoint's expiry is fixed when it is recorded (ttl_seconds of save_state /
     # save_weights_for_sampler); changing it later needs an event loopstream does not have yet.
     raise ApiError(

@@ -16,6 +16,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
 from api.tinker._proto_descriptor import TINKER_PUBLIC_PROTO
+from events.limits import text_problem
 
 _POOL = descriptor_pool.DescriptorPool()
 _POOL.AddSerializedFile(TINKER_PUBLIC_PROTO)
@@ -148,6 +149,13 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
         msg.ParseFromString(body)
     except DecodeError as exc:
         raise WireError("body", f"not a tinker_public.ForwardBackwardRequest: {exc}") from exc
+    # Protobuf strings may hold NUL; PostgreSQL text cannot (the JSON bodies are checked by the
+    # API's input boundary, api/boundary.py; this body is not JSON).
+    texts = {"model_id": msg.model_id, "loss_fn": msg.loss_fn}
+    texts.update({f"loss_fn_config.{k}": k for k in [*msg.loss_fn_config_v2, *msg.loss_fn_config]})
+    for where, text in texts.items():
+        if (problem := text_problem(text)) is not None:
+            raise WireError(where, problem)
     config: dict[str, float] = {}
     for key, value in msg.loss_fn_config_v2.items():  # v2 wins, as on Tinker's servers
         if value.WhichOneof("value") == "text":
