@@ -8,7 +8,7 @@ the command processor. Checkpoints themselves are recorded on the session (`Chec
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -144,6 +144,17 @@ class HotloadFailed(SamplerEvent):
     weights_version: int | None = None  # the sync that failed
     serving_weights_version: int | None = None
     rolled_back: bool = False  # the weights were swapped in, failed warmup, and were swapped out
+    # "user": the weights do not check out; "server": the store or the worker failed (retried
+    # with back-off first). None: written before this field existed.
+    category: Literal["user", "server"] | None = None
+
+
+class SamplerReleased(SamplerEvent):
+    """A worker dropped a sampler's engine because the sampler stopped (its session ended).
+    Requests for it are refused from then on; a worker's memory holds live samplers only."""
+
+    reason: str
+    engines_held: int  # sampler engines the worker still holds after this release
 
 
 class SamplesGenerated(SamplerEvent):
@@ -169,4 +180,5 @@ WORK_EVENTS: tuple[type[DomainEvent], ...] = (
     HotloadSucceeded,
     HotloadFailed,
     SamplesGenerated,
+    SamplerReleased,
 )

@@ -10,14 +10,27 @@ prompt cache, and warm up with retries when asked; new weights that fail warmup 
 again. A request pinned to a checkpoint gets exactly those weights; a request with
 `min_weights_version` N waits for sync N. Every response and every `SamplesGenerated` event names
 the weights version that produced the tokens, stamped when the request starts.
+
+A sampler hosted again (the worker restarted, or its partition moved) serves the newest sync a
+previous host loaded, read from its own events in the log, never a sync that was refused; a
+sync that no host handled yet is then applied as usual. Loading never stops the worker: any
+exception becomes a refusal (HotloadFailed, or a rejected request) with a category, "user" for
+weights that do not check out and "server" for the store or the worker failing; store and
+network errors are first retried with back-off (gpu_workers/failures.py). A stopped sampler
+(its session ended) is released: its engine dropped with a `SamplerReleased` event, and its
+requests refused.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
 import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +42,7 @@ from pydantic import BaseModel
 
 from commands.envelope import CommandEnvelope
 from commands.work import SAMPLER_REQUESTS, Sample
+from events.audit import history
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
@@ -40,6 +54,7 @@ from events.work import (
     HotloadSucceeded,
     SamplerEvent,
     SamplerReady,
+    SamplerReleased,
     SamplesGenerated,
     WeightsLoaded,
 )
@@ -47,6 +62,7 @@ from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointRef,
 from gpu_workers.deltas import DeltaChainError, read_link
 from gpu_workers.engine.sampler import SamplerEngine, SamplerEngineProtocol
 from gpu_workers.engine.types import SamplingParams
+from gpu_workers.failures import Category, InfrastructureError, category_of, with_retries
 from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
@@ -66,8 +82,57 @@ MAX_CHAIN_FETCH = 1000
 # Warmup: one short generation on the new weights; a retry waits a little longer each time.
 WARMUP_PROMPT = "warmup"
 WARMUP_BACKOFF_S = 0.05
+# Stopped samplers remembered so a request racing the read model is refused, not served by a
+# fresh engine; bounded, so memory does not grow with every sampler that ever ended.
+REMEMBERED_STOPS = 4096
 
 Timed = tuple[SamplerEvent, datetime]
+
+
+@dataclass(frozen=True)
+class SyncedWeights:
+    """Weights that came from a weight sync and loaded: what a sampler goes back to."""
+
+    checkpoint_id: str | None
+    uri: str | None  # None: the base model
+    weights_version: int
+
+
+@dataclass(frozen=True)
+class PreviousHost:
+    """What earlier hosts of a sampler did with its syncs, from its events in the log."""
+
+    loaded: SyncedWeights | None  # the newest sync that loaded; None: none did
+    refused: dict[int, str]  # sync -> why it was refused
+
+
+def previous_host(events: Iterable[SamplerEvent]) -> PreviousHost:
+    """Fold a sampler's own events: the newest sync that loaded (WeightsLoaded) and the syncs
+    that were refused (HotloadFailed). A refused sync never loads again on a new host; a sync
+    with neither (the host died in the middle) is not decided and may be tried again."""
+    loaded: SyncedWeights | None = None
+    refused: dict[int, str] = {}
+    for event in events:
+        if isinstance(event, WeightsLoaded) and event.weights_version is not None:
+            if loaded is None or event.weights_version >= loaded.weights_version:
+                loaded = SyncedWeights(event.checkpoint_id, event.uri, event.weights_version)
+        elif isinstance(event, HotloadFailed) and event.weights_version is not None:
+            refused[event.weights_version] = event.reason
+    if loaded is not None:
+        refused.pop(loaded.weights_version, None)
+    return PreviousHost(loaded=loaded, refused=refused)
+
+
+def load_failure_category(exc: BaseException) -> Category:
+    """ "user": the weights themselves do not check out (missing, corrupted, not a chain, wrong
+    shapes); "server": the store, the network or the worker failed."""
+    if isinstance(exc, CheckpointNotFoundError | ChecksumMismatchError | DeltaChainError):
+        return "user"
+    if isinstance(exc, InfrastructureError):
+        return "server"
+    if isinstance(exc, ValueError):  # the engine's checks of what it is asked to load
+        return "user"
+    return category_of(exc)
 
 
 @dataclass
@@ -84,15 +149,19 @@ class HostedSampler:
     weights_version: int | None = 0
     synced_version: int = 0  # newest sync handled, applied or refused: never retried
     failures: dict[int, str] = field(default_factory=dict)  # sync -> why it was refused
+    # The newest sync that loaded: served again after a pinned request when newer syncs were
+    # refused. None: no sync loaded yet (the base model or the run's start checkpoint).
+    good: SyncedWeights | None = None
 
 
 class HotloadError(Exception):
     """New weights were refused; `events` (HotloadStarted, HotloadFailed) say why."""
 
-    def __init__(self, reason: str, events: list[Timed]) -> None:
+    def __init__(self, reason: str, events: list[Timed], category: Category = "user") -> None:
         super().__init__(reason)
         self.reason = reason
         self.events = events
+        self.category = category
 
 
 class WarmupError(Exception):
@@ -115,6 +184,7 @@ class SamplerWorker(WorkerService):
         self.latest_ready: dict[str, WeightsReady] = {}
         # Samplers created but not hosted yet -> give up hosting at this monotonic time.
         self.to_host: dict[str, float] = {}
+        self.stopped: OrderedDict[str, str] = OrderedDict()  # sampler_id -> why, newest last
         self.next_hosting_try = 0.0
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
@@ -158,10 +228,24 @@ class SamplerWorker(WorkerService):
                 if self._owns(event.sampler_id):
                     self.to_host[event.sampler_id] = time.monotonic() + HOSTING_GRACE_S
             elif isinstance(event, SamplerStopped):
-                # Its session ended: free the engine; requests for it are refused from now on.
-                self.samplers.pop(event.sampler_id, None)
-                self.to_host.pop(event.sampler_id, None)
-                self.latest_ready.pop(event.sampler_id, None)
+                self._release(event.sampler_id, event.reason)
+
+    def _release(self, sampler_id: str, reason: str) -> None:
+        """Its session ended: drop the engine (evented when this worker held one); requests for
+        it are refused from now on."""
+        self.stopped[sampler_id] = reason
+        self.stopped.move_to_end(sampler_id)
+        while len(self.stopped) > REMEMBERED_STOPS:
+            self.stopped.popitem(last=False)
+        self.to_host.pop(sampler_id, None)
+        self.latest_ready.pop(sampler_id, None)
+        if self.samplers.pop(sampler_id, None) is None:
+            return
+        held = len(self.samplers)
+        self._emit(sampler_id, [(SamplerReleased(reason=reason, engines_held=held), utc_now())],
+                   causation_id=sampler_id)  # fmt: skip
+        extra = {"sampler_id": sampler_id, "reason": reason, "engines_held": held}
+        log.info("sampler released", extra=extra)
 
     def _owns(self, sampler_id: str) -> bool:
         """Whether this worker serves the sampler's partition of the requests topic."""
@@ -243,6 +327,7 @@ class SamplerWorker(WorkerService):
                     weights_version=ready.weights_version,
                     serving_weights_version=hosted.weights_version,
                     rolled_back=True,
+                    category="user",
                 )
                 assert hosted.engine.weights_version.digest == before_digest
                 return [(started, started_at), (failed, utc_now())]
@@ -253,6 +338,7 @@ class SamplerWorker(WorkerService):
                 "warmup_ms": warmup_ms,
             }
         )
+        hosted.good = SyncedWeights(ready.checkpoint_id, ready.uri, ready.weights_version)
         return [events[0], (succeeded, events[1][1]), *events[2:]]
 
     def _refused(self, hosted: HostedSampler, ready: WeightsReady, reason: str) -> None:
@@ -266,11 +352,17 @@ class SamplerWorker(WorkerService):
         """Swap the weights served before a failed warmup back in (from the store, or the base
         model's folder), and drop whatever the failed weights cached."""
         checkpoint_id, uri, weights_version = before
+        if uri is not None:
+            try:
+                self._load(hosted, checkpoint_id, uri, weights_version=weights_version)
+            except HotloadError as exc:
+                # The refused weights must not stay: the base model is always at hand.
+                extra = {"sampler_id": hosted.sampler_id, "reason": exc.reason}
+                log.error("roll back failed, serving the base model", extra=extra)
+                uri, checkpoint_id, weights_version = None, None, 0
         if uri is None:
             hosted.engine.load_weights(hosted.base_dir, checkpoint_id=checkpoint_id or "base")
             hosted.uri, hosted.checkpoint_id = None, checkpoint_id
-        else:
-            self._load(hosted, checkpoint_id, uri, weights_version=weights_version)
         hosted.weights_version = weights_version
         hosted.engine.reset_prompt_cache()
 
@@ -304,7 +396,9 @@ class SamplerWorker(WorkerService):
                 next_uri, expected_digest = uri, None
                 while True:
                     folder = Path(tmp) / f"link-{len(chain)}"
-                    manifest = self.checkpoints.download(CheckpointRef.from_uri(next_uri), folder)
+                    ref = CheckpointRef.from_uri(next_uri)
+                    download = functools.partial(self.checkpoints.download, ref, folder)
+                    manifest = with_retries(f"download {next_uri}", download)
                     bytes_moved += manifest.total_bytes
                     if expected_digest is not None and manifest.digest != expected_digest:
                         raise DeltaChainError(
@@ -327,8 +421,12 @@ class SamplerWorker(WorkerService):
                     keep_prompt_cache=True,
                     verified=True,  # by the download, file by file
                 )
-        except (CheckpointNotFoundError, ChecksumMismatchError, DeltaChainError, ValueError) as exc:
+        except Exception as exc:  # whatever loading raises is a refusal, never a dead worker
+            category = load_failure_category(exc)
             reason = f"{type(exc).__name__}: {exc}"
+            if category == "server":
+                log.error("weights load failed", extra={"sampler_id": hosted.sampler_id,
+                          "uri": uri, "trace": traceback.format_exc()})  # fmt: skip
             failed = HotloadFailed(
                 checkpoint_id=checkpoint_id,
                 uri=uri,
@@ -339,8 +437,10 @@ class SamplerWorker(WorkerService):
                 serving_digest=from_version.digest,
                 weights_version=weights_version,
                 serving_weights_version=hosted.weights_version,
+                category=category,
             )
-            raise HotloadError(reason, [(started, started_at), (failed, utc_now())]) from exc
+            raise HotloadError(reason, [(started, started_at), (failed, utc_now())],
+                               category) from exc  # fmt: skip
         done = time.perf_counter()
         hosted.uri, hosted.checkpoint_id, hosted.weights_version = (
             uri,
@@ -379,6 +479,15 @@ class SamplerWorker(WorkerService):
             return
         producer = self.loop.producer
         producer.begin_transaction()
+        try:
+            sequence = self._produce(sampler_id, events, causation_id=causation_id)
+            producer.commit_transaction(30)
+        except Exception:
+            producer.abort_transaction(30)
+            raise
+        self.versions[sampler_id] = sequence
+
+    def _produce(self, sampler_id: str, events: list[Timed], *, causation_id: str) -> int:
         sequence = self.versions.get(sampler_id, 0)
         for event, occurred_at in events:
             sequence += 1
@@ -395,14 +504,13 @@ class SamplerWorker(WorkerService):
                 actor="sampler-worker",
                 payload=event.model_dump(mode="json"),
             )
-            producer.produce(
+            self.loop.producer.produce(
                 self.settings.topic("events"),
                 key=sampler_id.encode(),
                 value=envelope.to_bytes(),
                 headers=envelope.kafka_headers(),
             )
-        producer.commit_transaction(30)
-        self.versions[sampler_id] = sequence
+        return sequence
 
     # --- sampling ------------------------------------------------------------------------------
 
@@ -473,16 +581,16 @@ class SamplerWorker(WorkerService):
         """Before serving an unpinned request: apply a sync that arrived since the last batch,
         and leave a pinned request's checkpoint for the newest synced weights."""
         ready = self.latest_ready.get(hosted.sampler_id)
-        if ready is None:
-            return
-        if ready.weights_version > hosted.synced_version:
+        if ready is not None and ready.weights_version > hosted.synced_version:
             events.extend(event for event, _ in self._sync(hosted, ready))
-        elif hosted.weights_version is None and ready.weights_version not in hosted.failures:
-            events.extend(
-                self._load_for_request(
-                    hosted, ready.checkpoint_id, ready.uri, weights_version=ready.weights_version
+        elif hosted.weights_version is None and hosted.good is not None:
+            # Back from a pinned checkpoint to the newest sync that loaded (a refused one never).
+            good = hosted.good
+            if good.uri is not None:
+                loaded = self._load_for_request(
+                    hosted, good.checkpoint_id, good.uri, weights_version=good.weights_version
                 )
-            )
+                events.extend(loaded)
 
     def _wait_for_version(
         self, hosted: HostedSampler, wanted: int, wait_s: float, events: list[SamplerEvent]
@@ -506,6 +614,12 @@ class SamplerWorker(WorkerService):
         hosted = self.samplers.get(sampler_id)
         if hosted is not None:
             return hosted
+        if sampler_id in self.stopped:
+            raise WorkRejected(
+                f"sampler {sampler_id} is stopped ({self.stopped[sampler_id]}): its engine was "
+                "released; create a new run to sample",
+                field="sampler_id",
+            )
         t0 = time.perf_counter()
         schema = self.settings.read_schema
         row = self.db.execute(
@@ -542,18 +656,48 @@ class SamplerWorker(WorkerService):
                 load_ms=(time.perf_counter() - t0) * 1000,
             )
         )
+        events.extend(self._resume_syncs(hosted))
         start = self._newest_sync(sampler_id)
-        if start is not None:
-            # Applied like any sync: a refusal is reported and the sampler stays up on the base
-            # model rather than failing every request.
+        if start is not None and start.weights_version > hosted.synced_version:
+            # Applied like any sync: a refusal is reported and the sampler stays up on the
+            # weights it has rather than failing every request.
             events.extend(event for event, _ in self._sync(hosted, start))
-        elif row["from_checkpoint"] and "/sampler_weights/" in row["from_checkpoint"]:
+        elif hosted.good is None and "/sampler_weights/" in (row["from_checkpoint"] or ""):
             uri = row["from_checkpoint"]
             events.extend(
                 self._load_for_request(hosted, self._checkpoint_id(uri), uri, weights_version=0)
             )
         self.samplers[sampler_id] = hosted
         return hosted
+
+    def _resume_syncs(self, hosted: HostedSampler) -> list[SamplerEvent]:
+        """A sampler hosted before (by this worker before a restart, or by another): serve the
+        newest sync that loaded there, and keep the refused ones refused."""
+        if hosted.sampler_id not in self.versions:
+            return []  # no event of it in the log: never hosted
+        envelopes = history(self.settings, hosted.sampler_id)
+        before = previous_host(
+            event
+            for event in (decode_payload(e) for e in envelopes if e.type in _HOST_EVENTS)
+            if isinstance(event, SamplerEvent)
+        )
+        hosted.failures.update(before.refused)
+        hosted.synced_version = max(before.refused, default=0)
+        loaded = before.loaded
+        if loaded is None:
+            return []
+        hosted.synced_version = max(hosted.synced_version, loaded.weights_version)
+        if loaded.uri is None or loaded.weights_version == 0:
+            return []  # the base model or the start checkpoint: loaded already
+        try:
+            events = self._load(hosted, loaded.checkpoint_id, loaded.uri,
+                                weights_version=loaded.weights_version)  # fmt: skip
+        except HotloadError as exc:
+            # Gone from the store, or the store is down: say so, and serve what loaded.
+            hosted.failures[loaded.weights_version] = exc.reason
+            return [event for event, _ in exc.events]
+        hosted.good = loaded
+        return [event for event, _ in events]
 
     def _engine(self, base: Path, *, max_seq_len: int) -> SamplerEngineProtocol:
         if self.settings.sampler_engine == "vllm":
@@ -575,7 +719,7 @@ class SamplerWorker(WorkerService):
             events = self._load(hosted, checkpoint_id, uri, weights_version=weights_version)
         except HotloadError as exc:
             reason = f"weights {uri} refused: {exc.reason}"
-            raise WorkRejected(reason, field="checkpoint_uri") from exc
+            raise WorkRejected(reason, field="checkpoint_uri", category=exc.category) from exc
         hosted.engine.reset_prompt_cache()  # computed with the weights just swapped out
         return [event for event, _ in events]
 
@@ -610,6 +754,10 @@ class SamplerWorker(WorkerService):
             if row is not None or time.monotonic() > deadline:
                 raise WorkRejected(f"checkpoint {uri} does not exist", field="checkpoint_uri")
             time.sleep(0.02)
+
+
+# The sampler events that tell what earlier hosts did with its syncs.
+_HOST_EVENTS = frozenset({"WeightsLoaded", "HotloadFailed"})
 
 
 def _warm_up(engine: SamplerEngineProtocol, max_retries: int) -> tuple[int, float]:
