@@ -8,6 +8,11 @@ only updated after the commit succeeds; an aborted batch is thrown away and re-r
 Partitions line up: commands in partition p produce events, results and dead letters for
 partition p, so a processor that is assigned partition p rebuilds exactly the aggregates it owns
 by reading events p (and results p, for idempotency) to their end.
+
+No poison pill: a command that cannot be decided becomes a "server" rejection (see
+`commands.handling`), and a record the rebuild cannot read or apply is skipped, counted in
+`skipped_records`, and dead-lettered once (to the commands DLQ, with the usual DLQ headers) so an
+operator sees it; the processor starts and serves either way.
 """
 
 from __future__ import annotations
@@ -16,18 +21,25 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confluent_kafka import Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from commands.envelope import CommandResult
-from commands.handling import Accepted, Duplicate, Refused, Undeliverable, handle_command
+from commands.handling import (
+    Accepted,
+    Duplicate,
+    Refused,
+    Undeliverable,
+    describe_error,
+    handle_command,
+)
 from commands.registry import AGGREGATES, AggregateSpec
 from events.envelope import EventEnvelope, utc_now
 from events.ids import new_event_id
-from events.kafka_log import partition_for, read_partition
+from events.kafka_log import partition_count, partition_for, producer_config, read_partition
 from events.transactional import LoopConfig, TransactionalLoop, dead_letter
 from infra.settings import Settings
 
@@ -40,6 +52,7 @@ class PartitionState:
 
     states: dict[str, Any] = field(default_factory=dict)
     seen: dict[str, CommandResult] = field(default_factory=dict)  # command_id -> result
+    skipped: int = 0  # records of this partition the rebuild could not read or apply
 
 
 @dataclass
@@ -63,6 +76,11 @@ class CommandProcessor:
         self.partitions: dict[int, PartitionState] = {}
         self.partition_count = self._check_partitions_line_up()
         self.totals = BatchStats()
+        # Records the rebuild could not read or apply (all partitions, since start).
+        self.skipped_records = 0
+        # (topic, partition, offset) already in the DLQ; loaded from it the first time a rebuild
+        # meets a bad record, so a restart does not dead-letter the same record again.
+        self._dead_lettered: set[tuple[str, int, int]] | None = None
         self.loop = TransactionalLoop(
             settings,
             LoopConfig(
@@ -108,6 +126,7 @@ class CommandProcessor:
                 extra={
                     "partition": tp.partition,
                     "aggregates": len(self.partitions[tp.partition].states),
+                    "skipped": self.partitions[tp.partition].skipped,
                     "seconds": round(time.monotonic() - started, 3),
                 },
             )
@@ -117,10 +136,18 @@ class CommandProcessor:
             self.partitions.pop(tp.partition, None)
 
     def rebuild_partition(self, partition: int) -> PartitionState:
-        """Aggregate states from the events of this partition, idempotency from its results."""
+        """Aggregate states from the events of this partition, idempotency from its results.
+
+        A record that cannot be read or applied is skipped (and dead-lettered): one bad record
+        must not keep the processor from starting, which would stop every aggregate."""
         rebuilt = PartitionState()
+        bad: list[tuple[Message, str]] = []
         for message in read_partition(self.settings, self.events_topic, partition):
-            envelope = EventEnvelope.from_bytes(message.value())
+            try:
+                envelope = EventEnvelope.from_bytes(message.value())
+            except Exception as exc:  # not JSON, not an envelope: nothing to fold
+                bad.append((message, describe_error(exc)))
+                continue
             spec = AGGREGATES.get(envelope.aggregate_type)
             if spec is None:  # a worker's aggregate (trainer, sampler): not ours to decide for
                 continue
@@ -132,11 +159,73 @@ class CommandProcessor:
                     "sequence gap in the event log",
                     extra={"aggregate_id": envelope.aggregate_id, "sequence": envelope.sequence},
                 )
-            rebuilt.states[envelope.aggregate_id] = spec.apply(state, envelope)
+            try:
+                state = spec.apply(state, envelope)
+            except Exception as exc:  # unknown type, an evolve that raises: skip the event
+                bad.append((message, describe_error(exc)))
+                # Its sequence is taken all the same: the next event decided for this aggregate
+                # must not reuse it, or readers that ignore replays by sequence would drop it.
+                state = replace(state, version=max(state.version, envelope.sequence))
+            rebuilt.states[envelope.aggregate_id] = state
         for message in read_partition(self.settings, self.results_topic, partition):
-            result = CommandResult.model_validate_json(message.value() or b"")
+            try:
+                result = CommandResult.model_validate_json(message.value() or b"")
+            except Exception as exc:  # a result nobody can read cannot make a duplicate either
+                bad.append((message, describe_error(exc)))
+                continue
             rebuilt.seen[result.command_id] = result
+        if bad:
+            rebuilt.skipped = len(bad)
+            self.skipped_records += len(bad)
+            self._dead_letter_once(bad)
         return rebuilt
+
+    def _dead_letter_once(self, bad: list[tuple[Message, str]]) -> None:
+        """Park records the rebuild skipped in the commands DLQ, each once across restarts.
+
+        Outside the transaction (nothing here is consumed or committed), with a plain producer;
+        a record that was dead-lettered but whose DLQ write did not make it is sent again at the
+        next rebuild, so at least once."""
+        if self._dead_lettered is None:
+            self._dead_lettered = self._read_dead_lettered()
+        producer = Producer(producer_config(self.settings))
+        for message, reason in bad:
+            where = (message.topic() or "", message.partition() or 0, message.offset() or 0)
+            log.warning(
+                "skipped an unreadable record while rebuilding state",
+                extra={"topic": where[0], "partition": where[1], "offset": where[2],
+                       "reason": reason},
+            )  # fmt: skip
+            if where not in self._dead_lettered:
+                dead_letter(producer, self.dlq_topic, message, reason)
+                self._dead_lettered.add(where)
+        if producer.flush(30):
+            log.error("dead letters of skipped records not confirmed; sent again next rebuild")
+
+    def _read_dead_lettered(self) -> set[tuple[str, int, int]]:
+        """The source (topic, partition, offset) of every record already in the commands DLQ."""
+        found = set()
+        for partition in range(partition_count(self.settings, self.dlq_topic)):
+            for message in read_partition(self.settings, self.dlq_topic, partition):
+                headers: dict[str, str] = {}
+                for header in message.headers() or []:
+                    name, value = header[0], header[1]
+                    headers[name] = (
+                        value.decode(errors="replace")
+                        if isinstance(value, bytes)
+                        else (value or "")
+                    )
+                try:
+                    found.add(
+                        (
+                            headers.get("source_topic") or "",
+                            int(headers.get("source_partition") or "-1"),
+                            int(headers.get("source_offset") or "-1"),
+                        )
+                    )
+                except ValueError:
+                    continue  # a DLQ record without our headers: someone else's
+        return found
 
     # --- one batch, one transaction ---------------------------------------------------------
 
@@ -208,11 +297,11 @@ class CommandProcessor:
             pending_seen[(partition, outcome.result.command_id)] = outcome.result
             stats.rejected += 1
         elif isinstance(outcome, Accepted):
-            for envelope in outcome.events:
+            for envelope, value in zip(outcome.events, outcome.event_bytes, strict=True):
                 producer.produce(
                     self.events_topic,
                     key=envelope.aggregate_id.encode(),
-                    value=envelope.to_bytes(),
+                    value=value,
                     headers=envelope.kafka_headers(),
                     partition=partition,
                 )

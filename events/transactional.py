@@ -51,6 +51,12 @@ class LoopConfig:
     commit_delay_ms: int = 0
 
 
+# A dead letter keeps the original bytes, but never so many that the producer refuses the record
+# (librdkafka's message.max.bytes is 1,000,000): a refused dead letter would fail the batch at
+# every retry. Past this the value is cut and a `truncated` header gives the original size.
+MAX_DEAD_LETTER_VALUE_BYTES = 900_000
+
+
 def dead_letter(producer: Producer, dlq_topic: str, message: Message, reason: str) -> None:
     """Park a message nobody can process: its original key and bytes, and why, in the headers
     every loopstream DLQ reader knows (error, source topic/partition/offset, failed_at)."""
@@ -59,18 +65,18 @@ def dead_letter(producer: Producer, dlq_topic: str, message: Message, reason: st
         extra={"topic": message.topic(), "partition": message.partition(),
                "offset": message.offset(), "reason": reason},
     )  # fmt: skip
-    producer.produce(
-        dlq_topic,
-        key=message.key(),
-        value=message.value(),
-        headers=[
-            ("error", reason.encode()),
-            ("source_topic", (message.topic() or "").encode()),
-            ("source_partition", str(message.partition()).encode()),
-            ("source_offset", str(message.offset()).encode()),
-            ("failed_at", utc_now().isoformat().encode()),
-        ],
-    )
+    value = message.value()
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("error", reason[:2000].encode(errors="replace")),
+        ("source_topic", (message.topic() or "").encode()),
+        ("source_partition", str(message.partition()).encode()),
+        ("source_offset", str(message.offset()).encode()),
+        ("failed_at", utc_now().isoformat().encode()),
+    ]
+    if value is not None and len(value) > MAX_DEAD_LETTER_VALUE_BYTES:
+        headers.append(("truncated", str(len(value)).encode()))
+        value = value[:MAX_DEAD_LETTER_VALUE_BYTES]
+    producer.produce(dlq_topic, key=message.key(), value=value, headers=headers)
 
 
 class TransactionalLoop:
@@ -149,6 +155,11 @@ class TransactionalLoop:
             self._commit()
         except KafkaException as exc:
             self._recover(exc)
+            return False
+        except BufferError as exc:  # the local queue is full: nothing wrong with the batch
+            log.warning("transaction failed", extra={"error": f"BufferError: {exc}"})
+            self.producer.abort_transaction(30)
+            self._rewind()
             return False
         if after_commit is not None:
             after_commit()
