@@ -3,12 +3,21 @@
 Only the stack starts it; everything else speaks S3 through the `minio` SDK (infra/s3.py), so a
 real MinIO or AWS endpoint is a settings change. Authentication is on: requests, presigned URLs
 included, must be signed with the configured key pair.
+
+The S3 gateway is the only open door. weed's other listeners would otherwise serve, write and
+delete the stored blobs to anyone on the host, so every start writes a fresh `security.toml`
+(weed reads it from its working directory): JWT keys for the volume and filer HTTP APIs,
+`-disableHttp` for the master's and filer's HTTP APIs, and mutual TLS with a per-stack CA for
+every gRPC port. Nothing of it is in the repository; keys live under the data dir, mode 0600.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +81,10 @@ class S3Server:
                 }
             ]
         }
-        config = self.home / "s3-identities.json"
-        config.write_text(json.dumps(identities, indent=2))
-        config.chmod(0o600)
+        write_private(self.home / "s3-identities.json", json.dumps(identities, indent=2))
+        # Fresh keys and certificates on every start: only this weed process ever uses them.
+        tls = make_grpc_certificates(self.home / "tls")
+        write_private(self.home / "security.toml", security_toml(JwtKeys.generate(), tls))
 
     def start(self) -> None:
         s = self.settings
@@ -89,7 +99,11 @@ class S3Server:
              f"-s3.port={self.port}",
              f"-s3.config={self.home / 's3-identities.json'}",
              "-admin.ui=false", "-webdav=false",
-             "-s3.port.iceberg=0", "-s3.port.lance=0"],
+             "-s3.port.iceberg=0", "-s3.port.lance=0",
+             # The master's and filer's HTTP APIs (assign, lookup, collection delete, file
+             # read/write) are off; the S3 gateway reaches them over gRPC.
+             "-disableHttp"],
+            # weed reads ./security.toml: the working directory is where prepare() wrote it.
             cwd=self.home,
         )  # fmt: skip
 
@@ -101,6 +115,99 @@ class S3Server:
         store.client.list_buckets()
         store.ensure_bucket()
         return True
+
+
+@dataclass(frozen=True)
+class JwtKeys:
+    """The four signing keys of security.toml: writes and reads, of volume and filer."""
+
+    volume_write: str
+    volume_read: str
+    filer_write: str
+    filer_read: str
+
+    @staticmethod
+    def generate() -> JwtKeys:
+        return JwtKeys(*(secrets.token_hex(32) for _ in range(4)))
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+# Every weed component that serves or dials gRPC; all share one certificate (weed does not check
+# host names, only that the peer's certificate comes from the CA).
+GRPC_COMPONENTS = (
+    "master", "volume", "filer", "s3", "admin", "worker",
+    "msg_broker", "msg_agent", "mq", "client",
+)  # fmt: skip
+
+
+def security_toml(keys: JwtKeys, tls: GrpcTls) -> str:
+    """weed's security config: JWT on the volume and filer HTTP APIs, mTLS on every gRPC port."""
+    jwt = {
+        "jwt.signing": keys.volume_write,
+        "jwt.signing.read": keys.volume_read,
+        "jwt.filer_signing": keys.filer_write,
+        "jwt.filer_signing.read": keys.filer_read,
+    }
+    lines = ["# Written by `loopstream stack up` (infra/stack/s3.py) on every start; do not edit."]
+    for section, key in jwt.items():
+        lines += [f"[{section}]", f'key = "{key}"', "expires_after_seconds = 10", ""]
+    # No unauthenticated volume UI, no directory listings in filer answers.
+    lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false"]
+    lines += ["", "[grpc]", f'ca = "{tls.ca}"', ""]
+    for component in GRPC_COMPONENTS:
+        lines += [f"[grpc.{component}]", f'cert = "{tls.cert}"', f'key = "{tls.key}"', ""]
+    return "\n".join(lines)
+
+
+def make_grpc_certificates(directory: Path) -> GrpcTls:
+    """A throwaway CA and one certificate it signs, for weed's gRPC mutual TLS.
+
+    The CA's key is deleted once it has signed: no one can mint another accepted certificate.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise StackError("`openssl` is missing (it makes the S3 store's certificates): run "
+                         "`make install`, or `apt-get install openssl`.")  # fmt: skip
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True)
+    tls = GrpcTls(ca=directory / "ca.crt", cert=directory / "node.crt", key=directory / "node.key")
+    ca_key, csr, ext = directory / "ca.key", directory / "node.csr", directory / "node.ext"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    old_umask = os.umask(0o077)  # private keys are born 0600
+    try:
+        for argv in (
+            ["req", "-x509", *ec, "-keyout", ca_key, "-out", tls.ca, "-days", "3650",
+             "-subj", "/CN=loopstream-seaweedfs-ca"],
+            ["req", *ec, "-keyout", tls.key, "-out", csr, "-subj", "/CN=seaweedfs"],
+            ["x509", "-req", "-in", csr, "-CA", tls.ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", tls.cert, "-days", "3650", "-extfile", ext],
+        ):  # fmt: skip
+            done = subprocess.run([openssl, *map(str, argv)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise StackError(f"openssl {argv[0]} failed: {done.stderr.strip()}")
+    finally:
+        os.umask(old_umask)
+    for leftover in (ca_key, csr, ext, directory / "ca.srl"):
+        leftover.unlink(missing_ok=True)
+    return tls
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file that only its owner can read, with no moment where it is readable by others."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 def weed_binary() -> Path:
