@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from api.kafka_driver import Driver, datum, query
+from api.kafka_driver import Driver, datum, new_loop, query
+from infra.settings import Settings
 
 
 @pytest.mark.timeout(180)
@@ -90,3 +91,43 @@ def test_bad_work_requests_are_rejected_naming_the_field(
         time.sleep(0.05)
     ended = driver.call("sampler-requests", "Sample", sampler_id, {"prompt": "hi"})
     assert ended["status"] == "rejected"
+
+
+def _released(driver: Driver, run_id: str) -> list[dict]:
+    return query(
+        driver.settings,
+        "select payload from {schema}.event_log where aggregate_type = 'trainer' "
+        "and aggregate_id = %s and type = 'TrainerReleased'",
+        run_id,
+    )
+
+
+@pytest.mark.timeout(240)
+def test_ending_sessions_releases_their_trainer_engines_and_refuses_their_work(
+    services: Settings,
+) -> None:
+    loops = [new_loop(services) for _ in range(3)]
+    for driver, _, run_id, _ in loops:  # each run's first request loads its engine
+        driver.ok("trainer-requests", "ForwardBackward", run_id, {"data": [datum([1, 2, 3])]})
+    for driver, session_id, _, _ in loops:
+        driver.ok("commands", "EndSession", session_id, {"reason": "done"})
+
+    for driver, _, run_id, _ in loops:
+        for _ in range(600):  # the worker hears of RunStopped from the events topic
+            released = _released(driver, run_id)
+            if released:
+                break
+            time.sleep(0.05)
+        assert len(released) == 1, f"no TrainerReleased for {run_id}"
+        assert "done" in released[0]["payload"]["reason"]
+        # The count the worker reports after a release leaves out every run it released.
+        assert released[0]["payload"]["engines_held"] >= 0
+
+        refused = driver.call(
+            "trainer-requests", "ForwardBackward", run_id, {"data": [datum([1, 2, 3])]}
+        )
+        assert refused["status"] == "rejected"
+        assert refused["reason"].startswith(f"run {run_id} is stopped")
+        assert refused["field"] == "run_id"
+        # Refused without loading the engine again: still one release, nothing to release.
+        assert len(_released(driver, run_id)) == 1
