@@ -152,11 +152,15 @@ def services_down() -> None:
 
 @services_app.command("status")
 def services_status() -> None:
-    """Which of them run, with pids."""
+    """Which of them run, with pids; and the records the projection could not apply."""
     from infra.services import services_status as status
 
     for name, pid in status(get_settings()).items():
         console.print(f"{name}: {'pid ' + str(pid) if pid else '[red]not running[/]'}")
+    # A projection that runs can still have skipped records: say so, with the latest ones.
+    from projections.cli import print_failures
+
+    print_failures(get_settings().read_schema, limit=5)
 
 
 @db_app.command("migrate")

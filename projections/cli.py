@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra.settings import get_settings
@@ -69,32 +70,75 @@ def run(
 
 
 @projections_app.command("status")
-def status(projection: str = typer.Option("loops")) -> None:
-    """Stored positions of a projection against the end of its topics (lag)."""
-    from confluent_kafka import Consumer, TopicPartition
+def status(
+    projection: str = typer.Option("loops"),
+    failures: int = typer.Option(10, help="how many of the latest failures to list"),
+) -> None:
+    """Stored positions against the end of its topics (lag), and the records it could not apply."""
+    from confluent_kafka import KafkaException
 
     from projections.db import get_engine
-    from projections.names import topics_for
-    from projections.replay import positions_of
+    from projections.health import end_offsets, partition_lag, stored_positions
 
     settings = get_settings()
-    stored = positions_of(get_engine(settings), projection)
-    topics = topics_for(settings)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "cli"})
+    engine = get_engine(settings)
+    stored = stored_positions(engine, projection)
     table = Table("topic", "partition", "next offset", "end offset", "lag", title=projection)
     try:
-        metadata = consumer.list_topics(timeout=10)
-        for topic in (topics.events, topics.command_results):
-            for partition in sorted(metadata.topics[topic].partitions):
-                tp = TopicPartition(topic, partition)
-                end = consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
-                position = stored.get((topic, partition), 0)
-                # A transaction's commit marker takes the last offset and is never delivered.
-                lag = max(end - position - 1, 0) if end else 0
-                table.add_row(topic, str(partition), str(position), str(end), f"~{lag}")
-    finally:
-        consumer.close()
+        ends = end_offsets(settings, timeout_s=10)
+    except KafkaException as exc:
+        console.print(f"[red]Kafka did not answer[/]: {exc}")
+        ends = {}
+    for (topic, partition), end in sorted(ends.items()):
+        position = stored.get((topic, partition), 0)
+        lag = partition_lag(end, position)
+        table.add_row(topic, str(partition), str(position), str(end), f"~{lag}")
     Console().print(table)
+    print_failures(projection, limit=failures)
+
+
+def print_failures(projection: str, *, limit: int = 10) -> int | None:
+    """The projection's failure count and latest failures; returns the count (None: unknown).
+
+    Also what `loopstream services status` shows under the projections service.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from projections.db import get_engine
+    from projections.health import count_failures, latest_failures
+
+    engine = get_engine(get_settings())
+    out = Console()
+    try:
+        count = count_failures(engine, projection)
+        latest = latest_failures(engine, projection, limit=limit) if count else []
+    except SQLAlchemyError as exc:
+        out.print(f"{projection} failures: [red]unknown[/] ({type(exc).__name__}; migrated?)")
+        return None
+    if not count:
+        out.print(f"{projection} failures: [green]0[/] (the read models hold every log record)")
+        return 0
+    out.print(
+        f"{projection} failures: [red]{count}[/] log records not applied: the read models "
+        "differ from the log (degraded); replay after fixing the cause"
+    )
+    table = Table(
+        "logged at", "record", "aggregate", "type", "event id", "error", "reason",
+        title=f"latest {len(latest)} of {count} failures",
+    )  # fmt: skip
+    for f in latest:
+        cells = (
+            f.logged_at.isoformat(timespec="seconds") if f.logged_at else "-",
+            f"{f.topic}[{f.partition}]@{f.kafka_offset}",
+            f.aggregate or "-",
+            f.event_type or "-",
+            f.event_id or "-",
+            f.error_type,
+            f.reason,
+        )
+        table.add_row(*(escape(cell) for cell in cells))  # the log's text is not rich markup
+    out.print(table)
+    return count
 
 
 def replay(
@@ -104,11 +148,20 @@ def replay(
         typer.Option(help="replay only events at or after this time (ISO 8601); no --swap then"),
     ] = None,
     swap: bool = typer.Option(False, "--swap", help="make the replayed shadow the live schema"),
-    check: bool = typer.Option(False, "--check", help="exit 1 when shadow and live differ"),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="also compare the live read models with the log itself (events per aggregate); "
+        "exit 1 when they differ, or when shadow and live differ",
+    ),
     batch_size: int = typer.Option(10_000, help="records per PostgreSQL transaction"),
     workers: int = typer.Option(2, help="replay processes; partitions are shared among them"),
 ) -> None:
-    """Rebuild a projection into `<projection>__shadow`, compare it with the live one, swap."""
+    """Rebuild a projection into `<projection>__shadow`, compare it with the live one, swap.
+
+    Shadow and live are built by the same projectors, so a record both skip goes unseen in that
+    comparison: `--check` compares the live read models with the log too.
+    """
     from projections.db import get_engine
     from projections.replay import compare, positions_of, replay_into_shadow
     from projections.replay import swap as swap_schemas
@@ -162,8 +215,51 @@ def replay(
     if swap:
         swap_schemas(engine, live=projection, shadow=report.shadow)
         console.print(f"[green]swapped[/]: {report.shadow} is now {projection}")
-    elif check and not matches:
+    if check and not print_log_check(projection):
         raise typer.Exit(code=1)
+    if check and not swap and not matches:
+        raise typer.Exit(code=1)
+
+
+@projections_app.command("check")
+def check_log(projection: str = typer.Option("loops")) -> None:
+    """Compare the read models with the log itself (events per aggregate); exit 1 if they differ."""
+    if not print_log_check(projection):
+        raise typer.Exit(code=1)
+
+
+def print_log_check(projection: str, *, limit: int = 20) -> bool:
+    """Run `check_against_log`, print what differs; True when the read models equal the log."""
+    from projections.check import check_against_log
+
+    with console.status(f"reading the log to compare with {projection}..."):
+        result = check_against_log(get_settings(), projection=projection)
+    summary = (
+        f"{projection} vs the log: {result.records} event records, {result.aggregates} "
+        f"aggregates, up to the stored positions"
+    )
+    if result.matches:
+        console.print(f"{summary}: [green]match[/]")
+        return True
+    console.print(
+        f"{summary}: [red]MISMATCH[/] in {len(result.mismatches)} aggregates "
+        "(see `loopstream projections status` for the records not applied)"
+    )
+    table = Table(
+        "aggregate", "log events", "read model events", "log last seq", "read model last seq",
+        "missing", title=f"aggregates whose events differ (first {limit})",
+    )  # fmt: skip
+    for m in result.mismatches[:limit]:
+        table.add_row(
+            escape(m.aggregate_id),
+            _show(m.log.events if m.log else 0),
+            _show(m.read_model.events if m.read_model else 0),
+            _show(m.log.last_sequence if m.log else None),
+            _show(m.read_model.last_sequence if m.read_model else None),
+            str(m.missing),
+        )
+    Console().print(table)
+    return False
 
 
 def _show(value: int | None) -> str:

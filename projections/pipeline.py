@@ -37,6 +37,9 @@ class SourceRecord:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    # The broker's record timestamp (ms since the epoch): part of the log, so a replay sees the
+    # same value; it dates a failure without reading the database clock.
+    timestamp_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,22 @@ def plan_batch(
 
 
 def project_record(record: SourceRecord, topics: ProjectionTopics) -> Projected | DeadLetter | None:
+    """The record's row changes, or why it cannot have any. Never raises on a record's content.
+
+    A projector that raises on one event (a bug, or a value it did not expect) must not stop the
+    projection: the runner would restart and fail at the same offset forever. The event becomes
+    a dead letter and a recorded failure instead, which the health route and `replay --check`
+    show.
+    """
+    try:
+        return _project_record(record, topics)
+    except Exception as exc:  # any projector bug is this record's failure, not a crash
+        return DeadLetter(record, "projector_failed", f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _project_record(
+    record: SourceRecord, topics: ProjectionTopics
+) -> Projected | DeadLetter | None:
     if record.topic == topics.events:
         return _project_event_record(record)
     if record.topic == topics.command_results:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing import get_context
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, TopicPartition
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -251,20 +251,9 @@ def _replay_share(job: _ReplayJob) -> _ShareResult:
     writer = ReadModelWriter(get_engine(settings), projection=job.shadow)
     result = _ShareResult(reached={tp: job.start_offsets[tp] for tp in job.partitions})
     pending = {tp for tp in job.partitions if job.start_offsets[tp] < job.end_offsets[tp]}
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            # Never committed: replay positions live in PostgreSQL like the runner's.
-            "group.id": f"{group_id(settings, job.projection)}.replay.{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "queued.max.messages.kbytes": 256 * 1024,
-        }
+    consumer = read_consumer(
+        settings, f"{group_id(settings, job.projection)}.replay", job.start_offsets, pending
     )
-    consumer.assign([TopicPartition(t, p, job.start_offsets[(t, p)]) for t, p in pending])
 
     def plan(records: list[SourceRecord]) -> PlannedBatch:
         batch = plan_batch(records, topics)
@@ -276,7 +265,14 @@ def _replay_share(job: _ReplayJob) -> _ShareResult:
     try:
         # Kafka reads and decoding of batch n+1 run while batch n is written.
         overlapped(
-            _read_batches(consumer, job, pending, result.reached),
+            read_batches(
+                consumer,
+                end_offsets=job.end_offsets,
+                pending=pending,
+                reached=result.reached,
+                batch_size=job.batch_size,
+                timeout_s=job.timeout_s,
+            ),
             plan,
             lambda batch: _apply_with_retry(writer, batch),
         )
@@ -285,17 +281,47 @@ def _replay_share(job: _ReplayJob) -> _ShareResult:
     return result
 
 
-def _read_batches(
-    consumer: Consumer, job: _ReplayJob, pending: set[TP], reached: dict[TP, int]
+def read_consumer(
+    settings: Settings, group_prefix: str, start_offsets: dict[TP, int], partitions: Iterable[TP]
+) -> Consumer:
+    """A consumer on `partitions` from their start offsets: committed records only."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            # Never committed: replay positions live in PostgreSQL like the runner's.
+            "group.id": f"{group_prefix}.{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "queued.max.messages.kbytes": 256 * 1024,
+        }
+    )
+    consumer.assign([TopicPartition(t, p, start_offsets[(t, p)]) for t, p in partitions])
+    return consumer
+
+
+def read_batches(
+    consumer: Consumer,
+    *,
+    end_offsets: dict[TP, int],
+    pending: set[TP],
+    reached: dict[TP, int],
+    batch_size: int,
+    timeout_s: float,
 ) -> Iterator[list[SourceRecord]]:
-    """The share's records up to the end offsets, in batches of up to `job.batch_size`."""
-    deadline = time.monotonic() + job.timeout_s
+    """The `pending` partitions' records up to the end offsets, in batches of `batch_size`.
+
+    `pending` and `reached` (the offset after the last record read) are updated in place.
+    """
+    deadline = time.monotonic() + timeout_s
     while pending:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"replay did not reach the end offsets in {job.timeout_s}s")
+            raise TimeoutError(f"replay did not reach the end offsets in {timeout_s}s")
         records: list[SourceRecord] = []
-        while pending and len(records) < job.batch_size:
-            messages = consumer.consume(num_messages=job.batch_size - len(records), timeout=0.2)
+        while pending and len(records) < batch_size:
+            messages = consumer.consume(num_messages=batch_size - len(records), timeout=0.2)
             if not messages:
                 break
             for message in messages:
@@ -303,11 +329,11 @@ def _read_batches(
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
-                        if message.offset() >= job.end_offsets[tp]:
+                        if message.offset() >= end_offsets[tp]:
                             pending.discard(tp)
                         continue
                     raise RuntimeError(f"replay consumer error: {error}")
-                if message.offset() >= job.end_offsets[tp]:
+                if message.offset() >= end_offsets[tp]:
                     pending.discard(tp)  # written after the replay began: for the live runner
                     continue
                 reached[tp] = message.offset() + 1
@@ -315,7 +341,7 @@ def _read_batches(
         if records:
             yield records
         for tp, position in _positions(consumer, pending).items():
-            if position >= job.end_offsets[tp]:
+            if position >= end_offsets[tp]:
                 pending.discard(tp)
 
 
@@ -339,7 +365,7 @@ def _offset_ranges(
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "loopstream-replay"}
     )
     try:
-        partitions = _partitions(consumer, topic_names)
+        partitions = partitions_of(consumer, topic_names)
         ends = {
             tp: consumer.get_watermark_offsets(TopicPartition(*tp), timeout=10, cached=False)[1]
             for tp in partitions
@@ -350,7 +376,7 @@ def _offset_ranges(
     return partitions, starts, ends
 
 
-def _partitions(consumer: Consumer, topics: Sequence[str]) -> list[TP]:
+def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[TP]:
     metadata = consumer.list_topics(timeout=10)
     partitions: list[TP] = []
     for topic in topics:
@@ -394,7 +420,13 @@ def _source_record(message: object) -> SourceRecord:
         key=message.key(),  # type: ignore[attr-defined]
         value=message.value(),  # type: ignore[attr-defined]
         headers=tuple(message.headers() or ()),  # type: ignore[attr-defined]
+        timestamp_ms=_timestamp_ms(message),
     )
+
+
+def _timestamp_ms(message: object) -> int | None:
+    kind, ms = message.timestamp()  # type: ignore[attr-defined]
+    return None if kind == TIMESTAMP_NOT_AVAILABLE else int(ms)
 
 
 # --- compare and swap --------------------------------------------------------------------------

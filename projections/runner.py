@@ -11,6 +11,9 @@ How it stays exactly-once into PostgreSQL although faust's own guarantees do not
   assignment) is replaced by a seek to the positions stored in PostgreSQL;
 - faust reads uncommitted data unless exactly_once is on, so the consumer is switched to
   `read_committed` here (aborted command-processor transactions must never be projected);
+- a record that cannot be applied (undecodable, a projector that raises, rows PostgreSQL refuses)
+  is dead-lettered AND recorded in `<schema>.projection_failures` in the batch's transaction; the
+  batch's other records are applied (a savepoint per record once PostgreSQL refuses the batch);
 - an agent that raises still acks in faust, and records buffered ahead of a failed batch would be
   applied past the gap, so any unexpected error (or a position moved by another writer) ends the
   process with `EXIT_RESYNC`: the restarted process resumes from PostgreSQL (crash-only).
@@ -100,7 +103,7 @@ class ProjectionProcessor:
             expected = dict(self.positions)
         batch = plan_batch(records, self.topics, positions=expected)
         before_commit = self._pause if self.config.pause_before_commit_s > 0 else None
-        self.writer.apply(
+        skipped = self.writer.apply(
             batch,
             expected=expected,
             dead_letter_sink=self.send_dead_letters,
@@ -108,7 +111,7 @@ class ProjectionProcessor:
         )
         with self._lock:
             self.positions.update(batch.next_offsets)
-        self.applied += len(batch.projected)
+        self.applied += len(batch) - len(skipped)
 
     def send_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         failures: list[str] = []
@@ -234,6 +237,8 @@ def _record(message: Any) -> SourceRecord:
         key=message.key,
         value=message.value,
         headers=tuple((str(k), bytes(v or b"")) for k, v in headers),
+        # faust gives seconds as a float; the log (and replay) has integer milliseconds.
+        timestamp_ms=round(message.timestamp * 1000) if message.timestamp is not None else None,
     )
 
 

@@ -23,17 +23,42 @@ import psycopg
 import psycopg.errors
 from pydantic_core import to_json
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import StatementError
 
+from projections.failures import failures_of, record_failures
 from projections.loops import TABLES
 from projections.pipeline import DeadLetter, PlannedBatch, Projected, TopicPartition
 from projections.rows import RowChange, TableSpec, group_for_write, merge_changes
 
 log = logging.getLogger(__name__)
 
-# What PostgreSQL says about a row it will not take (as opposed to a lost connection): the raw
-# psycopg errors come from the COPY path, SQLAlchemy's wrappers from its own statements.
-_REFUSED = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError)
+# What PostgreSQL says about a row it will not take, every time (as opposed to a lost connection,
+# a deadlock or a bug in our SQL, which are retried by crashing): bad values, broken constraints,
+# an index entry over the size limit. The raw psycopg errors come from the COPY path, SQLAlchemy's
+# wrappers from its own statements.
+_REFUSED_BY_POSTGRES = (
+    psycopg.DataError,
+    psycopg.IntegrityError,
+    psycopg.errors.ProgramLimitExceeded,
+)
+# What the driver refuses before PostgreSQL sees the value (e.g. text it cannot encode).
+_UNWRITABLE = (ValueError, TypeError, OverflowError)
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    return isinstance(exc, (psycopg.Error, StatementError))
+
+
+def refused_by_database(exc: BaseException) -> bool:
+    """True when `exc` is about the rows written (skip the record), not the database or our code.
+
+    A DataError about NUL in text is the record's fault and would recur on every retry; a
+    connection error or a deadlock is not, and must end the batch so it is retried whole.
+    """
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        exc = exc.orig
+    return isinstance(exc, (*_REFUSED_BY_POSTGRES, *_UNWRITABLE))
+
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -125,32 +150,48 @@ class ReadModelWriter:
         expected: Mapping[TopicPartition, int] | None = None,
         dead_letter_sink: DeadLetterSink | None = None,
         before_commit: Callable[[], None] | None = None,
-    ) -> None:
-        """Write the batch and its next offsets in one transaction.
+    ) -> list[DeadLetter]:
+        """Write the batch, its failures and its next offsets in one transaction.
 
         `expected`: the positions the caller resumed from (checked, see `PositionsMoved`).
-        `dead_letter_sink` is called, before the commit, with every dead letter of the batch,
-        including rows PostgreSQL refused: a crash between the two repeats the dead letters
-        (at least once in the DLQ), never loses them.
+        Every record the batch skips (its dead letters, and rows PostgreSQL refused) becomes a
+        `projection_failures` row in the same transaction, so a read model that differs from the
+        log always says so. `dead_letter_sink` is called with them too, before the commit: a
+        crash between the two repeats the dead letters (at least once in the DLQ), never loses
+        them. Returns the records skipped.
         """
         if not batch.next_offsets:
-            return
+            return []
         try:
             with self.engine.begin() as conn:
                 self._fence(conn, batch, expected)
                 self._write(conn, batch.changes)
-                self._sink(dead_letter_sink, batch.dead_letters)
-                self._save_positions(conn, batch.next_offsets)
+                self._finish(conn, batch, batch.dead_letters, dead_letter_sink)
                 if before_commit is not None:
                     before_commit()
-        except _REFUSED as exc:
-            # One bad row must not stop the projection: find it, dead-letter it, keep the rest.
+            return list(batch.dead_letters)
+        except Exception as exc:
+            if not refused_by_database(exc):
+                raise
+            # One bad row must not cost the batch: find it (a savepoint per record), record it,
+            # keep the rest.
             log.warning("batch refused by PostgreSQL (%s); applying record by record", exc)
-            with self.engine.begin() as conn:
-                self._fence(conn, batch, expected)
-                refused = self._write_one_by_one(conn, batch.projected)
-                self._sink(dead_letter_sink, [*batch.dead_letters, *refused])
-                self._save_positions(conn, batch.next_offsets)
+        with self.engine.begin() as conn:
+            self._fence(conn, batch, expected)
+            letters = [*batch.dead_letters, *self._write_one_by_one(conn, batch.projected)]
+            self._finish(conn, batch, letters, dead_letter_sink)
+        return letters
+
+    def _finish(
+        self,
+        conn: Connection,
+        batch: PlannedBatch,
+        letters: Sequence[DeadLetter],
+        sink: DeadLetterSink | None,
+    ) -> None:
+        self._sink(sink, letters)
+        record_failures(conn, self.schema, failures_of(letters))
+        self._save_positions(conn, batch.next_offsets)
 
     @staticmethod
     def _sink(sink: DeadLetterSink | None, letters: Sequence[DeadLetter]) -> None:
@@ -238,9 +279,12 @@ class ReadModelWriter:
             try:
                 self._write(conn, item.changes)
                 savepoint.commit()
-            except _REFUSED as exc:
+            except Exception as exc:
+                if not refused_by_database(exc):
+                    raise
                 savepoint.rollback()
-                refused.append(DeadLetter(item.record, "refused_by_database", str(exc)[:500]))
+                reason = str(exc) if _is_database_error(exc) else f"{type(exc).__name__}: {exc}"
+                refused.append(DeadLetter(item.record, "refused_by_database", reason[:500]))
         return refused
 
     def save_positions(self, offsets: Mapping[TopicPartition, int]) -> None:

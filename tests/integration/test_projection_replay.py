@@ -10,7 +10,9 @@ import psycopg
 import pytest
 
 from infra.settings import Settings
+from projections.check import check_against_log
 from projections.db import get_engine
+from projections.health import count_failures
 from projections.replay import compare, positions_of, replay_into_shadow, swap, tables_of
 from projections.sample import messages
 from tests.integration.projection_support import (
@@ -48,6 +50,11 @@ def test_replay_equals_the_live_projection_and_swaps_in(isolated: Isolated, tmp_
     produce(isolated.settings, messages(4000, sessions=40))
     _run_until_caught_up(isolated, tmp_path / "runner.log")
     live_indexes = _index_names(isolated, "loops")
+    # A clean log gives a clean check: every event of every aggregate is in the read model.
+    check = check_against_log(isolated.settings)
+    assert check.matches, check.mismatches[:5]
+    assert (check.records, check.aggregates) == (4000, 80)  # 40 sessions and their samplers
+    assert count_failures(engine, "loops") == 0
 
     report = replay_into_shadow(isolated.settings, batch_size=1500)
     assert report.events == 4000 and report.records == 8000
@@ -55,7 +62,8 @@ def test_replay_equals_the_live_projection_and_swaps_in(isolated: Isolated, tmp_
     comparisons = compare(engine, live="loops", shadow="loops__shadow")
     assert {c.table for c in comparisons} == set(tables_of(engine, "loops"))
     assert all(c.matches for c in comparisons), comparisons
-    assert all(c.live_rows for c in comparisons)
+    # Every read model has rows; the failures table has none, as the log is clean.
+    assert all(c.live_rows for c in comparisons if c.table != "projection_failures")
     # The live runner and the replay stopped at the same offsets.
     assert positions_of(engine, "loops__shadow") == positions_of(engine, "loops")
     # A structural clone, index names included (later migrations can name them).
@@ -64,6 +72,7 @@ def test_replay_equals_the_live_projection_and_swaps_in(isolated: Isolated, tmp_
     swap(engine, live="loops", shadow="loops__shadow")
     assert tables_of(engine, "loops__shadow") == []
     assert _index_names(isolated, "loops") == live_indexes
+    assert check_against_log(isolated.settings).matches  # the swapped-in schema too
 
     # The swapped-in schema is live: the runner resumes from its positions and keeps going.
     produce(isolated.settings, messages(500, sessions=5, seed=1))
@@ -87,6 +96,19 @@ def test_a_diverged_live_projection_shows_up_in_the_comparison(
         c.table for c in compare(engine, live="loops", shadow="loops__shadow") if not c.matches
     }
     assert mismatched == {"sessions"}
+
+
+def test_the_check_against_the_log_finds_an_event_missing_from_the_read_model(
+    isolated: Isolated, tmp_path: Path
+) -> None:
+    produce(isolated.settings, messages(300, sessions=3))
+    _run_until_caught_up(isolated, tmp_path / "runner.log")
+    with psycopg.connect(isolated.settings.pg_conninfo) as conn:
+        conn.execute(
+            "delete from loops.event_log where aggregate_id = 'ses-0000001' and sequence = 3"
+        )
+    (mismatch,) = check_against_log(isolated.settings).mismatches
+    assert (mismatch.aggregate_id, mismatch.missing) == ("ses-0000001", 1)
 
 
 def test_replay_from_a_timestamp_only_rebuilds_the_later_events(isolated: Isolated) -> None:
