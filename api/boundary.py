@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
-
-from starlette.routing import Match
 
 from api.errors import UNPROCESSABLE, error_content
 from events.limits import json_problem, text_problem
@@ -134,14 +133,19 @@ def check_path_and_query(scope: Scope) -> None:
 
 
 def _path_parameter(scope: Scope) -> str | None:
-    """The name of the path parameter that holds the bad text, from the route it matches."""
+    """The name of the path parameter that holds the bad text, from the route templates of the
+    app's OpenAPI (`/v1/loops/sessions/{session_id}`); None when no template matches."""
     app = scope.get("app")
-    for route in getattr(app, "routes", ()):
-        match, child = route.matches(scope)
-        if match == Match.FULL:
-            for name, value in (child.get("path_params") or {}).items():
-                if isinstance(value, str) and text_problem(value) is not None:
-                    return str(name)
+    openapi = getattr(app, "openapi", None)
+    if openapi is None:
+        return None
+    for template in openapi().get("paths", {}):
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]*)", re.escape(template))
+        match = re.fullmatch(pattern, scope.get("path", ""))
+        if match is not None:
+            for name, value in match.groupdict().items():
+                if text_problem(value) is not None:
+                    return name
     return None
 
 
