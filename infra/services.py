@@ -1,6 +1,8 @@
 """loopstream's own long-running processes on top of the stack: the command processor, the
 projection runner and the GPU workers (the API joins them). Started in the background like the
-stack's servers, with pid files and logs under the data dir, and stopped by recorded pid.
+stack's servers, with pid files and logs under the data dir, and stopped by recorded pid, with
+every process each one owns (infra/processes.py): a child left running by a service killed with
+-9 shows up in `services_strays`, and `up` and `down` end it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def _process(settings: Settings, spec: ServiceSpec) -> ManagedProcess:
 
 
 def services_up(settings: Settings) -> dict[str, str]:
-    """Start what is not running; returns name -> 'started' | 'already running'."""
+    """Start what is not running; returns name -> 'started' | 'already running'.
+
+    Starting a service first ends what a dead predecessor left running (ManagedProcess.start).
+    """
     report = {}
     for spec in SERVICES:
         process = _process(settings, spec)
@@ -78,8 +83,19 @@ def services_up(settings: Settings) -> dict[str, str]:
 
 
 def services_down(settings: Settings) -> list[str]:
+    """Stop every service, leader and children, and what dead ones left running."""
     return [spec.name for spec in reversed(SERVICES) if _process(settings, spec).stop()]
 
 
 def services_status(settings: Settings) -> dict[str, int | None]:
+    """name -> the pid of its running leader, or None."""
     return {spec.name: _process(settings, spec).pid() for spec in SERVICES}
+
+
+def services_strays(settings: Settings) -> dict[str, list[int]]:
+    """name -> pids still running for a service whose leader is dead (only names that have any).
+
+    `services up` and `services down` stop them; until then they may still consume and write.
+    """
+    strays = {spec.name: _process(settings, spec).strays() for spec in SERVICES}
+    return {name: pids for name, pids in strays.items() if pids}
