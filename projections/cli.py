@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from infra.processes import die_with_parent
 from infra.settings import get_settings
 
 projections_app = typer.Typer(
@@ -58,7 +59,9 @@ def run(
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     while True:
-        child = subprocess.Popen(command)
+        # The runner dies with this supervisor, even on kill -9: never an unsupervised second
+        # runner next to the one the next `services up` starts.
+        child = subprocess.Popen(command, preexec_fn=die_with_parent())
         code = child.wait()
         if stopping:
             raise typer.Exit(code=0 if code in (0, -signal.SIGINT, -signal.SIGTERM) else code)
