@@ -29,6 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer
 
 from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
+from commands.tinker_sessions import TinkerSessionReaper
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
@@ -39,7 +40,13 @@ from infra.settings import Settings
 
 log = logging.getLogger("loopstream.janitor")
 
-WATCHED = {b"CheckpointSaved", b"CheckpointDeleted", b"RunStopped", b"SessionEnded"}
+WATCHED = {
+    b"CheckpointSaved",
+    b"CheckpointDeleted",
+    b"RunStopped",
+    b"SessionEnded",
+    b"SessionCreated",  # Tinker sessions (commands/tinker_sessions.py)
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class CheckpointJanitor:
         self.expiring: dict[str, Expiring] = {}
         self.expiry_sent: set[str] = set()  # command ids sent by this process
         self.stop_requested = threading.Event()
+        self.tinker = TinkerSessionReaper(settings, self.bus)
         topic = settings.topic("events")
         self.consumer = Consumer(
             consumer_config(settings, group_id=f"{settings.topic_prefix}-janitor")
@@ -79,6 +87,7 @@ class CheckpointJanitor:
                     if message.error() is None:
                         self.observe(message.headers() or [], message.value())
                 self.expire(now=utc_now())
+                self.end_tinker_sessions(now=utc_now())
         finally:
             self.consumer.close()
 
@@ -87,6 +96,7 @@ class CheckpointJanitor:
             return
         envelope = EventEnvelope.from_bytes(value)
         event = decode_payload(envelope)
+        self.tinker.observe(event, envelope.occurred_at)
         if _may_free_a_chain(event):
             self._retry_refused(envelope.aggregate_id, after=envelope.event_id)
         if isinstance(event, CheckpointSaved) and event.expires_at is not None:
@@ -101,6 +111,13 @@ class CheckpointJanitor:
                     "checkpoint objects removed",
                     extra={"uri": event.uri, "objects": removed, "reason": event.reason},
                 )
+
+    def end_tinker_sessions(self, *, now: datetime) -> list[str]:
+        try:
+            return self.tinker.end_due(now=now)
+        except Exception:  # PostgreSQL away: checkpoints still expire; try again next turn
+            log.exception("tinker session check failed")
+            return []
 
     def _retry_refused(self, session_id: str, *, after: str) -> None:
         """The session's chains changed: checkpoints of it that wait to expire get a fresh

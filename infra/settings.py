@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     worker_transaction_timeout_ms: int = Field(default=300_000, ge=10_000)
     # The PostgreSQL schema of the Loops read models (projections/, docs/projections.md).
     read_schema: str = "loops"
+    # A Tinker session (SDK ServiceClient) that sends no heartbeat for this long is ended by
+    # the janitor: its runs stop and their engines are released. The SDK beats every 10 s.
+    tinker_session_timeout_s: float = Field(default=600.0, gt=0)
 
     # --- PostgreSQL ----------------------------------------------------------------------
     pg_host: str = "127.0.0.1"

@@ -17,6 +17,8 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -37,6 +39,7 @@ from api.tinker.wire import (
     encode_sample_response,
     model_input_from_json,
 )
+from commands import tinker_sessions
 from commands.envelope import CommandResult
 from commands.loops import CreateRun, CreateSession
 from commands.work import (
@@ -57,6 +60,9 @@ DEFAULT_MAX_SEQ_LEN = 2048  # a Tinker training client names no context length; 
 # request timeout is 45 s).
 LONG_POLL_S = 20.0
 SEQ_GATE_WAIT_S = 30.0  # how long a request waits for the seq_ids before it to be sent
+# The future of create_training_client_from_state (weights only): the id of the LoadState that
+# follows the CreateRun, `tinker:<model_id>:create_run` + this.
+WEIGHTS_ONLY = ":load_weights_only"
 
 
 def bad_request(detail: str, field: str | None = None) -> ApiError:
@@ -83,31 +89,68 @@ class _Body(BaseModel):
 
 
 class SeqGate:
-    """Sends each client's requests to Kafka in seq_id order.
+    """Sends each client's requests to Kafka in seq_id order, from what is durable.
 
     One run is one partition and the trainer runs a partition in order, so the order of sends is
-    the order of execution. The SDK already posts one request at a time per client, but a retried
-    or concurrent post could overtake: a request waits here (bounded) until every lower seq_id of
-    its client was sent. A client this process has not seen starts at whatever arrives first.
+    the order of execution. The SDK posts a client's requests one at a time (each waits for the
+    previous post's answer, retries included), so in-order arrival is the rule; a concurrent or
+    raw client, or two API processes, could still overtake. seq_id N therefore goes out only once
+    N-1 is known to be on its way:
+    - sent or refused at the door by this process (memory: the fast path), or
+    - answered: its CommandResult is in the result feed or the futures table. The worker that ran
+      it wrote that to the log, so a restarted API, or another API process, sees it too.
+    seq_id 1 has no predecessor (the SDK numbers a client's requests from 1). A request whose
+    predecessor is still unknown after SEQ_GATE_WAIT_S is answered 503 ("retry"), which the SDK
+    retries, instead of being sent out of order.
     """
 
     def __init__(self) -> None:
-        self._next: dict[str, int] = {}
+        self._done: dict[str, int] = {}  # client -> highest seq_id sent or refused here
         self._cond = threading.Condition()
 
-    def send_in_order(self, client: str, seq_id: int | None, send: Any) -> None:
+    def passed(self, client: str, seq_id: int | None) -> None:
+        """seq_id is settled (sent, or refused before sending): its successor may go."""
         if seq_id is None:
-            send()
             return
-        deadline = time.monotonic() + SEQ_GATE_WAIT_S
         with self._cond:
-            self._next.setdefault(client, seq_id)
-            while seq_id > self._next[client] and time.monotonic() < deadline:
-                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
-        send()
-        with self._cond:
-            self._next[client] = max(self._next[client], seq_id + 1)
+            self._done[client] = max(self._done.get(client, 0), seq_id)
             self._cond.notify_all()
+
+    def send_in_order(
+        self,
+        client: str,
+        seq_id: int | None,
+        send: Callable[[], object],
+        *,
+        answered: Callable[[str], bool],
+    ) -> None:
+        """`answered(command_id)`: whether the log holds a result for that command."""
+        if seq_id is not None and seq_id > 1:
+            self._wait_for(client, seq_id, answered)
+        send()
+        self.passed(client, seq_id)
+
+    def _wait_for(self, client: str, seq_id: int, answered: Callable[[str], bool]) -> None:
+        before = _command_id(client, seq_id - 1)
+        deadline = time.monotonic() + SEQ_GATE_WAIT_S
+        while True:
+            with self._cond:
+                if self._done.get(client, 0) >= seq_id - 1:
+                    return
+            if answered(before):
+                self.passed(client, seq_id - 1)
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(
+                    503,
+                    f"seq_id {seq_id} of {client} waits for seq_id {seq_id - 1}, which has not "
+                    f"arrived in {SEQ_GATE_WAIT_S:.0f}s; retry (sending it now could run it "
+                    "before its predecessor)",
+                    field="seq_id",
+                )
+            with self._cond:  # woken by a send here; results of other processes are polled
+                self._cond.wait(timeout=min(0.05, left))
 
 
 _GATE = SeqGate()
@@ -169,20 +212,63 @@ def get_server_capabilities(settings: SettingsDep) -> dict[str, Any]:
     }
 
 
+_liveness_table_ready = threading.Event()
+
+
+def _liveness(engine: Any, settings: Settings, action: Callable[[Any], Any]) -> Any:
+    """Run `action(psycopg connection)` on the Tinker sessions' liveness rows, committed."""
+    with engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        if not _liveness_table_ready.is_set():
+            tinker_sessions.ensure_table(raw, settings)
+            _liveness_table_ready.set()
+        return action(raw)
+
+
 @router.post("/create_session")
-def create_session(body: _Body) -> dict[str, Any]:
-    """A Tinker session only groups the client's models and samplers; each model gets a loops
-    session of its own (see api/tinker/ids.py), so nothing is recorded here."""
-    return {"type": "create_session", "session_id": new_resource_id(10)}
+def create_session(body: _Body, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    """A Tinker session groups the client's models and samplers (each model gets a loops
+    session of its own, see api/tinker/ids.py); its liveness row starts its heartbeat clock."""
+    session_id = new_resource_id(10)
+    _liveness(engine, settings, lambda c: tinker_sessions.touch(c, settings, session_id))
+    return {"type": "create_session", "session_id": session_id}
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(body: _Body) -> dict[str, Any]:
+def session_heartbeat(body: _Body, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+    session_id = str(body.model_dump().get("session_id") or "")
+    if not session_id:
+        raise bad_request("session_id is required", "session_id")
+    alive = _liveness(engine, settings, lambda c: tinker_sessions.touch(c, settings, session_id))
+    if not alive:  # the SDK stops its heartbeat loop on a 410
+        raise ApiError(410, f"session {session_id} has finished", field="session_id")
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish")
-def finish_session(session_id: str, body: _Body) -> Response:
+def finish_session(
+    session_id: str,
+    body: _Body,
+    engine: EngineDep,
+    settings: SettingsDep,
+    submitter: SubmitterDep,
+) -> Response:
+    """Ends the loops sessions of the Tinker session's models (their runs stop, the workers
+    release the engines). Those the read models do not show yet are ended by the janitor, which
+    sees the finished row (commands/tinker_sessions.py): same command ids, so never twice."""
+    reason = "tinker session finished"
+    _liveness(engine, settings, lambda c: tinker_sessions.finish(c, settings, session_id, reason))
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            f"select session_id, name from {settings.read_schema}.sessions "
+            "where status = 'active' and name like 'tinker %%' and session_id like %(prefix)s",
+            {"prefix": session_id.replace("%", "").replace("_", "") + "-%"},
+        ).fetchall()
+    for loops_session_id, name in rows:
+        if tinker_sessions.tinker_session_of(name.removeprefix(tinker_sessions.NAME_PREFIX)) == (
+            session_id
+        ):
+            submitter.submit(tinker_sessions.end_session(loops_session_id, reason), to="commands")
     return Response(status_code=200, content=b"null", media_type="application/json")
 
 
@@ -218,7 +304,9 @@ def _create_run(
     submitter.submit(
         envelope(
             request_id=create_session_id,
-            command=CreateSession(base_model=base_model, name=f"tinker {model_id}"),
+            command=CreateSession(
+                base_model=base_model, name=f"{tinker_sessions.NAME_PREFIX}{model_id}"
+            ),
             aggregate_id=session_id,
         ),
         to="commands",
@@ -291,12 +379,28 @@ def get_info(body: _Body, reads: ReadDep, settings: SettingsDep) -> dict[str, An
 # ------------------------------------------------------------------ training
 
 
+@contextmanager
+def _seq_door(model_id: str, seq_id: int | None) -> Iterator[None]:
+    """A training call refused here (400/404) never reaches Kafka: its seq_id is settled all
+    the same, so the client's next call does not wait for it."""
+    try:
+        yield
+    except ApiError:
+        _GATE.passed(model_id, seq_id)
+        raise
+
+
 def _submit_training(
     *, submitter: Submitter, model_id: str, seq_id: int | None, request: Any
 ) -> dict[str, Any]:
     command_id = _command_id(model_id, seq_id)
     command = envelope(request_id=command_id, command=request, aggregate_id=ids.run_id_of(model_id))
-    _GATE.send_in_order(model_id, seq_id, lambda: submitter.submit(command, to="trainer-requests"))
+    _GATE.send_in_order(
+        model_id,
+        seq_id,
+        lambda: submitter.submit(command, to="trainer-requests"),
+        answered=lambda request_id: submitter.reads.command_result(request_id) is not None,
+    )
     return _future(command_id, model_id)
 
 
@@ -306,21 +410,22 @@ async def forward_backward(request: Request, reads: ReadDep, submitter: Submitte
         call = decode_forward_backward(await request.body())
     except WireError as exc:
         raise bad_request(str(exc), exc.field) from exc
-    run = _run_row(reads, call.model_id)
-    for i, datum in enumerate(call.data):
-        n = len(datum["model_input"])
-        if n > run["max_seq_len"]:
-            raise bad_request(
-                f"data.{i}.model_input: sequence of {n} tokens exceeds max_seq_len "
-                f"{run['max_seq_len']}",
-                f"data.{i}.model_input",
-            )
-        if call.loss_fn == "cross_entropy" and "weights" not in datum["loss_fn_inputs"]:
-            datum["loss_fn_inputs"]["weights"] = [1.0] * n  # Tinker's default: every target
-    kind = Forward if call.forward_only else ForwardBackward
-    work = _validated(
-        kind, data=call.data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config
-    )
+    with _seq_door(call.model_id, call.seq_id):
+        run = _run_row(reads, call.model_id)
+        for i, datum in enumerate(call.data):
+            n = len(datum["model_input"])
+            if n > run["max_seq_len"]:
+                raise bad_request(
+                    f"data.{i}.model_input: sequence of {n} tokens exceeds max_seq_len "
+                    f"{run['max_seq_len']}",
+                    f"data.{i}.model_input",
+                )
+            if call.loss_fn == "cross_entropy" and "weights" not in datum["loss_fn_inputs"]:
+                datum["loss_fn_inputs"]["weights"] = [1.0] * n  # Tinker's default: every target
+        kind = Forward if call.forward_only else ForwardBackward
+        work = _validated(
+            kind, data=call.data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config
+        )
     return await run_in_threadpool(
         _submit_training,
         submitter=submitter,
@@ -333,11 +438,12 @@ async def forward_backward(request: Request, reads: ReadDep, submitter: Submitte
 @router.post("/optim_step")
 def optim_step(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
     data = body.model_dump()
-    _run_row(reads, str(data.get("model_id")))
-    params = data.get("adam_params")
-    if params is None:
-        raise bad_request("only the adamw optimizer is served (adam_params)", "optim_params")
-    work = OptimStep(adam_params=_validated(AdamParams, **params))
+    with _seq_door(str(data.get("model_id")), data.get("seq_id")):
+        _run_row(reads, str(data.get("model_id")))
+        params = data.get("adam_params")
+        if params is None:
+            raise bad_request("only the adamw optimizer is served (adam_params)", "optim_params")
+        work = OptimStep(adam_params=_validated(AdamParams, **params))
     return _submit_training(
         submitter=submitter,
         model_id=str(data["model_id"]),
@@ -358,13 +464,14 @@ def _save(
     kind: Literal["weights", "sampler_weights"],
 ) -> dict[str, Any]:
     data = body.model_dump()
-    _run_row(reads, str(data.get("model_id")))
-    work = _validated(
-        SaveWeights,
-        name=_save_name(data, data.get("seq_id")),
-        kind=kind,
-        ttl_seconds=data.get("ttl_seconds"),
-    )
+    with _seq_door(str(data.get("model_id")), data.get("seq_id")):
+        _run_row(reads, str(data.get("model_id")))
+        work = _validated(
+            SaveWeights,
+            name=_save_name(data, data.get("seq_id")),
+            kind=kind,
+            ttl_seconds=data.get("ttl_seconds"),
+        )
     return _submit_training(
         submitter=submitter,
         model_id=str(data["model_id"]),
@@ -396,8 +503,9 @@ def load_weights(
         raise bad_request(str(exc), "path") from exc
     optimizer = bool(data.get("optimizer"))
     if data.get("model_id"):  # load_state on an existing training client
-        _run_row(reads, str(data["model_id"]))
-        work = _validated(LoadState, checkpoint_uri=uri, optimizer=optimizer)
+        with _seq_door(str(data["model_id"]), data.get("seq_id")):
+            _run_row(reads, str(data["model_id"]))
+            work = _validated(LoadState, checkpoint_uri=uri, optimizer=optimizer)
         return _submit_training(
             submitter=submitter,
             model_id=str(data["model_id"]),
@@ -420,13 +528,12 @@ def load_weights(
         max_seq_len=source["max_seq_len"],
     )
     if not optimizer:
-        _PENDING_LOADS[request_id] = (model_id, uri)
+        # Weights only: once the run exists, a LoadState(optimizer=False) of its start
+        # checkpoint follows. The future handed out is that LoadState's id, derived from the
+        # CreateRun's: whichever API process polls it (restarted or not) reads the rest from the
+        # log and the read models (_resolve_weights_only); nothing waits in memory.
+        return _future(request_id + WEIGHTS_ONLY, model_id)
     return _future(request_id, model_id)
-
-
-# CreateRun futures of runs started from a state checkpoint without its optimizer: once the run
-# exists, a LoadState(optimizer=False) follows and the future becomes that one's.
-_PENDING_LOADS: dict[str, tuple[str, str]] = {}
 
 
 # ------------------------------------------------------------------ sampling
@@ -562,7 +669,8 @@ def asample(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, A
 def _tinker_response(result: CommandResult) -> Response:
     """A CommandResult in the shape the SDK expects for that kind of request."""
     if result.status != "accepted":
-        category = "user" if result.status == "rejected" else "server"
+        # The worker's or processor's own say when the result carries it; else by status.
+        category = result.category or ("user" if result.status == "rejected" else "server")
         return JSONResponse({"error": result.reason or result.status, "category": category})
     out: dict[str, Any] = result.output or {}
     kind = result.command_type
@@ -619,20 +727,33 @@ async def retrieve_future(
     deadline = time.monotonic() + LONG_POLL_S
     started = time.monotonic()
     next_table_check = started
+    weights_only = request_id.endswith(WEIGHTS_ONLY)
     while True:
-        result = state.results.get(request_id)
         now = time.monotonic()
-        if result is None and now >= next_table_check:
-            result = await run_in_threadpool(_lookup, state, engine, settings, request_id)
-            next_table_check = now + 0.02
-        if result is not None:
-            resolved = await run_in_threadpool(_resolve, result, state, engine, settings)
-            if resolved is not None:
-                return _tinker_response(resolved)
+        if weights_only:
+            if now >= next_table_check:
+                next_table_check = now + 0.02
+                resolved = await run_in_threadpool(
+                    _resolve_weights_only, state, engine, settings, request_id
+                )
+                if resolved is not None:
+                    return _tinker_response(resolved)
+        else:
+            result = state.results.get(request_id)
+            if result is None and now >= next_table_check:
+                result = await run_in_threadpool(_lookup, state, engine, settings, request_id)
+                next_table_check = now + 0.02
+            if result is not None:
+                resolved = await run_in_threadpool(_resolve, result, state, engine, settings)
+                if resolved is not None:
+                    return _tinker_response(resolved)
         if now >= deadline:
             break
         await asyncio.sleep(0.001 if now - started < 0.1 else 0.01)
-    if state.sent.recently_sent(request_id) or request_id in _PENDING_LOADS:
+    pending = request_id.removesuffix(WEIGHTS_ONLY) if weights_only else request_id
+    if state.sent.recently_sent(pending) or (
+        weights_only and await run_in_threadpool(_lookup, state, engine, settings, pending)
+    ):
         return JSONResponse(
             {"type": "try_again", "request_id": request_id, "queue_state": "active"}
         )
@@ -661,19 +782,35 @@ def _resolve(
     with engine.connect() as conn:
         if ReadModels(conn, settings.read_schema).run(ids.run_id_of(model_id)) is None:
             return None
-    pending = _PENDING_LOADS.get(result.command_id)
-    if pending is None:
-        return result
-    load_id = f"{result.command_id}:load_weights_only"
+    return result
+
+
+def _resolve_weights_only(
+    state: Any, engine: Any, settings: Settings, load_id: str
+) -> CommandResult | None:
+    """The future of a run created from a state checkpoint without its optimizer: the
+    CreateRun, then a LoadState(optimizer=False) of the run's start checkpoint under the id
+    `load_id`. Derived from the log and the read models alone, so it survives an API restart
+    and agrees across API processes (a LoadState sent twice is one command: same id)."""
+    create_id = load_id.removesuffix(WEIGHTS_ONLY)
+    created = _lookup(state, engine, settings, create_id)
+    if created is None:
+        return None
+    if created.status != "accepted":
+        return created
+    loaded = _lookup(state, engine, settings, load_id)
+    if loaded is not None:
+        return created if loaded.status == "accepted" else loaded
+    model_id = create_id.removeprefix("tinker:").removesuffix(":create_run")
+    with engine.connect() as conn:
+        run = ReadModels(conn, settings.read_schema).run(ids.run_id_of(model_id))
+    if run is None or run["from_checkpoint"] is None:
+        return None  # the run is not in the read models yet
     if not state.sent.recently_sent(load_id):
-        work = LoadState(checkpoint_uri=pending[1], optimizer=False)
+        work = LoadState(checkpoint_uri=run["from_checkpoint"], optimizer=False)
         state.bus.send(
             envelope(request_id=load_id, command=work, aggregate_id=ids.run_id_of(model_id)),
             to="trainer-requests",
         )
         state.sent.remember(load_id)
-    loaded = _lookup(state, engine, settings, load_id)
-    if loaded is None:
-        return None
-    _PENDING_LOADS.pop(result.command_id, None)
-    return result if loaded.status == "accepted" else loaded
+    return None
