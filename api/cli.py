@@ -154,9 +154,14 @@ def services_down() -> None:
 def services_status() -> None:
     """Which of them run, with pids; and the records the projection could not apply."""
     from infra.services import services_status as status
+    from infra.services import services_strays
 
+    strays = services_strays(get_settings())
     for name, pid in status(get_settings()).items():
         console.print(f"{name}: {'pid ' + str(pid) if pid else '[red]not running[/]'}")
+        if name in strays:  # its leader died (kill -9) and left these running
+            pids = ", ".join(map(str, strays[name]))
+            console.print(f"  [red]left running: pids {pids}[/] (`services down` ends them)")
     # A projection that runs can still have skipped records: say so, with the latest ones.
     from projections.cli import print_failures
 
