@@ -6,7 +6,6 @@ importance-sampling step on the trainer, sync weights to the sampler through a c
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +35,6 @@ def test_policy_gradient_raises_the_reward_of_emitting_a(tmp_path: Path) -> None
     sampler = SamplerEngine(model_dir)
     sampling = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0)
     mean_rewards, gaps = [], []
-    t0 = time.perf_counter()
 
     for step in range(STEPS):
         seqs = sampler.sample([BOS_ID], GROUP, replace(sampling, seed=step))
@@ -58,9 +56,7 @@ def test_policy_gradient_raises_the_reward_of_emitting_a(tmp_path: Path) -> None
         mean_rewards.append(mean)
         gaps.append(out.metrics["logprob_gap:mean"])
 
-    elapsed = time.perf_counter() - t0
     last5 = sum(mean_rewards[-5:]) / 5
     assert last5 > 0.5, mean_rewards
     assert last5 > 5 * max(mean_rewards[0], 0.01), mean_rewards
     assert max(gaps) < 1e-4  # on-policy: the sampler's logprobs are the trainer's
-    assert elapsed < 30, elapsed
