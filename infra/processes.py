@@ -44,10 +44,16 @@ class ProcInfo:
     pgid: int
     cmdline: str
     environ: bytes | None  # None: not ours to read (another user's process)
+    cwd: str | None = None  # None: not ours to read
 
 
 def owned_pids(
-    procs: Iterable[ProcInfo], *, recorded: int | None, owner_tag: str, signature: str
+    procs: Iterable[ProcInfo],
+    *,
+    recorded: int | None,
+    owner_tag: str,
+    signature: str,
+    home: Path | None = None,
 ) -> list[int]:
     """The pids a managed server owns: the leader's process group and anything with its tag.
 
@@ -56,11 +62,16 @@ def owned_pids(
     be reused as another program's group id). The signature alone proves nothing: the same
     service of another data dir runs the same command line. A process with our tag counts even
     outside the group (a child that called setsid).
+
+    `home` serves servers whose children leave the group and wipe their environment (PostgreSQL's
+    backends do both, for their ps titles): a process working in it is ours.
     """
     tag = f"{OWNER_ENV}={owner_tag}".encode()
 
     def marked(proc: ProcInfo) -> bool:
         if proc.pid == recorded and signature in proc.cmdline:
+            return True
+        if home is not None and proc.cwd is not None and Path(proc.cwd).is_relative_to(home):
             return True
         return proc.environ is not None and tag in proc.environ.split(b"\0")
 
@@ -89,7 +100,11 @@ def scan_processes() -> list[ProcInfo]:
             environ: bytes | None = (entry / "environ").read_bytes()
         except OSError:
             environ = None
-        found.append(ProcInfo(int(entry.name), int(fields[2]), cmdline, environ))
+        try:
+            cwd: str | None = os.readlink(entry / "cwd")
+        except OSError:
+            cwd = None
+        found.append(ProcInfo(int(entry.name), int(fields[2]), cmdline, environ, cwd))
     return found
 
 
@@ -122,6 +137,8 @@ class ManagedProcess:
     log_file: Path
     # A substring of the command line that identifies our process (guards against pid reuse).
     signature: str
+    # A directory only this server works in: any process whose cwd is in it is the server's.
+    home: Path | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -144,6 +161,7 @@ class ManagedProcess:
             recorded=self.recorded_pid(),
             owner_tag=self.owner_tag,
             signature=self.signature,
+            home=self.home,
         )
 
     def strays(self) -> list[int]:

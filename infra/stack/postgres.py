@@ -36,6 +36,9 @@ class PostgresServer:
             run_dir=self.settings.data_dir / "run",
             log_file=self.settings.data_dir / "logs" / "postgres.log",
             signature=str(self.cluster_dir),
+            # Backends call setsid() and overwrite their environment with the ps title; they
+            # work in the cluster dir, so that is how a killed postmaster's leftovers are found.
+            home=self.cluster_dir,
         )
 
     def ports(self) -> dict[int, str]:

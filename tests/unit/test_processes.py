@@ -83,6 +83,15 @@ def test_a_tagged_child_that_left_the_group_is_still_ours() -> None:
     assert _owned(procs) == [100, 150]
 
 
+def test_children_that_wipe_their_environment_are_found_by_working_directory() -> None:
+    # PostgreSQL's backends: own session (setsid), environment overwritten by the ps title.
+    backend = ProcInfo(pid=120, pgid=120, cmdline="postgres: walwriter", environ=b"", cwd="/d/pg")
+    stranger = ProcInfo(pid=130, pgid=130, cmdline="postgres: walwriter", environ=b"", cwd="/x")
+    procs = [backend, stranger]
+    owned = owned_pids(procs, recorded=100, owner_tag=TAG, signature="/d/pg", home=Path("/d/pg"))
+    assert owned == [120]
+
+
 def test_unreadable_environments_do_not_count() -> None:
     procs = [ProcInfo(pid=101, pgid=100, cmdline="postgres", environ=None)]
     assert _owned(procs) == []
