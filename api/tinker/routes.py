@@ -711,7 +711,7 @@ def _lookup(state: Any, engine: Any, settings: Settings, request_id: str) -> Com
     return CommandResult(
         command_id=request_id,
         command_type=row["command_type"],
-        aggregate_id=row["aggregate_id"],
+        aggregate_id=row.get("aggregate_id"),  # the futures query leaves it out
         status=row["status"],
         reason=row["reason"],
         field=row["field"],
