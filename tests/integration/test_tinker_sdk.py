@@ -7,15 +7,22 @@ retrieve_future. Loss values are checked against torch on the same weights in th
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import tinker
 import torch
 from tinker import types
 
+from api.kafka_driver import query
+from api.tinker import ids
 from infra.settings import Settings
 
 TINY = "loopstream/tiny-llama"
@@ -270,3 +277,131 @@ def test_rest_client_lists_downloads_and_deletes_checkpoints(
     assert sampler_ckpt.path not in remaining and state.path in remaining
     with pytest.raises(tinker.NotFoundError):
         rest.delete_checkpoint_from_tinker_path(sampler_ckpt.path).result()
+
+
+def _base_url() -> str:
+    from api.config import get_api_settings
+
+    api = get_api_settings()
+    return f"http://{api.api_host}:{api.api_port}"
+
+
+def _wait_for(what: str, check: Any, timeout_s: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f}s")
+
+
+def test_finishing_a_tinker_session_stops_its_runs_and_releases_their_engines(
+    services: Settings,
+) -> None:
+    client = tinker.ServiceClient(base_url=_base_url(), api_key="tml-loopstream-tests")
+    training = client.create_lora_training_client(base_model=TINY, rank=0).result()
+    training.forward([_datum([BOS, 97, 98], weights=[1.0, 1.0])], "cross_entropy").result()
+    model_id = training.model_id
+    run_id, session_id = ids.run_id_of(model_id), model_id.split(":")[0]
+
+    client.close("success").result()  # the SDK's finish_session
+
+    stopped = _wait_for(
+        "the run stopped",
+        lambda: query(
+            services,
+            "select stop_reason from {schema}.runs where run_id = %s and status = 'stopped'",
+            run_id,
+        ),
+    )
+    assert "tinker session finished" in stopped[0]["stop_reason"]
+    released = _wait_for(
+        "the trainer engine released",
+        lambda: query(
+            services,
+            "select payload from {schema}.event_log where aggregate_id = %s "
+            "and type = 'TrainerReleased'",
+            run_id,
+        ),
+    )
+    assert len(released) == 1
+    # The SDK stops its heartbeat loop on a 410.
+    beat = httpx.post(
+        f"{_base_url()}/api/v1/session_heartbeat",
+        json={"session_id": session_id},
+        headers={"X-API-Key": "tml-loopstream-tests"},
+    )
+    assert beat.status_code == 410
+
+
+def _restart_api(settings: Settings) -> None:
+    """Restart only the API service (SIGTERM, then `services up`)."""
+    from infra.processes import StackError
+    from infra.services import SERVICES, _process, services_up
+
+    process = _process(settings, next(s for s in SERVICES if s.name == "api"))
+    pid = process.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    _wait_for("the API to stop", lambda: process.pid() is None, timeout_s=60)
+    with contextlib.suppress(StackError):  # a slow start on a busy machine: wait below
+        services_up(settings)
+    _wait_for(
+        "the API to answer",
+        lambda: _answers(f"{_base_url()}/openapi.json"),
+        timeout_s=180,
+    )
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.timeout(600)
+def test_weights_only_load_and_seq_order_survive_an_api_restart(
+    services: Settings, training_client: tinker.TrainingClient
+) -> None:
+    datum = _datum([BOS, 80, 81, 82], weights=[1.0] * 3)
+    state = training_client.save_state("restart-1").result()
+    expected = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
+    session_id = training_client.model_id.split(":")[0]
+    headers = {"X-API-Key": "tml-loopstream-tests"}
+    posted = httpx.post(
+        f"{_base_url()}/api/v1/load_weights",
+        json={"path": state.path, "optimizer": False, "session_id": session_id,
+              "model_seq_id": 900 + int(time.time()) % 1000},
+        headers=headers,
+    )  # fmt: skip
+    assert posted.status_code == 200, posted.text
+    future = posted.json()
+
+    _restart_api(services)  # nothing of the pending load is left in API memory
+
+    def answer() -> dict[str, Any] | None:
+        body = httpx.post(
+            f"{_base_url()}/api/v1/retrieve_future",
+            json={"request_id": future["request_id"]},
+            headers=headers,
+            timeout=60,
+        ).json()
+        return None if body.get("type") == "try_again" else body
+
+    body = _wait_for("the weights-only load's future", answer, timeout_s=180)
+    assert body == {"model_id": future["model_id"]}
+    load = query(services, "select status, command_type, output from {schema}.command_results "
+                 "where command_id = %s", future["request_id"])  # fmt: skip
+    assert load[0]["status"] == "accepted" and load[0]["command_type"] == "LoadState"
+    assert load[0]["output"]["path"] == ids.bt_uri(state.path)
+
+    # The training client carries on with its next seq_ids on the new API process: the gate
+    # finds their predecessors answered in the log, and keeps their order.
+    first = training_client.forward_backward([datum], "cross_entropy")
+    step = training_client.optim_step(types.AdamParams(learning_rate=1e-2))
+    after = training_client.forward([datum], "cross_entropy")
+    assert first.result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+    step.result()
+    assert after.result().metrics["loss:sum"] < expected
