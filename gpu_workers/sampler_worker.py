@@ -586,11 +586,21 @@ class SamplerWorker(WorkerService):
         elif hosted.weights_version is None and hosted.good is not None:
             # Back from a pinned checkpoint to the newest sync that loaded (a refused one never).
             good = hosted.good
-            if good.uri is not None:
-                loaded = self._load_for_request(
+            if good.uri is None:
+                return
+            try:
+                loaded = self._load(
                     hosted, good.checkpoint_id, good.uri, weights_version=good.weights_version
                 )
-                events.extend(loaded)
+            except HotloadError as exc:
+                # It loaded once, but not now (e.g. a link of its chain was corrupted since):
+                # keep serving what is loaded rather than failing the request, and stop trying.
+                # Recorded as a load outside any sync, so sync N keeps its "succeeded".
+                hosted.good = None
+                events.extend(e.model_copy(update={"weights_version": None}) for e, _ in exc.events)
+                return
+            hosted.engine.reset_prompt_cache()  # computed with the weights just swapped out
+            events.extend(event for event, _ in loaded)
 
     def _wait_for_version(
         self, hosted: HostedSampler, wanted: int, wait_s: float, events: list[SamplerEvent]

@@ -76,12 +76,18 @@ def test_sampler_follows_a_delta_chain_and_refuses_a_corrupted_delta(
     failed = wait_for_event(driver, sampler_id, "HotloadFailed", c4["path"]).payload
     assert DELTA_WEIGHTS_NAME in failed["reason"] and "sha256" in failed["reason"]
     assert failed["serving_digest"] == base["content_digest"]
-    assert sample(driver, sampler_id)["digest"] == base["content_digest"]  # still serving
+    # Still serving the pinned base: going back to c3, the newest sync that loaded, needs c1 too
+    # and is refused as well (recorded as a load outside any sync), so the request stays on it.
+    assert sample(driver, sampler_id)["digest"] == base["content_digest"]
 
     # A new base (what reset_delta_chain asks for) needs no chain: the sampler recovers.
     c5 = train_and_save(driver, run_id, "c5", checkpoint_type="base")
     assert c5["checkpoint_type"] == "base"
     wait_for_event(driver, sampler_id, "HotloadSucceeded", c5["path"])
     assert sample(driver, sampler_id)["digest"] == c5["content_digest"]
-    types = [e.type for e in history(driver.settings, sampler_id)]
-    assert types.count("HotloadStarted") == types.count("HotloadSucceeded") + 1  # one failed
+    events = history(driver.settings, sampler_id)
+    types = [e.type for e in events]
+    assert types.count("HotloadStarted") == types.count("HotloadSucceeded") + 2  # two refused
+    refused = [(e.payload["uri"], e.payload["weights_version"]) for e in events
+               if e.type == "HotloadFailed"]  # fmt: skip
+    assert refused == [(c4["path"], 5), (deltas[-1][0]["path"], None)]
