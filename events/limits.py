@@ -36,8 +36,10 @@ MAX_TEXT_LENGTH = 1000  # reasons, descriptions
 MAX_NAME_LENGTH = 200  # names, ids, idempotency keys
 MAX_PROMPT_LENGTH = 1_000_000  # a prompt as text (characters)
 MAX_JSON_DEPTH = 32  # nesting of free-form JSON (loader_state)
-# What a stored string may not hold, as a JSON Schema (ECMA-262) pattern: no NUL, no surrogate.
-TEXT_PATTERN = "^[^\\u0000\\ud800-\\udfff]*$"
+# What a stored string may not hold, as a JSON Schema pattern: no NUL. (A lone surrogate is
+# refused too, but only ECMA-262 engines take a surrogate range; Rust's and Go's refuse the
+# pattern, and valid UTF-8 cannot carry one anyway: only a JSON \ud800 escape can.)
+TEXT_PATTERN = "^[^\\u0000]*$"
 
 
 def text_problem(value: str) -> str | None:
