@@ -703,7 +703,7 @@ class SamplerWorker(WorkerService):
             events = self._load(hosted, loaded.checkpoint_id, loaded.uri,
                                 weights_version=loaded.weights_version)  # fmt: skip
         except HotloadError as exc:
-            # Gone from the store, or the store is down: say so, and serve what loaded.
+            # Gone from the store, or the store is down: say so, and serve the base model.
             hosted.failures[loaded.weights_version] = exc.reason
             return [event for event, _ in exc.events]
         hosted.good = loaded
@@ -729,7 +729,13 @@ class SamplerWorker(WorkerService):
             events = self._load(hosted, checkpoint_id, uri, weights_version=weights_version)
         except HotloadError as exc:
             reason = f"weights {uri} refused: {exc.reason}"
-            raise WorkRejected(reason, field="checkpoint_uri", category=exc.category) from exc
+            if exc.category == "server":
+                # Not the request's fault: answered "failed" (retryable), as the trainer does.
+                cause = exc.__cause__
+                if isinstance(cause, InfrastructureError):
+                    raise cause from exc
+                raise RuntimeError(reason) from exc
+            raise WorkRejected(reason, field="checkpoint_uri") from exc
         hosted.engine.reset_prompt_cache()  # computed with the weights just swapped out
         return [event for event, _ in events]
 

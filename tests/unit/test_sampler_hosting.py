@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import socket
+from pathlib import Path
+
+import pytest
 import urllib3.exceptions
+from minio import Minio
 
 from events.work import HotloadFailed, HotloadStarted, WeightsLoaded
-from gpu_workers.checkpoint_store import CheckpointNotFoundError
+from gpu_workers import sampler_worker
+from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointStore
 from gpu_workers.deltas import DeltaChainError
-from gpu_workers.failures import InfrastructureError
+from gpu_workers.engine.sampler import SamplerEngine
+from gpu_workers.failures import InfrastructureError, RetryPolicy, with_retries
 from gpu_workers.manifest import ChecksumMismatchError
-from gpu_workers.sampler_worker import SyncedWeights, load_failure_category, previous_host
+from gpu_workers.sampler_worker import (
+    HostedSampler,
+    HotloadError,
+    SamplerWorker,
+    SyncedWeights,
+    load_failure_category,
+    previous_host,
+)
+from gpu_workers.tiny_model import ensure_tiny_model
+from infra.s3 import ObjectStore
 
 
 def loaded(version: int | None, name: str | None = None) -> WeightsLoaded:
@@ -60,3 +77,33 @@ def test_weights_that_do_not_check_out_are_the_users_the_store_failing_is_the_se
     assert load_failure_category(down) == "server"
     assert load_failure_category(RuntimeError("CUDA out of memory")) == "server"
     assert load_failure_category(KeyError("model.embed_tokens.weight")) == "server"
+
+
+def test_a_store_that_is_down_is_a_server_refusal_after_retries_not_a_dead_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """urllib3's MaxRetryError was not among the four exceptions `_load` caught: it stopped the
+    worker. Now it is retried, then refused with category "server"; the old weights stay."""
+    model_dir = ensure_tiny_model(tmp_path / "model")
+    with socket.socket() as sock:  # a port nothing listens on: the store is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = Minio(f"127.0.0.1:{port}", access_key="k", secret_key="s", secure=False)
+    worker = SamplerWorker.__new__(SamplerWorker)  # no Kafka or PostgreSQL needed for a load
+    worker.checkpoints = CheckpointStore(ObjectStore(client, "checkpoints"))
+    fast = RetryPolicy(attempts=2, first_delay_s=0.01)
+    monkeypatch.setattr(
+        sampler_worker, "with_retries", functools.partial(with_retries, policy=fast)
+    )
+    engine = SamplerEngine(model_dir)
+    base_digest = engine.weights_version.digest
+    hosted = HostedSampler(sampler_id="p1", run_id="r1", base_model="tiny", base_dir=model_dir,
+                           engine=engine, uri=None)  # fmt: skip
+
+    with pytest.raises(HotloadError) as refused:
+        worker._load(hosted, "c1", "bt://loops:r1/sampler_weights/v1", weights_version=1)
+    assert refused.value.category == "server"
+    failed = refused.value.events[-1][0]
+    assert isinstance(failed, HotloadFailed) and failed.category == "server"
+    assert failed.reason.startswith("InfrastructureError") and "after 2 attempts" in failed.reason
+    assert failed.serving_digest == base_digest == engine.weights_version.digest
