@@ -69,6 +69,42 @@ def bad_request(detail: str, field: str | None = None) -> ApiError:
     return ApiError(400, detail, field=field)
 
 
+_REQUIRED: Any = object()
+
+
+def _field(
+    data: dict[str, Any], name: str, kind: Callable[[Any], Any], default: Any = _REQUIRED
+) -> Any:
+    """One field of a free-form Tinker body converted with `kind`, or a 400 naming it: the SDK's
+    bodies are not modelled field by field, and a missing or mistyped one is the caller's error."""
+    value = data.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise bad_request(f"{name}: field required", name)
+        return default
+    if kind in (int, float) and isinstance(value, bool | str):
+        raise bad_request(f"{name}: expected a number, got {type(value).__name__}", name)
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise bad_request(f"{name}: {exc}", name) from exc
+
+
+def _seq_id(data: dict[str, Any]) -> int | None:
+    """The client's call number: it orders the calls of one client (see SeqGate)."""
+    seq_id = _field(data, "seq_id", int, None)
+    if seq_id is not None and not 0 <= seq_id < 2**63:
+        raise bad_request("seq_id: must be between 0 and 2**63 - 1", "seq_id")
+    return seq_id
+
+
+def _object(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name) or {}
+    if not isinstance(value, dict):
+        raise bad_request(f"{name}: expected an object, got {type(value).__name__}", name)
+    return value
+
+
 def require_api_key(x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> str:
     """The SDK sends its key as X-API-Key and refuses to start unless it begins with `tml-`;
     loopstream accepts any such key on its local stack (who is calling is the actor of the
@@ -334,13 +370,13 @@ def create_model(body: _Body, settings: SettingsDep, submitter: SubmitterDep) ->
     data = body.model_dump()
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
-    model_id = ids.model_id_for(str(data["session_id"]), int(data["model_seq_id"]))
-    lora = data.get("lora_config") or {}
+    model_id = ids.model_id_for(_field(data, "session_id", str), _field(data, "model_seq_id", int))
+    lora = _object(data, "lora_config")
     request_id = _create_run(
         submitter=submitter,
         model_id=model_id,
         base_model=base_model,
-        lora_rank=int(lora.get("rank") or 0),
+        lora_rank=_field(lora, "rank", int, 0),
         from_checkpoint=None,
         max_seq_len=_max_seq_len(settings, base_model),
     )
@@ -438,7 +474,7 @@ async def forward_backward(request: Request, reads: ReadDep, submitter: Submitte
 @router.post("/optim_step")
 def optim_step(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
     data = body.model_dump()
-    with _seq_door(str(data.get("model_id")), data.get("seq_id")):
+    with _seq_door(str(data.get("model_id")), _seq_id(data)):
         _run_row(reads, str(data.get("model_id")))
         params = data.get("adam_params")
         if params is None:
@@ -446,8 +482,8 @@ def optim_step(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str
         work = OptimStep(adam_params=_validated(AdamParams, **params))
     return _submit_training(
         submitter=submitter,
-        model_id=str(data["model_id"]),
-        seq_id=data.get("seq_id"),
+        model_id=_field(data, "model_id", str),
+        seq_id=_seq_id(data),
         request=work,
     )
 
@@ -464,18 +500,18 @@ def _save(
     kind: Literal["weights", "sampler_weights"],
 ) -> dict[str, Any]:
     data = body.model_dump()
-    with _seq_door(str(data.get("model_id")), data.get("seq_id")):
+    with _seq_door(str(data.get("model_id")), _seq_id(data)):
         _run_row(reads, str(data.get("model_id")))
         work = _validated(
             SaveWeights,
-            name=_save_name(data, data.get("seq_id")),
+            name=_save_name(data, _seq_id(data)),
             kind=kind,
             ttl_seconds=data.get("ttl_seconds"),
         )
     return _submit_training(
         submitter=submitter,
-        model_id=str(data["model_id"]),
-        seq_id=data.get("seq_id"),
+        model_id=_field(data, "model_id", str),
+        seq_id=_seq_id(data),
         request=work,
     )
 
@@ -503,13 +539,13 @@ def load_weights(
         raise bad_request(str(exc), "path") from exc
     optimizer = bool(data.get("optimizer"))
     if data.get("model_id"):  # load_state on an existing training client
-        with _seq_door(str(data["model_id"]), data.get("seq_id")):
+        with _seq_door(str(data["model_id"]), _seq_id(data)):
             _run_row(reads, str(data["model_id"]))
             work = _validated(LoadState, checkpoint_uri=uri, optimizer=optimizer)
         return _submit_training(
             submitter=submitter,
-            model_id=str(data["model_id"]),
-            seq_id=data.get("seq_id"),
+            model_id=_field(data, "model_id", str),
+            seq_id=_seq_id(data),
             request=work,
         )
     # create_training_client_from_state[_with_optimizer]: a new run started from the checkpoint.
@@ -518,7 +554,7 @@ def load_weights(
         raise bad_request(f"no run holds {data.get('path')}", "path")
     base_model = str(data.get("base_model") or source["base_model"])
     _check_model(settings, base_model)
-    model_id = ids.model_id_for(str(data["session_id"]), int(data["model_seq_id"]))
+    model_id = ids.model_id_for(_field(data, "session_id", str), _field(data, "model_seq_id", int))
     request_id = _create_run(
         submitter=submitter,
         model_id=model_id,
@@ -588,7 +624,8 @@ def create_sampling_session(
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
     # Sampling a bare base model: a run of its own whose sampler serves the base weights.
-    model_id = ids.model_id_for(f"{data['session_id']}-smp{data['sampling_session_seq_id']}", 0)
+    session = _field(data, "session_id", str)
+    model_id = ids.model_id_for(f"{session}-smp{_field(data, 'sampling_session_seq_id', int)}", 0)
     _create_run(
         submitter=submitter,
         model_id=model_id,
@@ -636,22 +673,22 @@ def asample(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, A
         prompt = model_input_from_json(data.get("prompt"), "prompt")
     except WireError as exc:
         raise bad_request(str(exc), exc.field) from exc
-    params = data.get("sampling_params") or {}
+    params = _object(data, "sampling_params")
     stop = params.get("stop")
     work = _validated(
         Sample,
         prompt_tokens=prompt,
-        num_samples=int(data.get("num_samples") or 1),
-        max_tokens=int(params.get("max_tokens") or 16),
-        temperature=float(params.get("temperature", 1.0)),
-        top_p=float(params.get("top_p", 1.0)),
-        top_k=int(params.get("top_k", -1)),
+        num_samples=_field(data, "num_samples", int, 1),
+        max_tokens=_field(params, "max_tokens", int, 16),
+        temperature=_field(params, "temperature", float, 1.0),
+        top_p=_field(params, "top_p", float, 1.0),
+        top_k=_field(params, "top_k", int, -1),
         seed=params.get("seed"),
         stop=[stop] if isinstance(stop, str) else stop,
         prompt_logprobs=bool(data.get("prompt_logprobs")),
         checkpoint_uri=session.checkpoint_uri,
     )
-    seq_id = data.get("seq_id")
+    seq_id = _seq_id(data)
     command_id = _command_id(session.id, seq_id)
     submitter.submit(
         envelope(request_id=command_id, command=work, aggregate_id=_sampler_of(reads, run)),

@@ -107,3 +107,28 @@ def test_openapi_declares_the_422_the_api_sends(http: httpx.Client) -> None:
         for method, operation in operations.items():
             ref = operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
             assert ref.endswith("/ValidationErrorBody"), (method, path)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/create_model", {"session_id": "s", "base_model": "loopstream/tiny-llama"},
+         "model_seq_id"),
+        ("/api/v1/create_model",
+         {"session_id": "s", "model_seq_id": "x", "base_model": "loopstream/tiny-llama"},
+         "model_seq_id"),
+        ("/api/v1/create_model",
+         {"session_id": "s", "model_seq_id": 0, "base_model": "loopstream/tiny-llama",
+          "lora_config": [1]},
+         "lora_config"),
+        ("/api/v1/optim_step", {"model_id": "m", "seq_id": {"a": 1}}, "seq_id"),
+        ("/api/v1/save_weights", {"model_id": "m", "seq_id": -1}, "seq_id"),
+    ],
+)  # fmt: skip
+def test_a_malformed_tinker_body_is_a_400_naming_the_field(
+    http: httpx.Client, path: str, body: dict, field: str
+) -> None:
+    response = http.post(path, json=body, headers={"X-API-Key": "tml-boundary"})
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == field
+    assert http.get("/healthz").status_code == 200
