@@ -312,6 +312,9 @@ class FuturePublic(BaseModel):
     result: dict[str, Any] | None = None
     reason: str | None = None
     field: str | None = None
+    # For a rejected or failed request: `user` (fix the request) or `server` (loopstream failed;
+    # resubmitting the same request may succeed).
+    category: Literal["user", "server"] | None = None
     events: list[EventRefPublic] = Field(default_factory=list)
 
 

@@ -148,7 +148,7 @@ class ReadModels:
 
     def command_result(self, command_id: str) -> Row | None:
         return self._one(
-            "select command_id, command_type, status, reason, field, events, output "
-            "from {s}.command_results where command_id = :id",
+            "select command_id, command_type, aggregate_id, status, reason, field, category, "
+            "events, output from {s}.command_results where command_id = :id",
             id=command_id,
         )

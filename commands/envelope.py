@@ -70,6 +70,12 @@ class CommandResult(BaseModel):
         return self.model_dump_json().encode()
 
 
+def category_of(status: str) -> Literal["user", "server"] | None:
+    """The category of a result that does not carry one (written before the field existed): a
+    rejection is the caller's to fix, a worker failure is loopstream's."""
+    return {"rejected": "user", "failed": "server"}.get(status)  # type: ignore[return-value]
+
+
 def caused_event(
     event: DomainEvent,
     *,

@@ -118,7 +118,7 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "command_id", "command_type", "aggregate_id", "status", "reason", "field",
                 "events", "correlation_id", "processed_at", "kafka_partition", "kafka_offset",
-                "output",
+                "output", "category",
             ),
             insert_only=True,
             json_columns=frozenset({"events", "output"}),
@@ -190,6 +190,7 @@ def project_result(result: CommandResult, *, partition: int, offset: int) -> Row
             "kafka_partition": partition,
             "kafka_offset": offset,
             "output": result.output,
+            "category": result.category,
         },
     )
 

@@ -20,7 +20,7 @@ from api.deps import ApiSettingsDep, EngineDep, RequestIdPath, SettingsDep, Stat
 from api.errors import ErrorBody, not_found
 from api.models import EventRefPublic, FuturePublic
 from api.queries import ReadModels, Row
-from commands.envelope import CommandResult
+from commands.envelope import CommandResult, category_of
 
 router = APIRouter(prefix="/v1/loops/futures", tags=["futures"])
 
@@ -37,6 +37,7 @@ def _from_feed(result: CommandResult) -> FuturePublic:
         result=result.output,
         reason=result.reason,
         field=result.field,
+        category=result.category or category_of(result.status),
         events=[EventRefPublic.model_validate(e.model_dump()) for e in result.events],
     )
 
@@ -50,6 +51,7 @@ def _to_future(request_id: str, row: Row) -> FuturePublic:
         result=row["output"],
         reason=row["reason"],
         field=row["field"],
+        category=row["category"] or category_of(row["status"]),
         events=[EventRefPublic.model_validate(e) for e in events],
     )
 

@@ -40,7 +40,7 @@ from api.tinker.wire import (
     model_input_from_json,
 )
 from commands import tinker_sessions
-from commands.envelope import CommandResult
+from commands.envelope import CommandResult, category_of
 from commands.loops import CreateRun, CreateSession
 from commands.work import (
     AdamParams,
@@ -707,7 +707,7 @@ def _tinker_response(result: CommandResult) -> Response:
     """A CommandResult in the shape the SDK expects for that kind of request."""
     if result.status != "accepted":
         # The worker's or processor's own say when the result carries it; else by status.
-        category = result.category or ("user" if result.status == "rejected" else "server")
+        category = result.category or category_of(result.status)
         return JSONResponse({"error": result.reason or result.status, "category": category})
     out: dict[str, Any] = result.output or {}
     kind = result.command_type
@@ -748,10 +748,11 @@ def _lookup(state: Any, engine: Any, settings: Settings, request_id: str) -> Com
     return CommandResult(
         command_id=request_id,
         command_type=row["command_type"],
-        aggregate_id=row.get("aggregate_id"),  # the futures query leaves it out
+        aggregate_id=row["aggregate_id"],
         status=row["status"],
         reason=row["reason"],
         field=row["field"],
+        category=row["category"],
         output=row["output"],
     )
 

@@ -122,11 +122,13 @@ def test_command_result_becomes_a_future_row() -> None:
         status="rejected",
         reason="session ended",
         field="session_id",
+        category="user",
         events=(EventRef(event_id="e", type="RunCreated", sequence=2),),
         processed_at=AT,
     )
     change = project_result(result, partition=0, offset=5)
     assert change.values["status"] == "rejected" and change.values["field"] == "session_id"
+    assert change.values["category"] == "user"  # a future read from the table says who can fix it
     assert change.values["events"] == [{"event_id": "e", "type": "RunCreated", "sequence": 2}]
     assert TABLES["command_results"].insert_only
 
