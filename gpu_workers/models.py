@@ -28,11 +28,28 @@ def available_base_models(settings: Settings) -> list[str]:
     return sorted(names)
 
 
+def outside_model_root(base_model: str) -> str | None:
+    """Why `base_model` names no folder under the model root, or None when it may.
+
+    A base model is a name, not a path: `Path(root) / "/x"` is `/x`, and `a/../../x` climbs out
+    of the root, so an absolute name, a `..` part, a backslash or an empty part is refused
+    before any file is looked at."""
+    if base_model.startswith("/") or Path(base_model).is_absolute():
+        return "is an absolute path; give a name relative to the model root"
+    parts = base_model.split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\\" in base_model:
+        return "must be a plain name like <org>/<name> (no '.', '..', '\\' or empty parts)"
+    return None
+
+
 def resolve_base_model(settings: Settings, base_model: str) -> Path:
+    problem = outside_model_root(base_model)
+    if problem is not None:
+        raise UnknownBaseModel(f"base model {base_model!r} {problem}")
     if base_model == settings.tiny_model_name:
         return ensure_tiny_model(settings.model_root / base_model, seed=0)
     folder = settings.model_root / base_model
-    if ".." not in Path(base_model).parts and (folder / "config.json").exists():
+    if (folder / "config.json").exists():
         return folder
     raise UnknownBaseModel(
         f"base model {base_model!r} is not available; available: "
