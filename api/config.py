@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The development secret of the local stack. Refused on any non-loopback address, so a
 # deployment cannot forget to set its own.
 DEV_PAGE_TOKEN_SECRET = "loopstream-dev-page-token-secret"
+DEV_API_KEY_HASH_SECRET = "loopstream-dev-api-key-hash-secret"
 
 
 class ApiSettings(BaseSettings):
@@ -27,6 +28,9 @@ class ApiSettings(BaseSettings):
     api_base_url: str | None = None
     # HMAC key of the opaque checkpoint-file page tokens (tamper-evident offsets).
     page_token_secret: str = Field(default=DEV_PAGE_TOKEN_SECRET, min_length=16, repr=False)
+    # HMAC key of API key hashes (only the hash of a key's secret is stored or sent on Kafka).
+    # Changing it invalidates every issued key.
+    api_key_hash_secret: str = Field(default=DEV_API_KEY_HASH_SECRET, min_length=16, repr=False)
     # How long a presigned file URL stays valid.
     presigned_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Upper bound of a futures long-poll; the Tinker SDK's long polls are of this order.
@@ -44,6 +48,11 @@ class ApiSettings(BaseSettings):
         if self.page_token_secret == DEV_PAGE_TOKEN_SECRET and not _is_loopback(self.api_host):
             raise ValueError(
                 "page_token_secret: set LOOPSTREAM_PAGE_TOKEN_SECRET before listening on "
+                f"{self.api_host} (the development secret is public)"
+            )
+        if self.api_key_hash_secret == DEV_API_KEY_HASH_SECRET and not _is_loopback(self.api_host):
+            raise ValueError(
+                "api_key_hash_secret: set LOOPSTREAM_API_KEY_HASH_SECRET before listening on "
                 f"{self.api_host} (the development secret is public)"
             )
         return self

@@ -56,6 +56,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "bad request (a malformed value or token)",
         401: "missing or invalid API key",
+        403: "the API key lacks a scope this route needs",
         404: "not found",
         409: "conflict with the resource's state",
         410: "gone (deleted, or unknown request: resubmit)",

@@ -39,6 +39,25 @@ class ReadModels:
         rows = self._all(sql, **params)
         return rows[0] if rows else None
 
+    # --- access: workspaces and API keys --------------------------------------------------------
+
+    def api_key(self, key_id: str) -> Row | None:
+        """One key by id (with its hash: for authentication only, never for an answer)."""
+        return self._one("select * from {s}.api_keys where key_id = :id", id=key_id)
+
+    def api_keys(self, workspace_id: str) -> list[Row]:
+        return self._all(
+            "select key_id, workspace_id, name, scopes, prefix, created_at, revoked_at "
+            "from {s}.api_keys where workspace_id = :ws order by created_at, key_id",
+            ws=workspace_id,
+        )
+
+    def workspace(self, workspace_id: str) -> Row | None:
+        return self._one("select * from {s}.workspaces where workspace_id = :id", id=workspace_id)
+
+    def workspaces(self) -> list[Row]:
+        return self._all("select * from {s}.workspaces order by created_at, workspace_id")
+
     # --- sessions -----------------------------------------------------------------------------
 
     def session(self, session_id: str) -> Row | None:

@@ -12,7 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.envelope import EventEnvelope, utc_now
+from events.envelope import (
+    DEFAULT_WORKSPACE,
+    WORKSPACE_ID_PATTERN,
+    EventEnvelope,
+    utc_now,
+)
 from events.limits import RequestKey, ShortText, Text
 from events.loops import DomainEvent
 
@@ -25,6 +30,11 @@ class CommandEnvelope(BaseModel):
     schema_version: int = Field(default=1, ge=1)
     aggregate_id: RequestKey = Field(description="also the Kafka key")
     actor: ShortText = "anonymous"
+    # The tenant the command acts in. A workspace that does not exist is refused; an aggregate
+    # of another workspace answers as if it did not exist.
+    workspace_id: str = Field(
+        default=DEFAULT_WORKSPACE, pattern=WORKSPACE_ID_PATTERN, description="workspace (tenant)"
+    )
     correlation_id: Text | None = None
     causation_id: Text | None = None
     issued_at: datetime = Field(default_factory=utc_now)
@@ -64,6 +74,9 @@ class CommandResult(BaseModel):
     # What a worker computed for a work request (loss, metrics, tokens, ...); None otherwise.
     output: dict[str, Any] | None = None
     correlation_id: str | None = None
+    # The workspace the command named (None on results written before tenancy, or when the
+    # command was too malformed to tell).
+    workspace_id: str | None = None
     processed_at: datetime = Field(default_factory=utc_now)
 
     def to_bytes(self) -> bytes:
@@ -98,5 +111,6 @@ def caused_event(
         causation_id=command.command_id,
         correlation_id=command.correlation_id or command.command_id,
         actor=command.actor,
+        workspace_id=command.workspace_id,
         payload=event.model_dump(mode="json"),
     )

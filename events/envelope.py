@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 WIRE_CONTENT_TYPE = "application/json"
 
+# The workspace (tenant) of everything that names none: it always exists, no event creates it,
+# so producers and tools written before tenancy keep working, in "default".
+DEFAULT_WORKSPACE = "default"
+# What a workspace id looks like (the same shape as the API's resource ids).
+WORKSPACE_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
 
 class EventEnvelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -34,7 +40,16 @@ class EventEnvelope(BaseModel):
         default=None, description="id shared by everything in one user-level conversation"
     )
     actor: str = Field(default="system", description="who asked: a user, a service, a worker")
+    # None on events written before tenancy: read as DEFAULT_WORKSPACE (see `workspace`).
+    workspace_id: str | None = Field(
+        default=None, description="the workspace (tenant) the aggregate belongs to"
+    )
     payload: dict[str, Any]
+
+    @property
+    def workspace(self) -> str:
+        """The event's workspace, with events written before tenancy in the default one."""
+        return self.workspace_id or DEFAULT_WORKSPACE
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from api.auth import Caller
 from api.errors import conflict, not_found
 from api.queries import ReadModels, Row
-from commands.envelope import CommandEnvelope
+from commands.envelope import DEFAULT_WORKSPACE, CommandEnvelope
 
 ACTOR = "api"
 
@@ -20,13 +21,18 @@ def envelope(
     type_: str | None = None,
     aggregate_id: str,
     correlation_id: str | None = None,
+    caller: Caller | None = None,
 ) -> CommandEnvelope:
+    """The envelope of a command a route sends: with a caller, its key id is the actor and its
+    workspace the command's; without one (routes not yet authenticated), actor "api" in the
+    default workspace."""
     payload = command if isinstance(command, dict) else command.model_dump(mode="json")
     return CommandEnvelope(
         command_id=request_id,
         type=type_ or type(command).__name__,
         aggregate_id=aggregate_id,
-        actor=ACTOR,
+        actor=caller.key_id if caller else ACTOR,
+        workspace_id=caller.workspace_id if caller else DEFAULT_WORKSPACE,
         correlation_id=correlation_id,
         payload=payload,
     )
