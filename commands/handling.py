@@ -4,7 +4,9 @@ The outcomes, in the order they are checked:
 - `Undeliverable`: not even a command (not JSON, no command_id) -> dead-letter topic.
 - `Duplicate`: a command_id already processed -> its original result, nothing new.
 - `Refused`: a well-formed message that breaks a schema or a rule -> a `rejected` result whose
-  reason names the field or rule.
+  reason names the field or rule. Tenancy is checked here, once for every aggregate: a command
+  naming a workspace that does not exist is refused (field workspace_id), and an aggregate of
+  another workspace answers as if it did not exist (field aggregate_id).
 - `Accepted`: the events the aggregate decided, as envelopes with the next sequences (and the
   exact bytes to write), and the aggregate's new state.
 
@@ -27,7 +29,7 @@ from pydantic import ValidationError
 from commands.envelope import CommandEnvelope, CommandResult, EventRef, caused_event
 from commands.loops import Rejected
 from commands.registry import COMMAND_TYPES, AggregateSpec
-from events.envelope import EventEnvelope
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope
 
 # A result echoes ids from the command; beyond this length (or with text that is not valid
 # Unicode) an id is not echoed, so a hostile command cannot make an unwritable result.
@@ -90,8 +92,13 @@ def handle_command(
     now: datetime,
     new_event_id: Callable[[], str],
     max_record_bytes: int = MAX_RECORD_BYTES,
+    workspace_exists: Callable[[str], bool] = lambda workspace: workspace == DEFAULT_WORKSPACE,
+    aggregate_workspace: Callable[[str], str | None] = lambda aggregate_id: None,
 ) -> Outcome:
-    """Never raises for anything in `raw`: every message gets exactly one of the four outcomes."""
+    """Never raises for anything in `raw`: every message gets exactly one of the four outcomes.
+
+    `workspace_exists(w)` says whether workspace w exists; `aggregate_workspace(id)` names the
+    workspace an aggregate was created in (None: it has no events yet)."""
     try:
         document = json.loads(raw or b"")
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
@@ -121,6 +128,7 @@ def handle_command(
                 reason=_clean_text(reason),
                 field=_echoed(field),
                 category=category,
+                workspace_id=_echoed(document.get("workspace_id", DEFAULT_WORKSPACE)),
                 processed_at=now,
             )
         )
@@ -134,6 +142,8 @@ def handle_command(
             now=now,
             new_event_id=new_event_id,
             max_record_bytes=max_record_bytes,
+            workspace_exists=workspace_exists,
+            aggregate_workspace=aggregate_workspace,
         )
     except _Refusal as refusal:
         return refuse(refusal.reason, refusal.field, refusal.category)
@@ -150,6 +160,8 @@ def _decide(
     now: datetime,
     new_event_id: Callable[[], str],
     max_record_bytes: int,
+    workspace_exists: Callable[[str], bool],
+    aggregate_workspace: Callable[[str], str | None],
 ) -> Accepted:
     """Validate, decide, fold and encode one command; a refusal is raised as `_Refusal`."""
     try:
@@ -174,7 +186,16 @@ def _decide(
     except ValidationError as exc:
         raise _Refusal(*first_validation_error(exc, prefix="payload.")) from None
 
+    if spec.tenant_scoped:
+        _check_tenancy(envelope, spec, workspace_exists, aggregate_workspace)
     state = load_state(spec, envelope.aggregate_id)
+    if type(state) is not type(spec.initial_state(envelope.aggregate_id)):
+        # The id is another aggregate type's (a session named like a workspace's key).
+        raise _Refusal(
+            f"{envelope.aggregate_id} is not a {spec.aggregate_type}; {envelope.type} cannot "
+            "apply to it",
+            "aggregate_id",
+        )
     try:
         domain_events = spec.decide_at(state, command, now)
     except Rejected as rejection:
@@ -203,6 +224,7 @@ def _decide(
         command_type=envelope.type,
         aggregate_id=envelope.aggregate_id,
         correlation_id=envelope.correlation_id or command_id,
+        workspace_id=envelope.workspace_id,
         status="accepted",
         events=tuple(
             EventRef(event_id=e.event_id, type=e.type, sequence=e.sequence) for e in envelopes
@@ -217,6 +239,25 @@ def _decide(
         state=state,
         event_bytes=tuple(encoded),
     )
+
+
+def _check_tenancy(
+    envelope: CommandEnvelope,
+    spec: AggregateSpec,
+    workspace_exists: Callable[[str], bool],
+    aggregate_workspace: Callable[[str], str | None],
+) -> None:
+    """Refuse a command of a workspace that does not exist, and one that reaches into an
+    aggregate of another workspace (answered as if the aggregate did not exist, so its
+    existence is not disclosed)."""
+    workspace = envelope.workspace_id
+    if workspace != DEFAULT_WORKSPACE and not workspace_exists(workspace):
+        raise _Refusal(f"workspace {workspace} does not exist", "workspace_id")
+    owner = aggregate_workspace(envelope.aggregate_id)
+    if owner is not None and owner != workspace:
+        raise _Refusal(
+            f"{spec.aggregate_type} {envelope.aggregate_id} does not exist", "aggregate_id"
+        )
 
 
 def first_validation_error(exc: ValidationError, *, prefix: str) -> tuple[str, str | None]:

@@ -37,7 +37,8 @@ from commands.handling import (
     handle_command,
 )
 from commands.registry import AGGREGATES, AggregateSpec
-from events.envelope import EventEnvelope, utc_now
+from events.access import WorkspaceCreated
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope, utc_now
 from events.ids import new_event_id
 from events.kafka_log import partition_count, partition_for, producer_config, read_partition
 from events.transactional import LoopConfig, TransactionalLoop, dead_letter
@@ -52,7 +53,53 @@ class PartitionState:
 
     states: dict[str, Any] = field(default_factory=dict)
     seen: dict[str, CommandResult] = field(default_factory=dict)  # command_id -> result
+    # aggregate_id -> the workspace of its first event (tenant-scoped aggregates only)
+    owners: dict[str, str] = field(default_factory=dict)
     skipped: int = 0  # records of this partition the rebuild could not read or apply
+
+
+class WorkspaceDirectory:
+    """Which workspaces exist, from the WorkspaceCreated events of ALL partitions (a command for
+    workspace W may land in any partition, W's own events in one). The default workspace always
+    exists. Before calling a workspace unknown it reads the events topic to its end, so a
+    workspace created a moment ago (by another processor instance) is found."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.topic("events")
+        self.known: set[str] = {DEFAULT_WORKSPACE}
+        self._next_offsets: dict[int, int] = {}
+
+    def exists(self, workspace: str) -> bool:
+        if workspace in self.known:
+            return True
+        self.catch_up()
+        return workspace in self.known
+
+    def add(self, workspace: str) -> None:
+        self.known.add(workspace)
+
+    def catch_up(self) -> None:
+        for partition in range(partition_count(self.settings, self.topic)):
+            start = self._next_offsets.get(partition, 0)
+            for message in read_partition(self.settings, self.topic, partition, start_offset=start):
+                self._next_offsets[partition] = (message.offset() or 0) + 1
+                if (message.headers() or []) and not _is_workspace_created(message):
+                    continue
+                try:
+                    envelope = EventEnvelope.from_bytes(message.value())
+                except Exception:  # the rebuild of its own partition dead-letters it
+                    continue
+                if envelope.type == WorkspaceCreated.__name__:
+                    self.known.add(str(envelope.payload.get("workspace_id")))
+
+
+def _is_workspace_created(message: Message) -> bool:
+    """From the event_type header, without parsing the value (most events are not)."""
+    for header in message.headers() or []:
+        if header[0] == "event_type":
+            return header[1] == WorkspaceCreated.__name__.encode()
+    return True  # no type header: parse it to know
 
 
 @dataclass
@@ -66,6 +113,16 @@ class BatchStats:
     events: int = 0
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A batch's decisions not yet committed: what later commands of the batch must see."""
+
+    states: dict[tuple[int, str], Any]
+    seen: dict[tuple[int, str], CommandResult]
+    owners: dict[tuple[int, str], str]  # (partition, aggregate_id) -> workspace
+    workspaces: set[str]  # created in this batch
+
+
 class CommandProcessor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -74,6 +131,7 @@ class CommandProcessor:
         self.results_topic = settings.topic("command-results")
         self.dlq_topic = settings.topic("commands.dlq")
         self.partitions: dict[int, PartitionState] = {}
+        self.workspaces = WorkspaceDirectory(settings)
         self.partition_count = self._check_partitions_line_up()
         self.totals = BatchStats()
         # Records the rebuild could not read or apply (all partitions, since start).
@@ -154,6 +212,8 @@ class CommandProcessor:
             state = rebuilt.states.get(envelope.aggregate_id) or spec.initial_state(
                 envelope.aggregate_id
             )
+            if spec.tenant_scoped:
+                rebuilt.owners.setdefault(envelope.aggregate_id, envelope.workspace)
             if envelope.sequence != state.version + 1:
                 log.error(
                     "sequence gap in the event log",
@@ -234,11 +294,22 @@ class CommandProcessor:
         # become the committed state only once Kafka has committed the transaction.
         pending_states: dict[tuple[int, str], Any] = {}
         pending_seen: dict[tuple[int, str], CommandResult] = {}
+        pending_owners: dict[tuple[int, str], str] = {}
+        pending_workspaces: set[str] = set()
         stats = BatchStats(commands=len(messages))
         for message in messages:
-            self._process_one(message, producer, pending_states, pending_seen, stats)
+            self._process_one(
+                message,
+                producer,
+                Pending(pending_states, pending_seen, pending_owners, pending_workspaces),
+                stats,
+            )
 
         def after_commit() -> None:
+            for (partition, aggregate_id), owner in pending_owners.items():
+                self.partitions[partition].owners.setdefault(aggregate_id, owner)
+            for workspace in pending_workspaces:
+                self.workspaces.add(workspace)
             for (partition, aggregate_id), state in pending_states.items():
                 self.partitions[partition].states[aggregate_id] = state
             for (partition, command_id), result in pending_seen.items():
@@ -251,10 +322,10 @@ class CommandProcessor:
         self,
         message: Message,
         producer: Producer,
-        pending_states: dict[tuple[int, str], Any],
-        pending_seen: dict[tuple[int, str], CommandResult],
+        pending: Pending,
         stats: BatchStats,
     ) -> None:
+        pending_states, pending_seen = pending.states, pending.seen
         partition: int = message.partition()  # type: ignore[assignment]  # set on consumed messages
         key = message.key()
         if key is not None and partition_for(key, self.partition_count) != partition:
@@ -286,6 +357,10 @@ class CommandProcessor:
             ),
             now=utc_now(),
             new_event_id=new_event_id,
+            workspace_exists=lambda w: w in pending.workspaces or self.workspaces.exists(w),
+            aggregate_workspace=lambda aggregate_id: (
+                pending.owners.get((partition, aggregate_id)) or owned.owners.get(aggregate_id)
+            ),
         )
         if isinstance(outcome, Undeliverable):
             dead_letter(producer, self.dlq_topic, message, outcome.reason)
@@ -308,6 +383,13 @@ class CommandProcessor:
             self._produce_result(producer, outcome.result, partition)
             aggregate_id = outcome.result.aggregate_id or ""
             pending_states[(partition, aggregate_id)] = outcome.state
+            if outcome.spec.tenant_scoped and outcome.events:
+                pending.owners.setdefault((partition, aggregate_id), outcome.events[0].workspace)
+            pending.workspaces.update(
+                str(e.payload.get("workspace_id"))
+                for e in outcome.events
+                if e.type == WorkspaceCreated.__name__
+            )
             pending_seen[(partition, outcome.result.command_id)] = outcome.result
             stats.accepted += 1
             stats.events += len(outcome.events)

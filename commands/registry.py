@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from commands import loops
+from commands import access, loops
 from commands.loops import Command
 from events.catalog import CATALOG
 from events.envelope import EventEnvelope
@@ -25,6 +25,9 @@ class AggregateSpec:
     initial_state: Callable[[str], Any]
     decide: Callable[..., list[DomainEvent]]
     evolve: Callable[[Any, DomainEvent], Any]
+    # Tenant-scoped aggregates belong to the workspace of their first event and refuse commands
+    # of other workspaces; the workspace aggregate is its own tenant and checks that itself.
+    tenant_scoped: bool = True
 
     def apply(self, state: Any, envelope: EventEnvelope) -> Any:
         """Fold a stored event into the state (upcast and validated on the way)."""
@@ -46,7 +49,16 @@ SESSION = AggregateSpec(
     evolve=loops.evolve,
 )
 
-AGGREGATES: dict[str, AggregateSpec] = {SESSION.aggregate_type: SESSION}
+WORKSPACE = AggregateSpec(
+    aggregate_type=access.AGGREGATE_TYPE,
+    commands=access.COMMANDS,
+    initial_state=access.initial_state,
+    decide=access.decide,
+    evolve=access.evolve,
+    tenant_scoped=False,
+)
+
+AGGREGATES: dict[str, AggregateSpec] = {spec.aggregate_type: spec for spec in (SESSION, WORKSPACE)}
 COMMAND_TYPES: dict[str, tuple[type[Command], AggregateSpec]] = {
     command.__name__: (command, spec) for spec in AGGREGATES.values() for command in spec.commands
 }

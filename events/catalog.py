@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from events.access import ACCESS_EVENTS
 from events.envelope import EventEnvelope
 from events.loops import LOOPS_EVENTS, DomainEvent
 from events.work import WORK_EVENTS
@@ -67,7 +68,7 @@ class EventCatalog:
         return self.model(envelope.type).model_validate(payload)
 
 
-CATALOG = EventCatalog(LOOPS_EVENTS + WORK_EVENTS)
+CATALOG = EventCatalog(LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS)
 
 
 def decode_payload(envelope: EventEnvelope) -> DomainEvent:

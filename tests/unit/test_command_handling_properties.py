@@ -55,6 +55,14 @@ VALID: dict[str, dict[str, Any]] = {
     "HotloadWeights": {"run_id": "r1", "name": "step-1"},
     "PromoteCheckpoint": {"checkpoint_id": "k1", "environment": "prod"},
     "DeleteCheckpoint": {"checkpoint_id": "k1", "reason": "deleted"},
+    "CreateWorkspace": {"name": "w"},
+    "CreateApiKey": {
+        "key_id": "0123456789abcdef",
+        "scopes": ["train"],
+        "prefix": "tml-0123456789abcdef",
+        "key_hash": SHA,
+    },
+    "RevokeApiKey": {"key_id": "0123456789abcdef"},
 }
 assert VALID.keys() == COMMAND_TYPES.keys(), "a new command type needs a valid payload here"
 
