@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.boundary import InputBoundary
-from api.config import ApiSettings, get_api_settings
+from api.config import ApiSettings, get_api_settings, refuse_public_defaults
 from api.deps import AppState
 from api.errors import ErrorBody, ValidationErrorBody, install_error_handlers
 from api.routes import checkpoints, futures, runs, sampling, sessions, training, weight_sync
@@ -29,6 +29,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or get_settings()
     api_settings = api_settings or get_api_settings()
+    refuse_public_defaults(settings, api_settings)
     state = AppState(settings, api_settings)
 
     @asynccontextmanager

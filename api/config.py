@@ -12,6 +12,14 @@ from functools import lru_cache
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.settings import (
+    DEV_PG_PASSWORD,
+    DEV_S3_ACCESS_KEY,
+    DEV_S3_SECRET_KEY,
+    DEV_SECRETS_KEK,
+    Settings,
+)
+
 # The development secret of the local stack. Refused on any non-loopback address, so a
 # deployment cannot forget to set its own.
 DEV_PAGE_TOKEN_SECRET = "loopstream-dev-page-token-secret"
@@ -63,6 +71,31 @@ class ApiSettings(BaseSettings):
             return self.api_base_url.rstrip("/")
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
         return f"http://{host}:{self.api_port}"
+
+
+def public_defaults_in_use(settings: Settings) -> list[str]:
+    """The environment variables still at the local stack's public development value."""
+    checks = (
+        ("LOOPSTREAM_PG_PASSWORD", settings.pg_password == DEV_PG_PASSWORD),
+        ("LOOPSTREAM_S3_ACCESS_KEY", settings.s3_access_key == DEV_S3_ACCESS_KEY),
+        ("LOOPSTREAM_S3_SECRET_KEY", settings.s3_secret_key == DEV_S3_SECRET_KEY),
+        ("LOOPSTREAM_SECRETS_KEK", settings.secrets_kek == DEV_SECRETS_KEK),
+    )
+    return [name for name, is_default in checks if is_default]
+
+
+def refuse_public_defaults(settings: Settings, api_settings: ApiSettings) -> None:
+    """Refuse to serve off loopback with the development PostgreSQL/S3 credentials or secrets
+    key: they are public, so anyone who reaches the stack could read or rewrite it. (The API's
+    own secrets are checked by ApiSettings itself.)"""
+    if _is_loopback(api_settings.api_host):
+        return
+    in_use = public_defaults_in_use(settings)
+    if in_use:
+        raise ValueError(
+            f"set {', '.join(in_use)} before listening on {api_settings.api_host} "
+            "(the development credentials are public)"
+        )
 
 
 def _is_loopback(host: str) -> bool:

@@ -6,12 +6,11 @@ back as dicts that the routes turn into `XPublic` models.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sqlalchemy import Connection, text
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+from infra.settings import checked_identifier
 
 Row = dict[str, Any]
 
@@ -25,11 +24,8 @@ _CHECKPOINT = (
 
 class ReadModels:
     def __init__(self, conn: Connection, schema: str) -> None:
-        # The schema is interpolated into SQL, so it must be a plain identifier.
-        if not _IDENT.match(schema):
-            raise ValueError(f"read_schema: {schema!r} is not a plain SQL identifier")
         self.conn = conn
-        self.schema = schema
+        self.schema = checked_identifier(schema)  # interpolated into SQL
 
     def _all(self, sql: str, **params: Any) -> list[Row]:
         result = self.conn.execute(text(sql.format(s=self.schema)), params)

@@ -7,6 +7,9 @@ cluster, a managed PostgreSQL or an S3 endpoint is a matter of environment varia
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,6 +18,27 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# PostgreSQL schema names are spliced into SQL text (a schema cannot be a bound parameter), so
+# every one is checked here, and only here: a plain lowercase identifier of at most 63 bytes
+# (PostgreSQL's NAMEDATALEN - 1). `read_schema` is shorter still, so each name derived from it
+# (`<read_schema>__shadow`, `__retired`, `_tinker`, `_secrets`) fits too.
+SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+READ_SCHEMA_PATTERN = r"^[a-z_][a-z0-9_]{0,39}$"
+
+# The local stack's credentials and keys. Public (they are in this file), so the API refuses
+# to listen off loopback while any is in use (api/config.py, `refuse_public_defaults`).
+DEV_PG_PASSWORD = "loopstream"
+DEV_S3_ACCESS_KEY = "loopstream"
+DEV_S3_SECRET_KEY = "loopstream-secret"
+DEV_SECRETS_KEK = base64.b64encode(b"loopstream-dev-secrets-kek-32by!").decode()
+
+
+def checked_identifier(name: str) -> str:
+    """`name` if it is safe to splice into SQL as a schema (or table) name; else ValueError."""
+    if not SQL_IDENTIFIER.match(name):
+        raise ValueError(f"not a plain lowercase SQL identifier: {name!r}")
+    return name
 
 
 class Settings(BaseSettings):
@@ -58,7 +82,8 @@ class Settings(BaseSettings):
     # A training step runs inside the worker's Kafka transaction: allow long steps.
     worker_transaction_timeout_ms: int = Field(default=300_000, ge=10_000)
     # The PostgreSQL schema of the Loops read models (projections/, docs/projections.md).
-    read_schema: str = "loops"
+    # A plain lowercase identifier (READ_SCHEMA_PATTERN): it is spliced into SQL.
+    read_schema: str = Field(default="loops", pattern=READ_SCHEMA_PATTERN)
     # A Tinker session (SDK ServiceClient) that sends no heartbeat for this long is ended by
     # the janitor: its runs stop and their engines are released. The SDK beats every 10 s.
     tinker_session_timeout_s: float = Field(default=600.0, gt=0)
@@ -67,13 +92,13 @@ class Settings(BaseSettings):
     pg_host: str = "127.0.0.1"
     pg_port: int = 15432
     pg_user: str = "loopstream"
-    pg_password: str = "loopstream"
+    pg_password: str = Field(default=DEV_PG_PASSWORD, repr=False)
     pg_database: str = "loopstream"
 
     # --- S3 (any S3/MinIO endpoint; the local stack runs SeaweedFS) ---------------------------
     s3_endpoint: str = "127.0.0.1:19000"
-    s3_access_key: str = "loopstream"
-    s3_secret_key: str = Field(default="loopstream-secret", repr=False)
+    s3_access_key: str = DEV_S3_ACCESS_KEY
+    s3_secret_key: str = Field(default=DEV_S3_SECRET_KEY, repr=False)
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     checkpoint_bucket: str = "loopstream-checkpoints"
@@ -82,6 +107,11 @@ class Settings(BaseSettings):
     seaweed_volume_port: int = 19340
     seaweed_filer_port: int = 18888
     seaweed_admin_port: int = 19646
+
+    # --- secrets store (infra/secret_store.py) ---------------------------------------------
+    # Key-encryption key of secret values at rest: base64 of 32 random bytes (AES-256-GCM).
+    # Also the HMAC key of the digests events carry. Changing it makes stored values unreadable.
+    secrets_kek: str = Field(default=DEV_SECRETS_KEK, repr=False)
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:
@@ -92,6 +122,21 @@ class Settings(BaseSettings):
         if not self.cache_dir.is_absolute():
             self.cache_dir = (REPO_ROOT / self.cache_dir).resolve()
         return self
+
+    @model_validator(mode="after")
+    def _kek_is_32_bytes(self) -> Settings:
+        self.secrets_kek_bytes  # noqa: B018  # raises a ValueError naming the setting
+        return self
+
+    @property
+    def secrets_kek_bytes(self) -> bytes:
+        try:
+            key = base64.b64decode(self.secrets_kek, validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise ValueError("secrets_kek: must be the base64 of 32 bytes (AES-256)")
+        return key
 
     @property
     def pg_dsn(self) -> str:

@@ -29,13 +29,12 @@ import orjson
 from confluent_kafka import Consumer
 from sqlalchemy import Engine, text
 
-from infra.settings import Settings
+from infra.settings import Settings, checked_identifier
 from projections.db import get_engine
 from projections.names import topics_for
 from projections.pipeline import SourceRecord
 from projections.pipeline import TopicPartition as TP
 from projections.replay import partitions_of, positions_of, read_batches, read_consumer
-from projections.store import checked_identifier
 
 _MOD = 1 << 64
 

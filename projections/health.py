@@ -17,11 +17,10 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from infra.settings import Settings
+from infra.settings import Settings, checked_identifier
 from projections.failures import COLUMNS, TABLE, Failure
 from projections.names import topics_for
 from projections.pipeline import TopicPartition as TP
-from projections.store import checked_identifier
 
 Status = Literal["ok", "degraded"]
 

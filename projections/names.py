@@ -6,9 +6,8 @@ a replay builds `<name>__shadow`, and a swap briefly renames the live one `<name
 
 from __future__ import annotations
 
-from infra.settings import Settings
+from infra.settings import Settings, checked_identifier
 from projections.pipeline import ProjectionTopics
-from projections.store import checked_identifier
 
 SHADOW_SUFFIX = "__shadow"
 RETIRED_SUFFIX = "__retired"

@@ -30,12 +30,12 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Topic
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from infra.settings import Settings
+from infra.settings import Settings, checked_identifier
 from projections.db import get_engine
 from projections.names import group_id, retired_name, shadow_name, topics_for
 from projections.pipeline import PlannedBatch, SourceRecord, overlapped, plan_batch, relax_gc
 from projections.pipeline import TopicPartition as TP
-from projections.store import ReadModelWriter, checked_identifier
+from projections.store import ReadModelWriter
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ resync from the stored positions.
 from __future__ import annotations
 
 import logging
-import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from pydantic_core import to_json
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import StatementError
 
+from infra.settings import checked_identifier
 from projections.failures import failures_of, record_failures
 from projections.loops import TABLES
 from projections.pipeline import DeadLetter, PlannedBatch, Projected, TopicPartition
@@ -60,20 +60,11 @@ def refused_by_database(exc: BaseException) -> bool:
     return isinstance(exc, (*_REFUSED_BY_POSTGRES, *_UNWRITABLE))
 
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
 DeadLetterSink = Callable[[Sequence[DeadLetter]], None]
 
 
 class PositionsMoved(RuntimeError):
     """Stored positions differ from the runner's: another writer moved the projection."""
-
-
-def checked_identifier(name: str) -> str:
-    """Schema names are spliced into SQL; allow only plain lowercase identifiers."""
-    if not _IDENTIFIER.match(name):
-        raise ValueError(f"not a plain lowercase SQL identifier: {name!r}")
-    return name
 
 
 # --- SQL text (pure) ---------------------------------------------------------------------------
