@@ -241,3 +241,75 @@ def test_accepted_carries_the_bytes_it_folded() -> None:
     outcome = InMemoryAggregates().handle(cmd("CreateSession", {"base_model": "m"}))
     assert isinstance(outcome, Accepted)
     assert [e.to_bytes() for e in outcome.events] == list(outcome.event_bytes)
+
+
+# --- tenancy -------------------------------------------------------------------------------------
+
+
+def _tenant_handle(raw: bytes, *, known: set[str], owners: dict[str, str], key: str = "s1") -> Any:
+    return handle_command(
+        raw,
+        key=key.encode(),
+        load_state=lambda spec, aggregate_id: spec.initial_state(aggregate_id),
+        previous_result=lambda _: None,
+        now=NOW,
+        new_event_id=lambda: "e1",
+        workspace_exists=lambda w: w in known,
+        aggregate_workspace=owners.get,
+    )
+
+
+def test_a_command_naming_a_workspace_that_does_not_exist_is_refused() -> None:
+    outcome = _tenant_handle(
+        cmd("CreateSession", {"base_model": "m"}, workspace_id="ghost"),
+        known={"default"},
+        owners={},
+    )
+    assert isinstance(outcome, Refused)
+    assert outcome.result.field == "workspace_id"
+    assert outcome.result.reason == "workspace ghost does not exist"
+    assert outcome.result.workspace_id == "ghost"
+
+
+def test_an_aggregate_of_another_workspace_answers_as_if_it_did_not_exist() -> None:
+    outcome = _tenant_handle(
+        cmd("EndSession", {}, workspace_id="acme"), known={"default", "acme"}, owners={"s1": "w2"}
+    )
+    assert isinstance(outcome, Refused)
+    assert (outcome.result.reason, outcome.result.field) == (
+        "session s1 does not exist",
+        "aggregate_id",
+    )
+
+
+def test_events_and_results_carry_the_commands_workspace() -> None:
+    outcome = _tenant_handle(
+        cmd("CreateSession", {"base_model": "m"}, workspace_id="acme"),
+        known={"default", "acme"},
+        owners={},
+    )
+    assert isinstance(outcome, Accepted)
+    assert outcome.result.workspace_id == "acme"
+    assert [e.workspace_id for e in outcome.events] == ["acme"]
+
+
+def test_a_command_that_names_no_workspace_acts_in_the_default_one() -> None:
+    fresh = _tenant_handle(cmd("CreateSession", {"base_model": "m"}), known=set(), owners={})
+    assert isinstance(fresh, Accepted) and fresh.events[0].workspace == "default"
+
+
+def test_an_aggregate_id_of_another_type_is_refused_not_crashed_on() -> None:
+    session_state = InMemoryAggregates()
+    session_state.handle(cmd("CreateSession", {"base_model": "m"}))
+    outcome = handle_command(
+        CommandEnvelope(
+            command_id="c9", type="CreateWorkspace", aggregate_id="s1", payload={}
+        ).to_bytes(),
+        key=b"s1",
+        load_state=session_state._load,
+        previous_result=lambda _: None,
+        now=NOW,
+        new_event_id=lambda: "e9",
+    )
+    assert isinstance(outcome, Refused) and outcome.result.category == "user"
+    assert outcome.result.field == "aggregate_id"
