@@ -1,8 +1,10 @@
 """Opaque page tokens for checkpoint file listings.
 
-A token is `base64url(json {"c": checkpoint_id, "o": offset}) + "." + base64url(hmac)`. The HMAC
-makes it tamper-evident (a client cannot forge an offset or reuse a token on another checkpoint),
-and binding it to the checkpoint id keeps tokens meaningless outside the listing that issued them.
+A token is `base64url(json {"c": checkpoint_id, "w": workspace_id, "o": offset}) + "." +
+base64url(hmac)`. The HMAC makes it tamper-evident (a client cannot forge an offset or reuse a
+token on another checkpoint), and binding it to the checkpoint id and the caller's workspace keeps
+tokens meaningless outside the listing that issued them: a token that leaks to another workspace
+pages nothing there (tokens without "w", issued before tenancy, belong to the default one).
 Offsets are enough because a checkpoint's file list never changes once recorded.
 """
 
@@ -13,6 +15,8 @@ import binascii
 import hashlib
 import hmac
 import json
+
+from events.envelope import DEFAULT_WORKSPACE
 
 
 class InvalidPageToken(ValueError):
@@ -32,12 +36,17 @@ def _mac(secret: str, body: bytes) -> bytes:
     return hmac.new(secret.encode(), body, hashlib.sha256).digest()[:16]
 
 
-def encode_page_token(*, checkpoint_id: str, offset: int, secret: str) -> str:
-    body = json.dumps({"c": checkpoint_id, "o": offset}, separators=(",", ":")).encode()
+def encode_page_token(
+    *, checkpoint_id: str, offset: int, secret: str, workspace_id: str = DEFAULT_WORKSPACE
+) -> str:
+    fields = {"c": checkpoint_id, "w": workspace_id, "o": offset}
+    body = json.dumps(fields, separators=(",", ":")).encode()
     return f"{_b64encode(body)}.{_b64encode(_mac(secret, body))}"
 
 
-def decode_page_token(token: str, *, checkpoint_id: str, secret: str) -> int:
+def decode_page_token(
+    token: str, *, checkpoint_id: str, secret: str, workspace_id: str = DEFAULT_WORKSPACE
+) -> int:
     """The offset a token stands for; `InvalidPageToken` if it was altered or is foreign."""
     try:
         body_part, mac_part = token.split(".")
@@ -49,9 +58,11 @@ def decode_page_token(token: str, *, checkpoint_id: str, secret: str) -> int:
     try:
         data = json.loads(body)
         owner, offset = data["c"], data["o"]
+        workspace = data.get("w", DEFAULT_WORKSPACE)
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidPageToken("page_token is malformed") from exc
-    if owner != checkpoint_id:
+    # One answer for both: another workspace's token must not tell that workspace's ids apart.
+    if owner != checkpoint_id or workspace != workspace_id:
         raise InvalidPageToken("page_token belongs to another checkpoint")
     if not isinstance(offset, int) or offset < 0:
         raise InvalidPageToken("page_token is malformed")

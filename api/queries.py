@@ -56,69 +56,105 @@ class ReadModels:
 
     # --- sessions -----------------------------------------------------------------------------
 
-    def session(self, session_id: str) -> Row | None:
-        return self._one("select * from {s}.sessions where session_id = :id", id=session_id)
+    # Tenancy: every query of a resource takes the caller's workspace, and a row of another
+    # workspace is not found (the routes answer 404, exactly as for an id nobody created).
 
-    def sessions(self, *, status: str | None, limit: int, offset: int) -> tuple[list[Row], int]:
-        where = "where status = :status" if status else ""
+    def session(self, session_id: str, *, workspace: str) -> Row | None:
+        return self._one(
+            "select * from {s}.sessions where session_id = :id and workspace_id = :ws",
+            id=session_id,
+            ws=workspace,
+        )
+
+    def sessions(
+        self, *, workspace: str, status: str | None, limit: int, offset: int
+    ) -> tuple[list[Row], int]:
+        where = "where workspace_id = :ws" + (" and status = :status" if status else "")
         rows = self._all(
             f"select * from {{s}}.sessions {where} "
             "order by created_at desc, session_id limit :limit offset :offset",
+            ws=workspace,
             status=status,
             limit=limit,
             offset=offset,
         )
-        total = self._one(f"select count(*) as n from {{s}}.sessions {where}", status=status)
+        total = self._one(
+            f"select count(*) as n from {{s}}.sessions {where}", ws=workspace, status=status
+        )
         return rows, int(total["n"]) if total else 0
 
-    def runs_of_session(self, session_id: str) -> list[Row]:
+    def runs_of_session(self, session_id: str, *, workspace: str) -> list[Row]:
         return self._all(
-            "select * from {s}.runs where session_id = :id order by created_at, run_id",
+            "select * from {s}.runs where session_id = :id and workspace_id = :ws "
+            "order by created_at, run_id",
             id=session_id,
+            ws=workspace,
         )
 
-    def samplers_of_session(self, session_id: str) -> list[Row]:
+    def samplers_of_session(self, session_id: str, *, workspace: str) -> list[Row]:
         return self._all(
-            "select * from {s}.samplers where session_id = :id order by created_at, sampler_id",
+            "select * from {s}.samplers where session_id = :id and workspace_id = :ws "
+            "order by created_at, sampler_id",
             id=session_id,
+            ws=workspace,
         )
 
-    def checkpoints_of_session(self, session_id: str) -> list[Row]:
+    def checkpoints_of_session(self, session_id: str, *, workspace: str) -> list[Row]:
         return self._all(
-            _CHECKPOINT + " where c.session_id = :id order by c.created_at, c.checkpoint_id",
+            _CHECKPOINT + " where c.session_id = :id and c.workspace_id = :ws "
+            "order by c.created_at, c.checkpoint_id",
             id=session_id,
+            ws=workspace,
         )
 
     # --- runs, samplers, checkpoints ------------------------------------------------------------
 
-    def runs(self, *, limit: int, offset: int) -> tuple[list[Row], int]:
+    def runs(self, *, workspace: str, limit: int, offset: int) -> tuple[list[Row], int]:
         rows = self._all(
-            "select * from {s}.runs order by created_at desc, run_id limit :limit offset :offset",
+            "select * from {s}.runs where workspace_id = :ws "
+            "order by created_at desc, run_id limit :limit offset :offset",
+            ws=workspace,
             limit=limit,
             offset=offset,
         )
-        total = self._one("select count(*) as n from {s}.runs")
+        total = self._one(
+            "select count(*) as n from {s}.runs where workspace_id = :ws", ws=workspace
+        )
         return rows, int(total["n"]) if total else 0
 
-    def run(self, run_id: str) -> Row | None:
-        return self._one("select * from {s}.runs where run_id = :id", id=run_id)
+    def run(self, run_id: str, *, workspace: str) -> Row | None:
+        return self._one(
+            "select * from {s}.runs where run_id = :id and workspace_id = :ws",
+            id=run_id,
+            ws=workspace,
+        )
 
-    def sampler(self, sampler_id: str) -> Row | None:
+    def sampler(self, sampler_id: str, *, workspace: str) -> Row | None:
         """The sampler with its run's max_seq_len (the sampler serves the run's model)."""
         return self._one(
             "select sp.*, r.max_seq_len from {s}.samplers sp "
-            "left join {s}.runs r on r.run_id = sp.run_id where sp.sampler_id = :id",
+            "left join {s}.runs r on r.run_id = sp.run_id "
+            "where sp.sampler_id = :id and sp.workspace_id = :ws",
             id=sampler_id,
+            ws=workspace,
         )
 
-    def checkpoint(self, checkpoint_id: str) -> Row | None:
-        return self._one(_CHECKPOINT + " where c.checkpoint_id = :id", id=checkpoint_id)
+    def checkpoint(self, checkpoint_id: str, *, workspace: str) -> Row | None:
+        return self._one(
+            _CHECKPOINT + " where c.checkpoint_id = :id and c.workspace_id = :ws",
+            id=checkpoint_id,
+            ws=workspace,
+        )
 
-    def checkpoints_of_run(self, run_id: str, *, include_deleted: bool) -> list[Row]:
+    def checkpoints_of_run(
+        self, run_id: str, *, workspace: str, include_deleted: bool
+    ) -> list[Row]:
         status = "" if include_deleted else "and c.status = 'active'"
         return self._all(
-            _CHECKPOINT + f" where c.run_id = :id {status} order by c.created_at, c.checkpoint_id",
+            _CHECKPOINT + f" where c.run_id = :id and c.workspace_id = :ws {status} "
+            "order by c.created_at, c.checkpoint_id",
             id=run_id,
+            ws=workspace,
         )
 
     # --- weight syncs ---------------------------------------------------------------------------
@@ -133,10 +169,16 @@ class ReadModels:
         )
 
     def weight_syncs(
-        self, sampler_id: str, *, request_id: str | None, checkpoint_id: str | None, limit: int
+        self,
+        sampler_id: str,
+        *,
+        workspace: str,
+        request_id: str | None,
+        checkpoint_id: str | None,
+        limit: int,
     ) -> list[Row]:
         """Syncs of a sampler, newest first, each with how its hotload went (if it started)."""
-        where = ["ws.sampler_id = :id"]
+        where = ["ws.sampler_id = :id", "ws.workspace_id = :ws"]
         if request_id is not None:
             # A save's sync is caused by its RecordCheckpoint follow-up, "<request id>:record".
             where.append("ws.command_id in (:request_id, :record_id)")
@@ -153,6 +195,7 @@ class ReadModels:
             "on h.sampler_id = ws.sampler_id and h.weights_version = ws.weights_version "
             f"where {' and '.join(where)} order by ws.weights_version desc limit :limit",
             id=sampler_id,
+            ws=workspace,
             request_id=request_id,
             record_id=f"{request_id}:record",
             checkpoint_id=checkpoint_id,
@@ -161,9 +204,21 @@ class ReadModels:
 
     # --- futures --------------------------------------------------------------------------------
 
-    def command_result(self, command_id: str) -> Row | None:
+    def command_result(self, command_id: str, *, workspace: str) -> Row | None:
         return self._one(
             "select command_id, command_type, aggregate_id, status, reason, field, category, "
-            "events, output from {s}.command_results where command_id = :id",
+            "events, output from {s}.command_results where command_id = :id "
+            "and workspace_id = :ws",
             id=command_id,
+            ws=workspace,
+        )
+
+    def command_result_exists(self, command_id: str) -> bool:
+        """Whether any workspace's command has this id (an idempotency key is global on Kafka:
+        the processor and the workers dedupe by it)."""
+        return (
+            self._one(
+                "select 1 as x from {s}.command_results where command_id = :id", id=command_id
+            )
+            is not None
         )

@@ -20,6 +20,7 @@ from api.errors import unprocessable
 from api.queries import ReadModels
 from commands.bus import CommandBus, Destination
 from commands.envelope import CommandEnvelope
+from events.envelope import DEFAULT_WORKSPACE
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -66,25 +67,28 @@ class SentRequests:
     def __init__(self, retention_s: float, max_entries: int = 200_000) -> None:
         self.retention_s = retention_s
         self.max_entries = max_entries
-        self._sent: OrderedDict[str, float] = OrderedDict()
+        # request id -> (when, the workspace that sent it)
+        self._sent: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def remember(self, request_id: str) -> None:
+    def remember(self, request_id: str, *, workspace: str = DEFAULT_WORKSPACE) -> None:
         now = time.monotonic()
         with self._lock:
-            self._sent[request_id] = now
+            self._sent[request_id] = (now, workspace)
             self._sent.move_to_end(request_id)
             self._prune(now)
 
-    def recently_sent(self, request_id: str) -> bool:
+    def recently_sent(self, request_id: str, *, workspace: str | None = None) -> bool:
+        """Sent recently (by `workspace`, when given: another workspace's request is unknown)."""
         now = time.monotonic()
         with self._lock:
             self._prune(now)
-            return request_id in self._sent
+            sent = self._sent.get(request_id)
+            return sent is not None and workspace in (None, sent[1])
 
     def _prune(self, now: float) -> None:
         while self._sent:
-            oldest, at = next(iter(self._sent.items()))
+            oldest, (at, _) = next(iter(self._sent.items()))
             if now - at <= self.retention_s and len(self._sent) <= self.max_entries:
                 return
             del self._sent[oldest]
@@ -98,14 +102,12 @@ class Submitter:
 
     def already_submitted(self, request_id: str) -> bool:
         """Sent by this API recently, or answered already: a re-post, not a new request."""
-        return (
-            self.sent.recently_sent(request_id) or self.reads.command_result(request_id) is not None
-        )
+        return self.sent.recently_sent(request_id) or self.reads.command_result_exists(request_id)
 
     def submit(self, envelope: CommandEnvelope, *, to: Destination) -> str:
         request_id = envelope.command_id
         if self.already_submitted(request_id):
             return request_id
         self.bus.send(envelope, to=to)  # returns once the broker has it (acks=all)
-        self.sent.remember(request_id)
+        self.sent.remember(request_id, workspace=envelope.workspace_id)
         return request_id

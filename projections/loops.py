@@ -1,7 +1,8 @@
 """Projectors of the Loops context: events and command results -> read-model row changes.
 
 Pure functions, no I/O: `project_event(envelope, event)` and `project_result(result)` return the
-row changes; `projections/store.py` writes them. Columns match migration 0002.
+row changes; `projections/store.py` writes them. Columns match migration 0002 and later ones;
+`workspace_id` (0008) is set when a row is created, from the envelope (None -> "default").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from commands.envelope import CommandResult
-from events.envelope import EventEnvelope
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope
 from events.loops import (
     CheckpointDeleted,
     CheckpointPromoted,
@@ -45,7 +46,7 @@ TABLES: dict[str, TableSpec] = {
             key=("session_id",),
             columns=(
                 "session_id", "base_model", "project", "name", "status", "end_reason",
-                "created_at", "ended_at", *_ENTITY,
+                "created_at", "ended_at", *_ENTITY, "workspace_id",
             ),
         ),
         TableSpec(
@@ -54,6 +55,7 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "run_id", "session_id", "sampler_id", "base_model", "max_seq_len", "lora_rank",
                 "from_checkpoint", "status", "stop_reason", "created_at", "stopped_at", *_ENTITY,
+                "workspace_id",
             ),
         ),
         TableSpec(
@@ -61,7 +63,7 @@ TABLES: dict[str, TableSpec] = {
             key=("sampler_id",),
             columns=(
                 "sampler_id", "run_id", "session_id", "base_model", "status", "stop_reason",
-                "created_at", "stopped_at", *_ENTITY,
+                "created_at", "stopped_at", *_ENTITY, "workspace_id",
             ),
         ),
         TableSpec(
@@ -71,6 +73,7 @@ TABLES: dict[str, TableSpec] = {
                 "checkpoint_id", "run_id", "session_id", "name", "kind", "uri", "files",
                 "total_size_bytes", "step", "expires_at", "status", "delete_reason",
                 "created_at", "deleted_at", *_ENTITY, "checkpoint_type", "chain_position",
+                "workspace_id",
             ),
             json_columns=frozenset({"files"}),
         ),
@@ -79,6 +82,7 @@ TABLES: dict[str, TableSpec] = {
             key=("checkpoint_id", "environment"),
             columns=(
                 "checkpoint_id", "environment", "run_id", "session_id", "uri", "promoted_at",
+                "workspace_id",
             ),
             insert_only=True,
         ),
@@ -89,7 +93,7 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "sampler_id", "weights_version", "run_id", "session_id", "checkpoint_id", "uri",
                 "content_digest", "checkpoint_type", "warmup", "warmup_max_retries",
-                "reset_prompt_cache", "requested_at", "command_id", *_ENTITY,
+                "reset_prompt_cache", "requested_at", "command_id", *_ENTITY, "workspace_id",
             ),
         ),
         # Written by sampler events: versioned by the sampler's sequence.
@@ -118,7 +122,7 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "command_id", "command_type", "aggregate_id", "status", "reason", "field",
                 "events", "correlation_id", "processed_at", "kafka_partition", "kafka_offset",
-                "output", "category",
+                "output", "category", "workspace_id",
             ),
             insert_only=True,
             json_columns=frozenset({"events", "output"}),
@@ -130,7 +134,7 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "event_id", "aggregate_type", "aggregate_id", "sequence", "type",
                 "schema_version", "occurred_at", "command_id", "causation_id", "correlation_id",
-                "actor", "payload", "kafka_partition", "kafka_offset",
+                "actor", "payload", "kafka_partition", "kafka_offset", "workspace_id",
             ),
             insert_only=True,
             json_columns=frozenset({"payload"}),
@@ -166,6 +170,7 @@ def event_log_row(
             "payload": envelope.payload if payload is None else payload,
             "kafka_partition": partition,
             "kafka_offset": offset,
+            "workspace_id": envelope.workspace,
         },
     )
 
@@ -191,6 +196,7 @@ def project_result(result: CommandResult, *, partition: int, offset: int) -> Row
             "kafka_offset": offset,
             "output": result.output,
             "category": result.category,
+            "workspace_id": result.workspace_id or DEFAULT_WORKSPACE,
         },
     )
 
@@ -233,6 +239,7 @@ def _(event: SessionCreated, envelope: EventEnvelope) -> list[RowChange]:
         "end_reason": None,
         "created_at": envelope.occurred_at,
         "ended_at": None,
+        "workspace_id": envelope.workspace,
     }
     return [_change("sessions", event.session_id, envelope, values, creates=True)]
 
@@ -262,6 +269,7 @@ def _(event: RunCreated, envelope: EventEnvelope) -> list[RowChange]:
         "stop_reason": None,
         "created_at": envelope.occurred_at,
         "stopped_at": None,
+        "workspace_id": envelope.workspace,
     }
     return [_change("runs", event.run_id, envelope, values, creates=True)]
 
@@ -277,6 +285,7 @@ def _(event: SamplerCreated, envelope: EventEnvelope) -> list[RowChange]:
         "stop_reason": None,
         "created_at": envelope.occurred_at,
         "stopped_at": None,
+        "workspace_id": envelope.workspace,
     }
     return [_change("samplers", event.sampler_id, envelope, values, creates=True)]
 
@@ -322,6 +331,7 @@ def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
         "deleted_at": None,
         "checkpoint_type": event.checkpoint_type,
         "chain_position": event.chain_position,
+        "workspace_id": envelope.workspace,
     }
     return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
 
@@ -346,6 +356,7 @@ def _(event: CheckpointPromoted, envelope: EventEnvelope) -> list[RowChange]:
         "session_id": event.session_id,
         "uri": event.uri,
         "promoted_at": envelope.occurred_at,
+        "workspace_id": envelope.workspace,
     }
     return [
         RowChange(
@@ -393,6 +404,7 @@ def _(event: WeightsReady, envelope: EventEnvelope) -> list[RowChange]:
         "reset_prompt_cache": event.reset_prompt_cache,
         "requested_at": envelope.occurred_at,
         "command_id": envelope.command_id,
+        "workspace_id": envelope.workspace,
     }
     return [_sync_change("weight_syncs", event.sampler_id, event.weights_version, envelope, values)]
 

@@ -38,8 +38,8 @@ def envelope(
     )
 
 
-def active_session(reads: ReadModels, session_id: str) -> Row:
-    session = reads.session(session_id)
+def active_session(reads: ReadModels, session_id: str, caller: Caller) -> Row:
+    session = reads.session(session_id, workspace=caller.workspace_id)
     if session is None:
         raise not_found(f"session {session_id} not found", field="session_id")
     if session["status"] != "active":
@@ -47,8 +47,8 @@ def active_session(reads: ReadModels, session_id: str) -> Row:
     return session
 
 
-def active_run(reads: ReadModels, run_id: str) -> Row:
-    run = reads.run(run_id)
+def active_run(reads: ReadModels, run_id: str, caller: Caller) -> Row:
+    run = reads.run(run_id, workspace=caller.workspace_id)
     if run is None:
         raise not_found(f"run {run_id} not found", field="run_id")
     if run["status"] != "active":

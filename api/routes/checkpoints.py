@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
+from api.auth import Caller, CallerDep, TrainCaller
 from api.deps import (
     ApiSettingsDep,
     CheckpointIdPath,
@@ -37,8 +38,8 @@ from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 router = APIRouter(prefix="/v1/loops", tags=["checkpoints"])
 
 
-def _checkpoint(reads: ReadModels, checkpoint_id: str) -> Row:
-    row = reads.checkpoint(checkpoint_id)
+def _checkpoint(reads: ReadModels, checkpoint_id: str, caller: Caller) -> Row:
+    row = reads.checkpoint(checkpoint_id, workspace=caller.workspace_id)
     if row is None:
         raise not_found(f"checkpoint {checkpoint_id} not found", field="checkpoint_id")
     return row
@@ -47,20 +48,24 @@ def _checkpoint(reads: ReadModels, checkpoint_id: str) -> Row:
 @router.get("/runs/{run_id}/checkpoints", responses=error_responses(404))
 def list_run_checkpoints(
     run_id: RunIdPath,
+    caller: CallerDep,
     reads: ReadDep,
     include_deleted: bool = Query(False, description="also list deleted/expired checkpoints"),
 ) -> CheckpointsPublic:
-    if reads.run(run_id) is None:
+    workspace = caller.workspace_id
+    if reads.run(run_id, workspace=workspace) is None:
         raise not_found(f"run {run_id} not found", field="run_id")
-    rows = reads.checkpoints_of_run(run_id, include_deleted=include_deleted)
+    rows = reads.checkpoints_of_run(run_id, workspace=workspace, include_deleted=include_deleted)
     return CheckpointsPublic(
         data=[CheckpointPublic.model_validate(r) for r in rows], count=len(rows)
     )
 
 
 @router.get("/checkpoints/{checkpoint_id}", responses=error_responses(404))
-def get_checkpoint(checkpoint_id: CheckpointIdPath, reads: ReadDep) -> CheckpointPublic:
-    return CheckpointPublic.model_validate(_checkpoint(reads, checkpoint_id))
+def get_checkpoint(
+    checkpoint_id: CheckpointIdPath, caller: CallerDep, reads: ReadDep
+) -> CheckpointPublic:
+    return CheckpointPublic.model_validate(_checkpoint(reads, checkpoint_id, caller))
 
 
 @router.get(
@@ -69,6 +74,7 @@ def get_checkpoint(checkpoint_id: CheckpointIdPath, reads: ReadDep) -> Checkpoin
 )
 def list_checkpoint_files(
     checkpoint_id: CheckpointIdPath,
+    caller: CallerDep,
     reads: ReadDep,
     store: StoreDep,
     api_settings: ApiSettingsDep,
@@ -78,7 +84,7 @@ def list_checkpoint_files(
     ] = None,
 ) -> CheckpointFilesPage:
     """One presigned GET URL per file of the checkpoint folder, `page_size` at a time."""
-    row = _checkpoint(reads, checkpoint_id)
+    row = _checkpoint(reads, checkpoint_id, caller)
     if row["status"] != "active":
         raise ApiError(
             status.HTTP_410_GONE,
@@ -89,7 +95,12 @@ def list_checkpoint_files(
     offset = 0
     if page_token is not None:
         try:
-            offset = decode_page_token(page_token, checkpoint_id=checkpoint_id, secret=secret)
+            offset = decode_page_token(
+                page_token,
+                checkpoint_id=checkpoint_id,
+                secret=secret,
+                workspace_id=caller.workspace_id,
+            )
         except InvalidPageToken as exc:
             raise ApiError(status.HTTP_400_BAD_REQUEST, str(exc), field="page_token") from exc
     # A stable order makes offsets meaningful across pages.
@@ -113,7 +124,12 @@ def list_checkpoint_files(
         ],
         total_count=len(files),
         next_page_token=(
-            encode_page_token(checkpoint_id=checkpoint_id, offset=end, secret=secret)
+            encode_page_token(
+                checkpoint_id=checkpoint_id,
+                offset=end,
+                secret=secret,
+                workspace_id=caller.workspace_id,
+            )
             if end < len(files)
             else None
         ),
@@ -127,13 +143,14 @@ def list_checkpoint_files(
 )
 def delete_checkpoint(
     checkpoint_id: CheckpointIdPath,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
     key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)
-    row = _checkpoint(reads, checkpoint_id)
+    row = _checkpoint(reads, checkpoint_id, caller)
     if row["status"] != "active" and not submitter.already_submitted(key):
         raise ApiError(
             status.HTTP_410_GONE, f"checkpoint {checkpoint_id} is already deleted",
@@ -144,6 +161,7 @@ def delete_checkpoint(
             request_id=key,
             command=DeleteCheckpoint(checkpoint_id=checkpoint_id),
             aggregate_id=row["session_id"],
+            caller=caller,
         ),
         to="commands",
     )
@@ -158,6 +176,7 @@ def delete_checkpoint(
 def promote_checkpoint(
     checkpoint_id: CheckpointIdPath,
     body: PromoteCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -168,9 +187,10 @@ def promote_checkpoint(
     full-parameter training the first checkpoint of a chain (a base), for LoRA any; anything
     else is rejected in the future with the rule."""
     key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
-    row = _checkpoint(reads, checkpoint_id)
+    row = _checkpoint(reads, checkpoint_id, caller)
     command = PromoteCheckpoint(checkpoint_id=checkpoint_id, environment=body.environment)
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=row["session_id"]), to="commands"
+        envelope(request_id=key, command=command, aggregate_id=row["session_id"], caller=caller),
+        to="commands",
     )
     return RequestAccepted(request_id=key)

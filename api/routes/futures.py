@@ -16,11 +16,13 @@ from typing import Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import CallerDep
 from api.deps import ApiSettingsDep, EngineDep, RequestIdPath, SettingsDep, StateDep
 from api.errors import ErrorBody, not_found
 from api.models import EventRefPublic, FuturePublic
 from api.queries import ReadModels, Row
 from commands.envelope import CommandResult, category_of
+from events.envelope import DEFAULT_WORKSPACE
 
 router = APIRouter(prefix="/v1/loops/futures", tags=["futures"])
 
@@ -67,6 +69,7 @@ def _to_future(request_id: str, row: Row) -> FuturePublic:
 )
 async def get_future(
     request_id: RequestIdPath,
+    caller: CallerDep,
     settings: SettingsDep,
     api_settings: ApiSettingsDep,
     engine: EngineDep,
@@ -78,11 +81,15 @@ async def get_future(
     `status`: pending | accepted | rejected | failed; `result` is what the worker computed;
     `reason` and `field` say why a request was rejected or failed. An id with no result answers
     `pending` if this API process sent it in the last `request_retention_s` seconds, and 404
-    "unknown request, resubmit" otherwise (resubmitting under the same key is always safe)."""
+    "unknown request, resubmit" otherwise (resubmitting under the same key is always safe).
+    A request of another workspace is unknown here."""
+    workspace = caller.workspace_id
 
     def lookup() -> Row | None:
         with engine.connect() as conn:
-            return ReadModels(conn, settings.read_schema).command_result(request_id)
+            return ReadModels(conn, settings.read_schema).command_result(
+                request_id, workspace=workspace
+            )
 
     started = time.monotonic()
     deadline = started + min(wait, api_settings.future_max_wait_s)
@@ -91,7 +98,7 @@ async def get_future(
         # The Kafka feed first (in memory, resolves as soon as the result is committed), then
         # the futures table (durable; everything this process did not see) every 20 ms.
         fresh = state.results.get(request_id)
-        if fresh is not None:
+        if fresh is not None and (fresh.workspace_id or DEFAULT_WORKSPACE) == workspace:
             return _from_feed(fresh)
         now = time.monotonic()
         if now >= next_table_check:
@@ -103,7 +110,7 @@ async def get_future(
             break
         interval = FAST_POLL_S if now - started < FAST_PHASE_S else POLL_INTERVAL_S
         await asyncio.sleep(min(interval, deadline - now))
-    if state.sent.recently_sent(request_id):
+    if state.sent.recently_sent(request_id, workspace=workspace):
         return FuturePublic(request_id=request_id, status="pending")
     raise not_found(
         f"unknown request {request_id}, resubmit: no result, and this API did not send it in "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
+from api.auth import CallerDep, TrainCaller
 from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
 from api.errors import error_responses, not_found
 from api.models import RunAccepted, RunCreate, RunPublic
@@ -17,6 +18,7 @@ router = APIRouter(prefix="/v1/loops/runs", tags=["runs"])
 @router.post("", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(404, 409))
 def create_run(
     body: RunCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -25,7 +27,7 @@ def create_run(
     """Provision a run (trainer) and its sampler; both ids come back at once."""
     key, chosen = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
     if not submitter.already_submitted(key):
-        active_session(reads, body.session_id)
+        active_session(reads, body.session_id, caller)
     if chosen:  # the same key names the same run and sampler
         run_id, sampler_id = derived_resource_id(key, "run"), derived_resource_id(key, "sampler")
     else:
@@ -38,7 +40,8 @@ def create_run(
         from_checkpoint=body.from_checkpoint,
     )
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=body.session_id), to="commands"
+        envelope(request_id=key, command=command, aggregate_id=body.session_id, caller=caller),
+        to="commands",
     )
     return RunAccepted(
         run_id=run_id, sampler_id=sampler_id, session_id=body.session_id, request_id=key
@@ -46,8 +49,8 @@ def create_run(
 
 
 @router.get("/{run_id}", responses=error_responses(404))
-def get_run(run_id: RunIdPath, reads: ReadDep) -> RunPublic:
-    row = reads.run(run_id)
+def get_run(run_id: RunIdPath, caller: CallerDep, reads: ReadDep) -> RunPublic:
+    row = reads.run(run_id, workspace=caller.workspace_id)
     if row is None:
         raise not_found(f"run {run_id} not found", field="run_id")
     return RunPublic.model_validate(row)

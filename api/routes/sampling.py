@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
+from api.auth import InferCaller
 from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, SamplerIdPath, SubmitterDep
 from api.errors import conflict, error_responses, not_found, unprocessable
 from api.models import RequestAccepted, SampleCreate
@@ -20,6 +21,7 @@ router = APIRouter(
 def sample(
     sampler_id: SamplerIdPath,
     body: SampleCreate,
+    caller: InferCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -30,7 +32,7 @@ def sample(
     request's correlation id)."""
     key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
     if not submitter.already_submitted(key):
-        sampler = reads.sampler(sampler_id)
+        sampler = reads.sampler(sampler_id, workspace=caller.workspace_id)
         if sampler is None:
             raise not_found(f"sampler {sampler_id} not found", field="sampler_id")
         if sampler["status"] != "active":
@@ -52,6 +54,7 @@ def sample(
             command=request,
             aggregate_id=sampler_id,
             correlation_id=body.affinity_key,
+            caller=caller,
         ),
         to="sampler-requests",
     )

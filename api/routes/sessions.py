@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
+from api.auth import CallerDep, TrainCaller
 from api.deps import (
     IdempotencyHeader,
     OffsetQuery,
@@ -38,6 +39,7 @@ ITEM_ERRORS = error_responses(404, 409)
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def create_session(
     body: SessionCreate,
+    caller: TrainCaller,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
@@ -48,34 +50,46 @@ def create_session(
     session_id = derived_resource_id(key, "session") if chosen else new_resource_id()
     command = CreateSession(base_model=body.base_model, project=body.project, name=body.name)
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=session_id), to="commands"
+        envelope(request_id=key, command=command, aggregate_id=session_id, caller=caller),
+        to="commands",
     )
     return SessionAccepted(session_id=session_id, request_id=key)
 
 
 @router.get("")
 def list_sessions(
+    caller: CallerDep,
     reads: ReadDep,
     status_: Literal["active", "ended"] | None = Query(None, alias="status"),
     limit: int = Query(100, ge=1, le=1000),
     offset: OffsetQuery = 0,
 ) -> SessionsPublic:
-    rows, total = reads.sessions(status=status_, limit=limit, offset=offset)
+    rows, total = reads.sessions(
+        workspace=caller.workspace_id, status=status_, limit=limit, offset=offset
+    )
     return SessionsPublic(data=[SessionPublic.model_validate(r) for r in rows], count=total)
 
 
 @router.get("/{session_id}", responses=error_responses(404))
-def get_session(session_id: SessionIdPath, reads: ReadDep) -> SessionDetail:
+def get_session(session_id: SessionIdPath, caller: CallerDep, reads: ReadDep) -> SessionDetail:
     """The session with its runs, samplers and checkpoints (deleted ones included)."""
-    row = reads.session(session_id)
+    workspace = caller.workspace_id
+    row = reads.session(session_id, workspace=workspace)
     if row is None:
         raise not_found(f"session {session_id} not found", field="session_id")
     return SessionDetail(
         **SessionPublic.model_validate(row).model_dump(),
-        runs=[RunPublic.model_validate(r) for r in reads.runs_of_session(session_id)],
-        samplers=[SamplerPublic.model_validate(r) for r in reads.samplers_of_session(session_id)],
+        runs=[
+            RunPublic.model_validate(r)
+            for r in reads.runs_of_session(session_id, workspace=workspace)
+        ],
+        samplers=[
+            SamplerPublic.model_validate(r)
+            for r in reads.samplers_of_session(session_id, workspace=workspace)
+        ],
         checkpoints=[
-            CheckpointPublic.model_validate(r) for r in reads.checkpoints_of_session(session_id)
+            CheckpointPublic.model_validate(r)
+            for r in reads.checkpoints_of_session(session_id, workspace=workspace)
         ],
     )
 
@@ -83,6 +97,7 @@ def get_session(session_id: SessionIdPath, reads: ReadDep) -> SessionDetail:
 @router.delete("/{session_id}", status_code=status.HTTP_202_ACCEPTED, responses=ITEM_ERRORS)
 def end_session(
     session_id: SessionIdPath,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -92,9 +107,10 @@ def end_session(
     """End the session: its run and sampler stop and their workers release them."""
     key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)
     if not submitter.already_submitted(key):
-        active_session(reads, session_id)
+        active_session(reads, session_id, caller)
     command = EndSession(reason=reason)
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=session_id), to="commands"
+        envelope(request_id=key, command=command, aggregate_id=session_id, caller=caller),
+        to="commands",
     )
     return RequestAccepted(request_id=key)

@@ -12,6 +12,7 @@ from typing import Literal
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ValidationError
 
+from api.auth import Caller, TrainCaller
 from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
 from api.errors import error_responses, unprocessable
 from api.models import (
@@ -58,6 +59,7 @@ def _submit(
     run_id: str,
     request: WorkRequest,
     body: BaseModel,
+    caller: Caller,
     reads: ReadModels,
     submitter: Submitter,
     header_key: str | None,
@@ -69,11 +71,12 @@ def _submit(
         header=header_key, query=query_key, body=getattr(body, "request_id", None)
     )
     if not submitter.already_submitted(key):
-        run = active_run(reads, run_id)
+        run = active_run(reads, run_id, caller)
         if sequences is not None:
             _check_lengths(sequences, max_seq_len=run["max_seq_len"], field=sequences_field)
     submitter.submit(
-        envelope(request_id=key, command=request, aggregate_id=run_id), to="trainer-requests"
+        envelope(request_id=key, command=request, aggregate_id=run_id, caller=caller),
+        to="trainer-requests",
     )
     return RequestAccepted(request_id=key)
 
@@ -82,6 +85,7 @@ def _submit(
 def forward_backward(
     run_id: RunIdPath,
     body: ForwardBackwardCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -91,7 +95,8 @@ def forward_backward(
     `loss_fn_config` sets the loss's parameters (ppo/cispo clip thresholds, dro beta)."""
     request = ForwardBackward.model_validate(body.model_dump(exclude={"request_id"}))
     return _submit(
-        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        run_id=run_id, request=request, body=body, caller=caller, reads=reads,
+        submitter=submitter,
         header_key=idempotency_key, query_key=request_id,
         sequences=[d.model_input for d in body.data], sequences_field="data.{i}.model_input",
     )  # fmt: skip
@@ -101,6 +106,7 @@ def forward_backward(
 def forward(
     run_id: RunIdPath,
     body: ForwardCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -109,7 +115,8 @@ def forward(
     """The loss and per-token logprobs of a batch, gradients untouched (evaluation)."""
     request = Forward.model_validate(body.model_dump(exclude={"request_id"}))
     return _submit(
-        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        run_id=run_id, request=request, body=body, caller=caller, reads=reads,
+        submitter=submitter,
         header_key=idempotency_key, query_key=request_id,
         sequences=[d.model_input for d in body.data], sequences_field="data.{i}.model_input",
     )  # fmt: skip
@@ -119,6 +126,7 @@ def forward(
 def load_state(
     run_id: RunIdPath,
     body: LoadStateCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -128,7 +136,8 @@ def load_state(
     AdamW moments, step and RNG. The result hands back the `loader_state` saved with it."""
     request = LoadState.model_validate(body.model_dump(exclude={"request_id"}))
     return _submit(
-        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        run_id=run_id, request=request, body=body, caller=caller, reads=reads,
+        submitter=submitter,
         header_key=idempotency_key, query_key=request_id,
     )  # fmt: skip
 
@@ -137,6 +146,7 @@ def load_state(
 def optim_step(
     run_id: RunIdPath,
     body: OptimStepCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -144,8 +154,9 @@ def optim_step(
 ) -> RequestAccepted:
     """One AdamW step with this call's hyper-parameters (Tinker's AdamParams defaults)."""
     return _submit(
-        run_id=run_id, request=OptimStep(adam_params=body.adam_params), body=body, reads=reads,
-        submitter=submitter, header_key=idempotency_key, query_key=request_id,
+        run_id=run_id, request=OptimStep(adam_params=body.adam_params), body=body,
+        caller=caller, reads=reads, submitter=submitter, header_key=idempotency_key,
+        query_key=request_id,
     )  # fmt: skip
 
 
@@ -153,6 +164,7 @@ def optim_step(
 def compute_logprobs(
     run_id: RunIdPath,
     body: ComputeLogprobsCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -161,8 +173,8 @@ def compute_logprobs(
     """Per-token logprobs of each sequence under the run's current weights."""
     return _submit(
         run_id=run_id, request=ComputeLogprobs(sequences=body.sequences), body=body,
-        reads=reads, submitter=submitter, header_key=idempotency_key, query_key=request_id,
-        sequences=body.sequences, sequences_field="sequences.{i}",
+        caller=caller, reads=reads, submitter=submitter, header_key=idempotency_key,
+        query_key=request_id, sequences=body.sequences, sequences_field="sequences.{i}",
     )  # fmt: skip
 
 
@@ -170,6 +182,7 @@ def _save(
     kind: Literal["weights", "sampler_weights"],
     run_id: RunIdPath,
     body: SaveWeightsCreate,
+    caller: Caller,
     reads: ReadModels,
     submitter: Submitter,
     idempotency_key: str | None,
@@ -188,7 +201,8 @@ def _save(
         reason, field = first_validation_error(exc, prefix="")
         raise unprocessable(reason, field=field) from exc
     return _submit(
-        run_id=run_id, request=request, body=body, reads=reads, submitter=submitter,
+        run_id=run_id, request=request, body=body, caller=caller, reads=reads,
+        submitter=submitter,
         header_key=idempotency_key, query_key=request_id,
     )  # fmt: skip
 
@@ -197,19 +211,21 @@ def _save(
 def save_weights(
     run_id: RunIdPath,
     body: SaveWeightsCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
     """Save the full training state (resumable): bt://loops:<run_id>/weights/<name>."""
-    return _save("weights", run_id, body, reads, submitter, idempotency_key, request_id)
+    return _save("weights", run_id, body, caller, reads, submitter, idempotency_key, request_id)
 
 
 @router.post("/{run_id}/save_weights_for_sampler", status_code=status.HTTP_202_ACCEPTED)
 def save_weights_for_sampler(
     run_id: RunIdPath,
     body: SaveWeightsCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -218,4 +234,6 @@ def save_weights_for_sampler(
     """Save sampler weights (bt://loops:<run_id>/sampler_weights/<name>) as a full `base` or a
     `delta` against the last one; the run's sampler loads them without a restart (the sync is
     numbered: GET /v1/loops/samplers/{sampler_id}/syncs), unless `hotload` is null."""
-    return _save("sampler_weights", run_id, body, reads, submitter, idempotency_key, request_id)
+    return _save(
+        "sampler_weights", run_id, body, caller, reads, submitter, idempotency_key, request_id
+    )

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
+from api.auth import Caller, CallerDep, TrainCaller
 from api.deps import (
     IdempotencyHeader,
     ReadDep,
@@ -46,6 +47,7 @@ samplers_router = APIRouter(
 def hotload(
     run_id: RunIdPath,
     body: HotloadCreate,
+    caller: TrainCaller,
     reads: ReadDep,
     submitter: SubmitterDep,
     idempotency_key: IdempotencyHeader = None,
@@ -55,7 +57,7 @@ def hotload(
     before) to the run's sampler. The future is accepted once the sync is recorded; the
     sampler's progress is at GET /v1/loops/samplers/{sampler_id}/syncs?request_id=..."""
     key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
-    run = active_run(reads, run_id)
+    run = active_run(reads, run_id, caller)
     options = HotloadOptions.model_validate(
         body.model_dump(include=set(HotloadOptions.model_fields))
     )
@@ -63,23 +65,28 @@ def hotload(
         run_id=run_id, name=body.name, checkpoint_type=body.checkpoint_type, options=options
     )
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=run["session_id"]), to="commands"
+        envelope(request_id=key, command=command, aggregate_id=run["session_id"], caller=caller),
+        to="commands",
     )
     return RequestAccepted(request_id=key)
 
 
-def _sampler(reads: ReadModels, sampler_id: str) -> Row:
-    sampler = reads.sampler(sampler_id)
+def _sampler(reads: ReadModels, sampler_id: str, caller: Caller) -> Row:
+    # Sampler ids are unique across workspaces, so once the sampler is the caller's, so are its
+    # weights and hotloads (those tables, written by sampler events, need no workspace column).
+    sampler = reads.sampler(sampler_id, workspace=caller.workspace_id)
     if sampler is None:
         raise not_found(f"sampler {sampler_id} not found", field="sampler_id")
     return sampler
 
 
 @samplers_router.get("/{sampler_id}/weights")
-def sampler_weights(sampler_id: SamplerIdPath, reads: ReadDep) -> SamplerWeightsPublic:
+def sampler_weights(
+    sampler_id: SamplerIdPath, caller: CallerDep, reads: ReadDep
+) -> SamplerWeightsPublic:
     """Which weights the sampler serves, the newest sync sent to it, and how the last hotload
     went (the weight syncer's `check_deployment_state`)."""
-    sampler = _sampler(reads, sampler_id)
+    sampler = _sampler(reads, sampler_id, caller)
     row = reads.sampler_weights(sampler_id) or {}
     target, serving = row.get("target_version"), row.get("serving_version")
     pending = (
@@ -108,6 +115,7 @@ def sampler_weights(sampler_id: SamplerIdPath, reads: ReadDep) -> SamplerWeights
 @samplers_router.get("/{sampler_id}/syncs")
 def weight_syncs(
     sampler_id: SamplerIdPath,
+    caller: CallerDep,
     reads: ReadDep,
     request_id: Annotated[
         RequestKey | None, Query(description="the save or hotload request that caused the sync")
@@ -118,9 +126,13 @@ def weight_syncs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> WeightSyncsPublic:
     """The sampler's syncs, newest first, each with its hotload outcome, timings and bytes."""
-    _sampler(reads, sampler_id)
+    _sampler(reads, sampler_id, caller)
     rows = reads.weight_syncs(
-        sampler_id, request_id=request_id, checkpoint_id=checkpoint_id, limit=limit
+        sampler_id,
+        workspace=caller.workspace_id,
+        request_id=request_id,
+        checkpoint_id=checkpoint_id,
+        limit=limit,
     )
     data = [WeightSyncPublic.model_validate(row) for row in rows]
     return WeightSyncsPublic(data=data, count=len(data))

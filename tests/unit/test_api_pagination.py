@@ -54,3 +54,10 @@ def test_rejects_a_token_signed_with_another_secret() -> None:
 def test_rejects_garbage(garbage: str) -> None:
     with pytest.raises(InvalidPageToken):
         decode_page_token(garbage, checkpoint_id="ck1", secret=SECRET)
+
+
+def test_a_token_of_another_workspace_is_refused_even_for_the_same_checkpoint_id() -> None:
+    token = encode_page_token(checkpoint_id="ck1", offset=1, secret=SECRET, workspace_id="team-a")
+    assert decode_page_token(token, checkpoint_id="ck1", secret=SECRET, workspace_id="team-a") == 1
+    with pytest.raises(InvalidPageToken, match="another checkpoint"):
+        decode_page_token(token, checkpoint_id="ck1", secret=SECRET, workspace_id="team-b")

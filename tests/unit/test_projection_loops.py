@@ -190,3 +190,43 @@ def test_a_promotion_is_an_insert_only_row_per_environment() -> None:
     (change,) = project_event(envelope(event, 5), event)
     assert (change.table, change.key) == ("promotions", ("ck-1", "staging"))
     assert TABLES["promotions"].insert_only and change.values["promoted_at"] == AT
+
+
+# --- tenancy (migration 0008) ------------------------------------------------------------------
+
+
+def test_rows_created_by_an_event_belong_to_the_envelopes_workspace() -> None:
+    event = SessionCreated(session_id="ses-1", base_model="m", project="p", name="n")
+    tenant = envelope(event, 1).model_copy(update={"workspace_id": "team-a"})
+    (change,) = project_event(tenant, event)
+    assert change.values["workspace_id"] == "team-a"
+    assert event_log_row(tenant, partition=0, offset=0).values["workspace_id"] == "team-a"
+
+
+def test_events_written_before_tenancy_belong_to_the_default_workspace() -> None:
+    event = SessionCreated(session_id="ses-1", base_model="m", project="p", name="n")
+    (change,) = project_event(envelope(event, 1), event)
+    assert change.values["workspace_id"] == "default"
+    assert event_log_row(envelope(event, 1), partition=0, offset=0).values["workspace_id"] == (
+        "default"
+    )
+
+
+def test_an_update_never_moves_a_row_to_another_workspace() -> None:
+    event = SessionEnded(session_id="ses-1", reason="user")
+    tenant = envelope(event, 2).model_copy(update={"workspace_id": "team-a"})
+    (change,) = project_event(tenant, event)
+    assert "workspace_id" not in change.values
+
+
+def test_a_future_belongs_to_the_workspace_its_command_named() -> None:
+    def result(workspace_id: str | None) -> CommandResult:
+        return CommandResult(
+            command_id="cmd-1", command_type="CreateSession", aggregate_id="ses-1",
+            status="accepted", workspace_id=workspace_id,
+        )  # fmt: skip
+
+    assert project_result(result("team-a"), partition=0, offset=0).values["workspace_id"] == (
+        "team-a"
+    )
+    assert project_result(result(None), partition=0, offset=0).values["workspace_id"] == "default"
