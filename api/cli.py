@@ -186,13 +186,16 @@ def audit_history(
     aggregate_id: str,
     as_of_sequence: int | None = typer.Option(None, help="state after this sequence number"),
     as_of: datetime | None = typer.Option(None, help="state as of this time (ISO 8601, UTC)"),
+    workspace: str | None = typer.Option(
+        None, help="only this workspace's events (another workspace's aggregate has none)"
+    ),
 ) -> None:
     """Full history of one aggregate with causation chains, and its state at a point."""
     from rich.tree import Tree
 
     from events.audit import causation_forest, history, state_as_of, to_jsonable
 
-    envelopes = history(get_settings(), aggregate_id)
+    envelopes = history(get_settings(), aggregate_id, workspace=workspace)
     if not envelopes:
         _fail(ValueError(f"no events for aggregate {aggregate_id!r}"))
     out = Console()
@@ -215,6 +218,7 @@ def audit_tail(
     aggregate_id: str | None = typer.Option(None, "--aggregate", help="only this aggregate"),
     correlation_id: str | None = typer.Option(None, "--correlation", help="only this conversation"),
     from_beginning: bool = typer.Option(False, help="start at the oldest event, not the newest"),
+    workspace: str | None = typer.Option(None, help="only this workspace's events"),
 ) -> None:
     """Print events as they are committed, one JSON object per line."""
     from events.audit import tail
@@ -224,6 +228,7 @@ def audit_tail(
         event_type=event_type,
         aggregate_id=aggregate_id,
         correlation_id=correlation_id,
+        workspace=workspace,
         from_beginning=from_beginning,
     ):
         sys.stdout.write(envelope.model_dump_json() + "\n")

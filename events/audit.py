@@ -28,15 +28,26 @@ from events.kafka_log import (
 from infra.settings import Settings
 
 
-def history(settings: Settings, aggregate_id: str) -> list[EventEnvelope]:
+def history(
+    settings: Settings, aggregate_id: str, *, workspace: str | None = None
+) -> list[EventEnvelope]:
+    """Every event of the aggregate, in order. With `workspace`, only events of that workspace:
+    another workspace's aggregate has no history here (exactly like an id nobody used)."""
     topic = settings.topic("events")
     partition = partition_for(aggregate_id.encode(), partition_count(settings, topic))
     key = aggregate_id.encode()
-    return [
+    envelopes = (
         EventEnvelope.from_bytes(message.value())
         for message in read_partition(settings, topic, partition)
         if message.key() == key
-    ]
+    )
+    return [e for e in envelopes if in_workspace(e, workspace)]
+
+
+def in_workspace(envelope: EventEnvelope, workspace: str | None) -> bool:
+    """True without a workspace filter, else when the event is that workspace's (events written
+    before tenancy are the default workspace's)."""
+    return workspace is None or envelope.workspace == workspace
 
 
 def state_as_of(
@@ -97,6 +108,7 @@ def tail(
     event_type: str | None = None,
     aggregate_id: str | None = None,
     correlation_id: str | None = None,
+    workspace: str | None = None,
     from_beginning: bool = False,
     idle_timeout_s: float | None = None,
 ) -> Iterator[EventEnvelope]:
@@ -117,6 +129,8 @@ def tail(
             if aggregate_id and envelope.aggregate_id != aggregate_id:
                 continue
             if correlation_id and envelope.correlation_id != correlation_id:
+                continue
+            if not in_workspace(envelope, workspace):
                 continue
             yield envelope
     finally:
