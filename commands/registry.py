@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from commands import access, loops
+from commands import access, loops, secrets
 from commands.loops import Command
 from events.catalog import CATALOG
 from events.envelope import EventEnvelope
@@ -58,7 +58,17 @@ WORKSPACE = AggregateSpec(
     tenant_scoped=False,
 )
 
-AGGREGATES: dict[str, AggregateSpec] = {spec.aggregate_type: spec for spec in (SESSION, WORKSPACE)}
+SECRET = AggregateSpec(
+    aggregate_type=secrets.AGGREGATE_TYPE,
+    commands=secrets.COMMANDS,
+    initial_state=secrets.initial_state,
+    decide=secrets.decide,
+    evolve=secrets.evolve,
+)
+
+AGGREGATES: dict[str, AggregateSpec] = {
+    spec.aggregate_type: spec for spec in (SESSION, WORKSPACE, SECRET)
+}
 COMMAND_TYPES: dict[str, tuple[type[Command], AggregateSpec]] = {
     command.__name__: (command, spec) for spec in AGGREGATES.values() for command in spec.commands
 }

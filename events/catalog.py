@@ -13,6 +13,7 @@ from typing import Any
 from events.access import ACCESS_EVENTS
 from events.envelope import EventEnvelope
 from events.loops import LOOPS_EVENTS, DomainEvent
+from events.secrets import SECRETS_EVENTS
 from events.work import WORK_EVENTS
 
 Payload = dict[str, Any]
@@ -68,7 +69,7 @@ class EventCatalog:
         return self.model(envelope.type).model_validate(payload)
 
 
-CATALOG = EventCatalog(LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS)
+CATALOG = EventCatalog(LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS + SECRETS_EVENTS)
 
 
 def decode_payload(envelope: EventEnvelope) -> DomainEvent:
