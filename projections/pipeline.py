@@ -21,6 +21,7 @@ from commands.envelope import CommandResult
 from events.catalog import CATALOG, UnknownEventType, UnsupportedSchemaVersion
 from events.envelope import EventEnvelope
 from events.loops import DomainEvent
+from projections.access import project_access_event
 from projections.loops import event_log_row, project_event, project_result
 from projections.rows import RowChange
 
@@ -134,6 +135,7 @@ def _project_event_record(record: SourceRecord) -> Projected | DeadLetter:
     changes = (
         event_log_row(envelope, partition=record.partition, offset=record.offset, payload=payload),
         *project_event(envelope, event),
+        *project_access_event(event, envelope),
     )
     return Projected(record, changes)
 
@@ -195,6 +197,7 @@ def _project_event_record_checked(record: SourceRecord) -> Projected | DeadLette
     changes = (
         event_log_row(envelope, partition=record.partition, offset=record.offset),
         *project_event(envelope, event),
+        *project_access_event(event, envelope),
     )
     return Projected(record, changes)
 

@@ -25,12 +25,16 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import StatementError
 
 from infra.settings import checked_identifier
+from projections.access import ACCESS_TABLES
 from projections.failures import failures_of, record_failures
 from projections.loops import TABLES
 from projections.pipeline import DeadLetter, PlannedBatch, Projected, TopicPartition
 from projections.rows import RowChange, TableSpec, group_for_write, merge_changes
 
 log = logging.getLogger(__name__)
+
+# Every read-model table a projection writes, by context.
+READ_MODEL_TABLES: Mapping[str, TableSpec] = {**TABLES, **ACCESS_TABLES}
 
 # What PostgreSQL says about a row it will not take, every time (as opposed to a lost connection,
 # a deadlock or a bug in our SQL, which are retried by crashing): bad values, broken constraints,
@@ -116,7 +120,7 @@ class ReadModelWriter:
         *,
         projection: str,
         schema: str | None = None,
-        tables: Mapping[str, TableSpec] = TABLES,
+        tables: Mapping[str, TableSpec] = READ_MODEL_TABLES,
     ) -> None:
         self.engine = engine
         self.projection = checked_identifier(projection)
