@@ -17,7 +17,16 @@ from api.boundary import InputBoundary
 from api.config import ApiSettings, get_api_settings, refuse_public_defaults
 from api.deps import AppState
 from api.errors import ErrorBody, ValidationErrorBody, install_error_handlers
-from api.routes import checkpoints, futures, runs, sampling, sessions, training, weight_sync
+from api.routes import (
+    api_keys,
+    checkpoints,
+    futures,
+    runs,
+    sampling,
+    sessions,
+    training,
+    weight_sync,
+)
 from api.routes import health as health_route
 from api.tinker import rest as tinker_rest
 from api.tinker import routes as tinker_routes
@@ -57,6 +66,7 @@ def create_app(
     app.include_router(tinker_routes.router)  # the Tinker wire protocol over the same commands
     app.include_router(tinker_rest.router)  # and the Tinker RestClient's reads and deletes
     app.include_router(health_route.router)  # GET /health: projection failures and lag
+    app.include_router(api_keys.router)  # /v1/api_keys: admin keys of the caller's workspace
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
