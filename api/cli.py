@@ -34,6 +34,11 @@ app.add_typer(sessions_app, name="sessions")
 app.add_typer(runs_app, name="runs")
 app.add_typer(checkpoints_app, name="checkpoints")
 
+from api.cli_access import keys_app, workspaces_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.add_typer(workspaces_app, name="workspaces")
+
 console = Console(stderr=True)
 
 
@@ -139,6 +144,13 @@ def services_up() -> None:
             console.print(f"{name}: {what}")
     except StackError as exc:
         _fail(exc)
+    from api.bootstrap import ensure_default_key, key_file
+
+    try:  # the default workspace's admin key, for the SDK, CLI and examples
+        ensure_default_key(get_settings())
+    except (RuntimeError, TimeoutError) as exc:
+        _fail(exc)
+    console.print(f"default API key: {key_file(get_settings())}")
 
 
 @services_app.command("down")

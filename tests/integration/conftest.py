@@ -41,13 +41,23 @@ def services(settings: Settings) -> Iterator[Settings]:
 
     Started here when not running, and then stopped at the end; left alone when they were.
     """
+    from api.bootstrap import ensure_default_key
     from infra.services import services_down, services_status, services_up
 
     started_here = not all(services_status(settings).values())
     services_up(settings)
+    ensure_default_key(settings)
     yield settings
     if started_here:
         services_down(settings)
+
+
+@pytest.fixture(scope="session")
+def api_key(services: Settings) -> str:
+    """The default workspace's admin key (issued by the `services` fixture)."""
+    from api.bootstrap import ensure_default_key
+
+    return ensure_default_key(services)
 
 
 @pytest.fixture
