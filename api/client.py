@@ -1,6 +1,7 @@
 """Python SDK of the Loops REST API, shaped like the Tinker / Loops SDK.
 
-    service = ServiceClient("http://127.0.0.1:18000")
+    service = ServiceClient("http://127.0.0.1:18000")   # key: api_key=, LOOPSTREAM_API_KEY,
+                                                        # else the stack's default key file
     session = service.create_session("loopstream/tiny-llama")
     trainer = service.create_training_client(session, max_seq_len=256)
     fb = trainer.forward_backward(data, "importance_sampling")   # APIFuture, returns at once
@@ -21,13 +22,16 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
 from commands.loops import HotloadOptions
 from commands.work import AdamParams, CompressionFormat, Datum, LossFn
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -52,6 +56,10 @@ class LoopsError(Exception):
 
 class UnknownRequestError(LoopsError):
     """The API has no record of the request (expired or lost): resubmit it."""
+
+
+class MissingApiKeyError(Exception):
+    """No API key was given, LOOPSTREAM_API_KEY is unset and the stack wrote no default key."""
 
 
 class RequestFailedError(Exception):
@@ -81,10 +89,45 @@ class ChecksumMismatchError(Exception):
 # --- transport ----------------------------------------------------------------------------------
 
 
+API_KEY_ENV = "LOOPSTREAM_API_KEY"
+
+
+def resolve_api_key(api_key: str | None = None, settings: Settings | None = None) -> str | None:
+    """The key a client sends: the one given, else $LOOPSTREAM_API_KEY, else the default
+    workspace's admin key that `stack up` / `services up` wrote under the data directory."""
+    if api_key:
+        return api_key
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    from api.bootstrap import default_api_key
+    from infra.settings import get_settings
+
+    return default_api_key(settings or get_settings())
+
+
 class _Http:
-    def __init__(self, base_url: str, *, timeout_s: float, client: httpx.Client | None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        client: httpx.Client | None,
+        api_key: str | None,
+    ) -> None:
         self.client = client or httpx.Client(base_url=base_url, timeout=timeout_s)
         self.timeout_s = timeout_s
+        self.api_key = api_key
+
+    def _auth_headers(self) -> dict[str, str]:
+        # Checked at the first request, not at construction: a client that never calls out (a
+        # unit test, a WeightSyncer without a deploy manager) needs no key.
+        if self.api_key is None:
+            raise MissingApiKeyError(
+                f"no API key: pass ServiceClient(api_key=...), set {API_KEY_ENV}, or run "
+                "`loopstream services up`, which writes the default workspace's key under the "
+                "data directory"
+            )
+        return {"Authorization": f"Api-Key {self.api_key}"}
 
     def request(
         self,
@@ -96,7 +139,9 @@ class _Http:
         request_id: str | None = None,
         timeout_s: float | None = None,
     ) -> Json:
-        headers = {"Idempotency-Key": request_id} if request_id else {}
+        headers = self._auth_headers()
+        if request_id:
+            headers["Idempotency-Key"] = request_id
         # A POST with an idempotency key is safe to send again after a connection error.
         attempts = 3 if request_id or method == "GET" else 1
         for attempt in range(attempts):
@@ -208,15 +253,23 @@ class ServiceClient:
         self,
         base_url: str | None = None,
         *,
+        api_key: str | None = None,
         timeout_s: float = 30.0,
         http_client: httpx.Client | None = None,
     ) -> None:
+        """`api_key`: sent as `Authorization: Api-Key <key>`; None takes $LOOPSTREAM_API_KEY,
+        else the default key file (see resolve_api_key)."""
         if base_url is None:
             from api.config import get_api_settings
 
             base_url = get_api_settings().base_url
         self.base_url = base_url.rstrip("/")
-        self.http = _Http(self.base_url, timeout_s=timeout_s, client=http_client)
+        self.http = _Http(
+            self.base_url,
+            timeout_s=timeout_s,
+            client=http_client,
+            api_key=resolve_api_key(api_key),
+        )
 
     def close(self) -> None:
         self.http.client.close()
