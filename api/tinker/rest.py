@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
+from api.auth import Caller, CallerDep, TrainCaller, authenticate
 from api.deps import (
     ApiSettingsDep,
     EngineDep,
@@ -35,12 +36,12 @@ from api.errors import ApiError
 from api.queries import ReadModels, Row
 from api.routes._common import envelope
 from api.tinker import ids
-from api.tinker.routes import _lookup, require_api_key
+from api.tinker.routes import _lookup, run_of
 from commands.loops import DeleteCheckpoint
 from events.limits import RequestKey, ShortText
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 
-router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(authenticate)])
 
 DELETE_WAIT_S = 30.0  # the SDK's delete resolves on the HTTP answer: answer once it is applied
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
@@ -50,8 +51,9 @@ ModelIdPath = Annotated[RequestKey, Path(description="training run (model) id")]
 NamePath = Annotated[ShortText, Path(description="checkpoint name")]
 
 
-def _run(reads: ReadModels, model_id: str) -> Row:
-    run = reads.run(ids.run_id_of(model_id))
+def _run(reads: ReadModels, model_id: str, caller: Caller) -> Row:
+    # Another workspace's run is as missing as one that never was.
+    run = run_of(reads, ids.run_id_of(model_id), caller)
     if run is None:
         raise ApiError(404, f"training run {model_id} not found", field="training_run_id")
     return run
@@ -69,12 +71,14 @@ def _checkpoint_public(row: Row) -> dict[str, Any]:
 
 
 def _training_run_public(reads: ReadModels, run: Row) -> dict[str, Any]:
-    checkpoints = reads.checkpoints_of_run(run["run_id"], include_deleted=False)
+    checkpoints = reads.checkpoints_of_run(
+        run["run_id"], workspace=run["workspace_id"], include_deleted=False
+    )
     latest = {row["kind"]: row for row in checkpoints}  # ordered by creation: the last wins
     return {
         "training_run_id": ids.model_id_of(run["run_id"]),
         "base_model": run["base_model"],
-        "model_owner": "loopstream",  # the local stack has no users; keys are not identities
+        "model_owner": run["workspace_id"],  # runs belong to workspaces
         "is_lora": run["lora_rank"] > 0,
         "lora_rank": run["lora_rank"] or None,
         "corrupted": False,
@@ -86,9 +90,11 @@ def _training_run_public(reads: ReadModels, run: Row) -> dict[str, Any]:
     }
 
 
-def _checkpoint_row(reads: ReadModels, model_id: str, kind: str, name: str) -> Row:
-    run = _run(reads, model_id)
-    for row in reads.checkpoints_of_run(run["run_id"], include_deleted=False):
+def _checkpoint_row(reads: ReadModels, model_id: str, kind: str, name: str, caller: Caller) -> Row:
+    run = _run(reads, model_id, caller)
+    for row in reads.checkpoints_of_run(
+        run["run_id"], workspace=caller.workspace_id, include_deleted=False
+    ):
         if row["kind"] == kind and row["name"] == name:
             return row
     raise ApiError(404, f"checkpoint tinker://{model_id}/{kind}/{name} not found", field="path")
@@ -97,10 +103,11 @@ def _checkpoint_row(reads: ReadModels, model_id: str, kind: str, name: str) -> R
 @router.get("/training_runs")
 def list_training_runs(
     reads: ReadDep,
+    caller: CallerDep,
     limit: int = Query(20, ge=1, le=1000),
     offset: OffsetQuery = 0,
 ) -> dict[str, Any]:
-    rows, total = reads.runs(limit=limit, offset=offset)
+    rows, total = reads.runs(workspace=caller.workspace_id, limit=limit, offset=offset)
     return {
         "training_runs": [_training_run_public(reads, r) for r in rows],
         "cursor": {"offset": offset, "limit": limit, "total_count": total},
@@ -108,17 +115,17 @@ def list_training_runs(
 
 
 @router.get("/training_runs/{model_id}")
-def get_training_run(model_id: ModelIdPath, reads: ReadDep) -> dict[str, Any]:
-    return _training_run_public(reads, _run(reads, model_id))
+def get_training_run(model_id: ModelIdPath, reads: ReadDep, caller: CallerDep) -> dict[str, Any]:
+    return _training_run_public(reads, _run(reads, model_id, caller))
 
 
 @router.post("/weights_info")
-def weights_info(body: dict[str, Any], reads: ReadDep) -> dict[str, Any]:
+def weights_info(body: dict[str, Any], reads: ReadDep, caller: CallerDep) -> dict[str, Any]:
     try:
         uri = ids.bt_uri(str(body.get("tinker_path")))
     except ValueError as exc:
         raise ApiError(400, str(exc), field="tinker_path") from exc
-    run = _run(reads, ids.model_id_of(uri.removeprefix("bt://loops:").split("/")[0]))
+    run = _run(reads, ids.model_id_of(uri.removeprefix("bt://loops:").split("/")[0]), caller)
     return {
         "base_model": run["base_model"],
         "is_lora": run["lora_rank"] > 0,
@@ -127,9 +134,11 @@ def weights_info(body: dict[str, Any], reads: ReadDep) -> dict[str, Any]:
 
 
 @router.get("/training_runs/{model_id}/checkpoints")
-def list_checkpoints(model_id: ModelIdPath, reads: ReadDep) -> dict[str, Any]:
-    run = _run(reads, model_id)
-    rows = reads.checkpoints_of_run(run["run_id"], include_deleted=False)
+def list_checkpoints(model_id: ModelIdPath, reads: ReadDep, caller: CallerDep) -> dict[str, Any]:
+    run = _run(reads, model_id, caller)
+    rows = reads.checkpoints_of_run(
+        run["run_id"], workspace=caller.workspace_id, include_deleted=False
+    )
     return {"checkpoints": [_checkpoint_public(r) for r in rows]}
 
 
@@ -141,8 +150,10 @@ def external_weights_urls(
     reads: ReadDep,
     store: StoreDep,
     api_settings: ApiSettingsDep,
+    caller: CallerDep,
 ) -> dict[str, Any]:
-    row = _checkpoint_row(reads, model_id, "sampler_weights" if kind != "weights" else kind, name)
+    kind_of_row = "sampler_weights" if kind != "weights" else kind
+    row = _checkpoint_row(reads, model_id, kind_of_row, name, caller)
     prefix = CheckpointStore(store).prefix(CheckpointRef(row["run_id"], row["kind"], row["name"]))
     expires = timedelta(seconds=api_settings.presigned_url_ttl_s)
     return {
@@ -166,8 +177,9 @@ def delete_checkpoint(
     state: StateDep,
     engine: EngineDep,
     settings: SettingsDep,
+    caller: TrainCaller,
 ) -> Response:
-    row = _checkpoint_row(reads, model_id, kind, name)
+    row = _checkpoint_row(reads, model_id, kind, name, caller)
     # One command per checkpoint: a retried delete is the same command.
     command_id = f"tinker:delete:{row['checkpoint_id']}"
     submitter.submit(
@@ -175,11 +187,12 @@ def delete_checkpoint(
             request_id=command_id,
             command=DeleteCheckpoint(checkpoint_id=row["checkpoint_id"]),
             aggregate_id=row["session_id"],
+            caller=caller,
         ),
         to="commands",
     )
     deadline = time.monotonic() + DELETE_WAIT_S
-    while (result := _lookup(state, engine, settings, command_id)) is None:
+    while (result := _lookup(state, engine, settings, command_id, caller)) is None:
         if time.monotonic() > deadline:
             raise ApiError(503, f"delete of {row['checkpoint_id']} not applied in time")
         time.sleep(0.01)
@@ -188,7 +201,9 @@ def delete_checkpoint(
     # ...and once the read models say so, so that a listing right after no longer shows it.
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            now = ReadModels(conn, settings.read_schema).checkpoint(row["checkpoint_id"])
+            now = ReadModels(conn, settings.read_schema).checkpoint(
+                row["checkpoint_id"], workspace=caller.workspace_id
+            )
         if now is None or now["status"] != "active":
             break
         time.sleep(0.01)
@@ -196,7 +211,9 @@ def delete_checkpoint(
 
 
 @router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
-def set_checkpoint_ttl(model_id: ModelIdPath, kind: ShortText, name: NamePath) -> Response:
+def set_checkpoint_ttl(
+    model_id: ModelIdPath, kind: ShortText, name: NamePath, caller: TrainCaller
+) -> Response:
     # A checkpoint's expiry is fixed when it is recorded (ttl_seconds of save_state /
     # save_weights_for_sampler); changing it later needs an event loopstream does not have yet.
     raise ApiError(

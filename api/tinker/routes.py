@@ -19,13 +19,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import Caller, CallerDep, InferCaller, TrainCaller, authenticate
 from api.deps import EngineDep, ReadDep, SettingsDep, StateDep, SubmitterDep
 from api.errors import ApiError
 from api.queries import ReadModels, Row
@@ -40,7 +41,7 @@ from api.tinker.wire import (
     model_input_from_json,
 )
 from commands import tinker_sessions
-from commands.envelope import CommandResult, category_of
+from commands.envelope import DEFAULT_WORKSPACE, CommandResult, category_of
 from commands.loops import CreateRun, CreateSession
 from commands.work import (
     AdamParams,
@@ -105,16 +106,28 @@ def _object(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def require_api_key(x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> str:
-    """The SDK sends its key as X-API-Key and refuses to start unless it begins with `tml-`;
-    loopstream accepts any such key on its local stack (who is calling is the actor of the
-    commands, not a permission)."""
-    if not x_api_key or not x_api_key.startswith("tml-"):
-        raise ApiError(401, "an API key starting with 'tml-' is required (X-API-Key header)")
-    return x_api_key
+# Every route authenticates: the SDK sends its key as X-API-Key (it refuses keys that do not
+# start with `tml-`, which loopstream's keys do). A key loopstream did not issue, or revoked, is a
+# 401, which the SDK raises as its AuthenticationError. Training routes need the `train` scope,
+# sampling routes `infer`; who calls is the actor of every command sent.
+router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(authenticate)])
 
 
-router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(require_api_key)])
+def workspace_of(row: Row | CommandResult) -> str:
+    """The workspace a read-model row or a result belongs to (null: written before tenancy)."""
+    value = row.workspace_id if isinstance(row, CommandResult) else row.get("workspace_id")
+    return value or DEFAULT_WORKSPACE
+
+
+def owned(row: Row | None, caller: Caller) -> Row | None:
+    """The row if the caller's workspace holds it; another workspace's is as if missing (its
+    existence is not disclosed)."""
+    return row if row is not None and workspace_of(row) == caller.workspace_id else None
+
+
+def run_of(reads: ReadModels, run_id: str, caller: Caller) -> Row | None:
+    """A run of the caller's workspace (the read models answer another's as missing)."""
+    return reads.run(run_id, workspace=caller.workspace_id)
 
 
 class _Body(BaseModel):
@@ -288,23 +301,41 @@ def finish_session(
     engine: EngineDep,
     settings: SettingsDep,
     submitter: SubmitterDep,
+    caller: CallerDep,
 ) -> Response:
     """Ends the loops sessions of the Tinker session's models (their runs stop, the workers
     release the engines). Those the read models do not show yet are ended by the janitor, which
     sees the finished row (commands/tinker_sessions.py): same command ids, so never twice."""
     reason = "tinker session finished"
-    _liveness(engine, settings, lambda c: tinker_sessions.finish(c, settings, session_id, reason))
     with engine.connect() as conn:
-        rows = conn.exec_driver_sql(
-            f"select session_id, name from {settings.read_schema}.sessions "
-            "where status = 'active' and name like 'tinker %%' and session_id like %(prefix)s",
-            {"prefix": session_id.replace("%", "").replace("_", "") + "-%"},
-        ).fetchall()
-    for loops_session_id, name in rows:
-        if tinker_sessions.tinker_session_of(name.removeprefix(tinker_sessions.NAME_PREFIX)) == (
-            session_id
-        ):
-            submitter.submit(tinker_sessions.end_session(loops_session_id, reason), to="commands")
+        rows = (
+            conn.exec_driver_sql(
+                f"select * from {settings.read_schema}.sessions "
+                "where name like 'tinker %%' and session_id like %(prefix)s",
+                {"prefix": session_id.replace("%", "").replace("_", "") + "-%"},
+            )
+            .mappings()
+            .fetchall()
+        )
+    ours = [
+        dict(row)
+        for row in rows
+        if tinker_sessions.tinker_session_of(row["name"].removeprefix(tinker_sessions.NAME_PREFIX))
+        == session_id
+    ]
+    # A Tinker session whose models live in another workspace is not the caller's to end.
+    if any(workspace_of(row) != caller.workspace_id for row in ours):
+        raise ApiError(404, f"session {session_id} not found", field="session_id")
+    _liveness(engine, settings, lambda c: tinker_sessions.finish(c, settings, session_id, reason))
+    for row in ours:
+        if row["status"] == "active":
+            command = tinker_sessions.end_session(row["session_id"], reason)
+            submitter.submit(
+                command.model_copy(
+                    update={"actor": caller.key_id, "workspace_id": caller.workspace_id}
+                ),
+                to="commands",
+            )
     return Response(status_code=200, content=b"null", media_type="application/json")
 
 
@@ -325,6 +356,7 @@ def _check_model(settings: Settings, base_model: str) -> None:
 
 def _create_run(
     *,
+    caller: Caller,
     submitter: Submitter,
     model_id: str,
     base_model: str,
@@ -344,6 +376,7 @@ def _create_run(
                 base_model=base_model, name=f"{tinker_sessions.NAME_PREFIX}{model_id}"
             ),
             aggregate_id=session_id,
+            caller=caller,
         ),
         to="commands",
     )
@@ -355,7 +388,8 @@ def _create_run(
         from_checkpoint=from_checkpoint,
     )
     submitter.submit(
-        envelope(request_id=create_run_id, command=run, aggregate_id=session_id), to="commands"
+        envelope(request_id=create_run_id, command=run, aggregate_id=session_id, caller=caller),
+        to="commands",
     )
     return create_run_id
 
@@ -366,13 +400,16 @@ def _max_seq_len(settings: Settings, base_model: str) -> int:
 
 
 @router.post("/create_model")
-def create_model(body: _Body, settings: SettingsDep, submitter: SubmitterDep) -> dict[str, Any]:
+def create_model(
+    body: _Body, settings: SettingsDep, submitter: SubmitterDep, caller: TrainCaller
+) -> dict[str, Any]:
     data = body.model_dump()
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
     model_id = ids.model_id_for(_field(data, "session_id", str), _field(data, "model_seq_id", int))
     lora = _object(data, "lora_config")
     request_id = _create_run(
+        caller=caller,
         submitter=submitter,
         model_id=model_id,
         base_model=base_model,
@@ -383,8 +420,8 @@ def create_model(body: _Body, settings: SettingsDep, submitter: SubmitterDep) ->
     return _future(request_id, model_id)
 
 
-def _run_row(reads: ReadModels, model_id: str) -> Row:
-    run = reads.run(ids.run_id_of(model_id))
+def _run_row(reads: ReadModels, model_id: str, caller: Caller) -> Row:
+    run = run_of(reads, ids.run_id_of(model_id), caller)
     if run is None:
         raise ApiError(404, f"model {model_id} not found", field="model_id")
     if run["status"] != "active":
@@ -393,9 +430,11 @@ def _run_row(reads: ReadModels, model_id: str) -> Row:
 
 
 @router.post("/get_info")
-def get_info(body: _Body, reads: ReadDep, settings: SettingsDep) -> dict[str, Any]:
+def get_info(
+    body: _Body, reads: ReadDep, settings: SettingsDep, caller: CallerDep
+) -> dict[str, Any]:
     model_id = str(body.model_dump().get("model_id"))
-    run = _run_row(reads, model_id)
+    run = _run_row(reads, model_id, caller)
     folder = resolve_base_model(settings, run["base_model"])
     return {
         "type": "get_info",
@@ -427,27 +466,36 @@ def _seq_door(model_id: str, seq_id: int | None) -> Iterator[None]:
 
 
 def _submit_training(
-    *, submitter: Submitter, model_id: str, seq_id: int | None, request: Any
+    *, caller: Caller, submitter: Submitter, model_id: str, seq_id: int | None, request: Any
 ) -> dict[str, Any]:
     command_id = _command_id(model_id, seq_id)
-    command = envelope(request_id=command_id, command=request, aggregate_id=ids.run_id_of(model_id))
+    command = envelope(
+        request_id=command_id,
+        command=request,
+        aggregate_id=ids.run_id_of(model_id),
+        caller=caller,
+    )
     _GATE.send_in_order(
         model_id,
         seq_id,
         lambda: submitter.submit(command, to="trainer-requests"),
-        answered=lambda request_id: submitter.reads.command_result(request_id) is not None,
+        answered=lambda request_id: (
+            submitter.reads.command_result(request_id, workspace=caller.workspace_id) is not None
+        ),
     )
     return _future(command_id, model_id)
 
 
 @router.post("/forward_backward")
-async def forward_backward(request: Request, reads: ReadDep, submitter: SubmitterDep) -> Any:
+async def forward_backward(
+    request: Request, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
+) -> Any:
     try:
         call = decode_forward_backward(await request.body())
     except WireError as exc:
         raise bad_request(str(exc), exc.field) from exc
     with _seq_door(call.model_id, call.seq_id):
-        run = _run_row(reads, call.model_id)
+        run = _run_row(reads, call.model_id, caller)
         for i, datum in enumerate(call.data):
             n = len(datum["model_input"])
             if n > run["max_seq_len"]:
@@ -464,6 +512,7 @@ async def forward_backward(request: Request, reads: ReadDep, submitter: Submitte
         )
     return await run_in_threadpool(
         _submit_training,
+        caller=caller,
         submitter=submitter,
         model_id=call.model_id,
         seq_id=call.seq_id,
@@ -472,15 +521,18 @@ async def forward_backward(request: Request, reads: ReadDep, submitter: Submitte
 
 
 @router.post("/optim_step")
-def optim_step(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
+def optim_step(
+    body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
+) -> dict[str, Any]:
     data = body.model_dump()
     with _seq_door(str(data.get("model_id")), _seq_id(data)):
-        _run_row(reads, str(data.get("model_id")))
+        _run_row(reads, str(data.get("model_id")), caller)
         params = data.get("adam_params")
         if params is None:
             raise bad_request("only the adamw optimizer is served (adam_params)", "optim_params")
         work = OptimStep(adam_params=_validated(AdamParams, **params))
     return _submit_training(
+        caller=caller,
         submitter=submitter,
         model_id=_field(data, "model_id", str),
         seq_id=_seq_id(data),
@@ -498,10 +550,11 @@ def _save(
     reads: ReadModels,
     submitter: Submitter,
     kind: Literal["weights", "sampler_weights"],
+    caller: Caller,
 ) -> dict[str, Any]:
     data = body.model_dump()
     with _seq_door(str(data.get("model_id")), _seq_id(data)):
-        _run_row(reads, str(data.get("model_id")))
+        _run_row(reads, str(data.get("model_id")), caller)
         work = _validated(
             SaveWeights,
             name=_save_name(data, _seq_id(data)),
@@ -509,6 +562,7 @@ def _save(
             ttl_seconds=data.get("ttl_seconds"),
         )
     return _submit_training(
+        caller=caller,
         submitter=submitter,
         model_id=_field(data, "model_id", str),
         seq_id=_seq_id(data),
@@ -517,20 +571,22 @@ def _save(
 
 
 @router.post("/save_weights")
-def save_weights(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
-    return _save(body, reads, submitter, "weights")
+def save_weights(
+    body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
+) -> dict[str, Any]:
+    return _save(body, reads, submitter, "weights", caller)
 
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(
-    body: _Body, reads: ReadDep, submitter: SubmitterDep
+    body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
 ) -> dict[str, Any]:
-    return _save(body, reads, submitter, "sampler_weights")
+    return _save(body, reads, submitter, "sampler_weights", caller)
 
 
 @router.post("/load_weights")
 def load_weights(
-    body: _Body, reads: ReadDep, settings: SettingsDep, submitter: SubmitterDep
+    body: _Body, reads: ReadDep, settings: SettingsDep, submitter: SubmitterDep, caller: TrainCaller
 ) -> dict[str, Any]:
     data = body.model_dump()
     try:
@@ -540,22 +596,25 @@ def load_weights(
     optimizer = bool(data.get("optimizer"))
     if data.get("model_id"):  # load_state on an existing training client
         with _seq_door(str(data["model_id"]), _seq_id(data)):
-            _run_row(reads, str(data["model_id"]))
+            _run_row(reads, str(data["model_id"]), caller)
             work = _validated(LoadState, checkpoint_uri=uri, optimizer=optimizer)
         return _submit_training(
+            caller=caller,
             submitter=submitter,
             model_id=_field(data, "model_id", str),
             seq_id=_seq_id(data),
             request=work,
         )
     # create_training_client_from_state[_with_optimizer]: a new run started from the checkpoint.
-    source = reads.run(ids.run_id_of(ids.model_id_of(uri.split(":", 2)[2].split("/")[0])))
+    source_run_id = ids.run_id_of(ids.model_id_of(uri.split(":", 2)[2].split("/")[0]))
+    source = run_of(reads, source_run_id, caller)
     if source is None:
         raise bad_request(f"no run holds {data.get('path')}", "path")
     base_model = str(data.get("base_model") or source["base_model"])
     _check_model(settings, base_model)
     model_id = ids.model_id_for(_field(data, "session_id", str), _field(data, "model_seq_id", int))
     request_id = _create_run(
+        caller=caller,
         submitter=submitter,
         model_id=model_id,
         base_model=base_model,
@@ -578,18 +637,20 @@ def load_weights(
 def _sampler_of(reads: ReadModels, run: Row) -> str:
     if ids.model_id_of(run["run_id"]) != run["run_id"]:
         return ids.sampler_id_of(ids.model_id_of(run["run_id"]))
-    for sampler in reads.samplers_of_session(run["session_id"]):
+    for sampler in reads.samplers_of_session(run["session_id"], workspace=workspace_of(run)):
         if sampler["run_id"] == run["run_id"]:
             return str(sampler["sampler_id"])
     raise bad_request(f"run {run['run_id']} has no sampler", "model_path")
 
 
-def _wait_visible(engine: Any, settings: Settings, run_id: str, timeout_s: float = 30.0) -> Row:
+def _wait_visible(
+    engine: Any, settings: Settings, run_id: str, caller: Caller, timeout_s: float = 30.0
+) -> Row:
     """A run created a moment ago reaches the read models through the projection."""
     deadline = time.monotonic() + timeout_s
     while True:
         with engine.connect() as conn:
-            run = ReadModels(conn, settings.read_schema).run(run_id)
+            run = run_of(ReadModels(conn, settings.read_schema), run_id, caller)
         if run is not None or time.monotonic() > deadline:
             if run is None:
                 raise ApiError(503, f"run {run_id} did not appear in {timeout_s:.0f}s")
@@ -604,6 +665,7 @@ def create_sampling_session(
     settings: SettingsDep,
     engine: EngineDep,
     submitter: SubmitterDep,
+    caller: InferCaller,
 ) -> dict[str, Any]:
     data = body.model_dump()
     nonce = new_resource_id(6)
@@ -615,7 +677,7 @@ def create_sampling_session(
         if "/sampler_weights/" not in uri:
             raise bad_request("sampling needs a sampler_weights checkpoint", "model_path")
         run_id = uri.removeprefix("bt://loops:").split("/")[0]
-        if reads.run(run_id) is None:
+        if run_of(reads, run_id, caller) is None:
             raise bad_request(f"no run holds {data['model_path']}", "model_path")
         return {
             "type": "create_sampling_session",
@@ -627,6 +689,7 @@ def create_sampling_session(
     session = _field(data, "session_id", str)
     model_id = ids.model_id_for(f"{session}-smp{_field(data, 'sampling_session_seq_id', int)}", 0)
     _create_run(
+        caller=caller,
         submitter=submitter,
         model_id=model_id,
         base_model=base_model,
@@ -635,7 +698,7 @@ def create_sampling_session(
         max_seq_len=_max_seq_len(settings, base_model),
     )
     run_id = ids.run_id_of(model_id)
-    _wait_visible(engine, settings, run_id)
+    _wait_visible(engine, settings, run_id, caller)
     return {
         "type": "create_sampling_session",
         "sampling_session_id": ids.SamplingSession(run_id, None, nonce).id,
@@ -650,9 +713,9 @@ def _sampling_session(sampling_session_id: str) -> ids.SamplingSession:
 
 
 @router.get("/samplers/{sampling_session_id}")
-def get_sampler(sampling_session_id: str, reads: ReadDep) -> dict[str, Any]:
+def get_sampler(sampling_session_id: str, reads: ReadDep, caller: CallerDep) -> dict[str, Any]:
     session = _sampling_session(sampling_session_id)
-    run = reads.run(session.run_id)
+    run = run_of(reads, session.run_id, caller)
     if run is None:
         raise ApiError(404, f"sampler {sampling_session_id} not found", field="sampler_id")
     path = ids.tinker_path(session.checkpoint_uri) if session.checkpoint_uri else None
@@ -660,10 +723,12 @@ def get_sampler(sampling_session_id: str, reads: ReadDep) -> dict[str, Any]:
 
 
 @router.post("/asample")
-def asample(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, Any]:
+def asample(
+    body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: InferCaller
+) -> dict[str, Any]:
     data = body.model_dump()
     session = _sampling_session(str(data.get("sampling_session_id")))
-    run = reads.run(session.run_id)
+    run = run_of(reads, session.run_id, caller)
     if run is None:
         raise bad_request(f"sampling session {session.id} has no run", "sampling_session_id")
     for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
@@ -691,7 +756,12 @@ def asample(body: _Body, reads: ReadDep, submitter: SubmitterDep) -> dict[str, A
     seq_id = _seq_id(data)
     command_id = _command_id(session.id, seq_id)
     submitter.submit(
-        envelope(request_id=command_id, command=work, aggregate_id=_sampler_of(reads, run)),
+        envelope(
+            request_id=command_id,
+            command=work,
+            aggregate_id=_sampler_of(reads, run),
+            caller=caller,
+        ),
         to="sampler-requests",
     )
     return {
@@ -737,12 +807,19 @@ def _tinker_response(result: CommandResult) -> Response:
     return JSONResponse(out)
 
 
-def _lookup(state: Any, engine: Any, settings: Settings, request_id: str) -> CommandResult | None:
-    fresh = state.results.get(request_id)
+def _lookup(
+    state: Any, engine: Any, settings: Settings, request_id: str, caller: Caller
+) -> CommandResult | None:
+    """The result of one of the caller's requests: the result feed first, then the futures
+    table. Another workspace's result is a 404 (see _check_owner)."""
+    fresh: CommandResult | None = state.results.get(request_id)
     if fresh is not None:
-        return fresh  # type: ignore[no-any-return]
+        _check_owner(fresh, caller)
+        return fresh
     with engine.connect() as conn:
-        row = ReadModels(conn, settings.read_schema).command_result(request_id)
+        row = ReadModels(conn, settings.read_schema).command_result(
+            request_id, workspace=caller.workspace_id
+        )
     if row is None:
         return None
     return CommandResult(
@@ -754,49 +831,73 @@ def _lookup(state: Any, engine: Any, settings: Settings, request_id: str) -> Com
         field=row["field"],
         category=row["category"],
         output=row["output"],
+        workspace_id=caller.workspace_id,
     )
 
 
 @router.post("/retrieve_future")
 async def retrieve_future(
-    body: _Body, state: StateDep, engine: EngineDep, settings: SettingsDep
+    body: _Body, state: StateDep, engine: EngineDep, settings: SettingsDep, caller: CallerDep
 ) -> Response:
     request_id = str(body.model_dump().get("request_id"))
     deadline = time.monotonic() + LONG_POLL_S
     started = time.monotonic()
     next_table_check = started
     weights_only = request_id.endswith(WEIGHTS_ONLY)
+    pending = request_id.removesuffix(WEIGHTS_ONLY) if weights_only else request_id
+    await run_in_threadpool(_refuse_foreign, engine, settings, pending, caller)
     while True:
         now = time.monotonic()
         if weights_only:
             if now >= next_table_check:
                 next_table_check = now + 0.02
                 resolved = await run_in_threadpool(
-                    _resolve_weights_only, state, engine, settings, request_id
+                    _resolve_weights_only, state, engine, settings, request_id, caller
                 )
                 if resolved is not None:
                     return _tinker_response(resolved)
         else:
             result = state.results.get(request_id)
             if result is None and now >= next_table_check:
-                result = await run_in_threadpool(_lookup, state, engine, settings, request_id)
+                result = await run_in_threadpool(
+                    _lookup, state, engine, settings, request_id, caller
+                )
                 next_table_check = now + 0.02
             if result is not None:
+                _check_owner(result, caller)
                 resolved = await run_in_threadpool(_resolve, result, state, engine, settings)
                 if resolved is not None:
                     return _tinker_response(resolved)
         if now >= deadline:
             break
         await asyncio.sleep(0.001 if now - started < 0.1 else 0.01)
-    pending = request_id.removesuffix(WEIGHTS_ONLY) if weights_only else request_id
+    await run_in_threadpool(_refuse_foreign, engine, settings, pending, caller)
     if state.sent.recently_sent(pending) or (
-        weights_only and await run_in_threadpool(_lookup, state, engine, settings, pending)
+        weights_only
+        and await run_in_threadpool(_lookup, state, engine, settings, pending, caller) is not None
     ):
         return JSONResponse(
             {"type": "try_again", "request_id": request_id, "queue_state": "active"}
         )
     # 410: the SDK resubmits the original request (same seq_id, so the same command id).
     raise ApiError(410, f"unknown request {request_id}, resubmit", field="request_id")
+
+
+def _refuse_foreign(engine: Any, settings: Settings, request_id: str, caller: Caller) -> None:
+    """404 for a request another workspace made (its result is in the futures table)."""
+    with engine.connect() as conn:
+        reads = ReadModels(conn, settings.read_schema)
+        if reads.command_result_exists(request_id) and (
+            reads.command_result(request_id, workspace=caller.workspace_id) is None
+        ):
+            raise ApiError(404, f"request {request_id} not found", field="request_id")
+
+
+def _check_owner(result: CommandResult, caller: Caller) -> None:
+    """Another workspace's future is unknown here: 404, the same answer as an id never seen
+    by any workspace would get if it were not for the SDK's resubmission on 410."""
+    if workspace_of(result) != caller.workspace_id:
+        raise ApiError(404, f"request {result.command_id} not found", field="request_id")
 
 
 def _resolve(
@@ -812,42 +913,50 @@ def _resolve(
         # it right after the save must find it, so the save counts as done once it is recorded.
         checkpoint_id = (result.output or {}).get("checkpoint_id")
         with engine.connect() as conn:
-            recorded = ReadModels(conn, settings.read_schema).checkpoint(str(checkpoint_id))
+            recorded = ReadModels(conn, settings.read_schema).checkpoint(
+                str(checkpoint_id), workspace=workspace_of(result)
+            )
         return result if recorded is not None else None
     if result.command_type != "CreateRun":
         return result
     model_id = result.command_id.removeprefix("tinker:").removesuffix(":create_run")
     with engine.connect() as conn:
-        if ReadModels(conn, settings.read_schema).run(ids.run_id_of(model_id)) is None:
+        reads = ReadModels(conn, settings.read_schema)
+        if reads.run(ids.run_id_of(model_id), workspace=workspace_of(result)) is None:
             return None
     return result
 
 
 def _resolve_weights_only(
-    state: Any, engine: Any, settings: Settings, load_id: str
+    state: Any, engine: Any, settings: Settings, load_id: str, caller: Caller
 ) -> CommandResult | None:
     """The future of a run created from a state checkpoint without its optimizer: the
     CreateRun, then a LoadState(optimizer=False) of the run's start checkpoint under the id
     `load_id`. Derived from the log and the read models alone, so it survives an API restart
     and agrees across API processes (a LoadState sent twice is one command: same id)."""
     create_id = load_id.removesuffix(WEIGHTS_ONLY)
-    created = _lookup(state, engine, settings, create_id)
+    created = _lookup(state, engine, settings, create_id, caller)
     if created is None:
         return None
     if created.status != "accepted":
         return created
-    loaded = _lookup(state, engine, settings, load_id)
+    loaded = _lookup(state, engine, settings, load_id, caller)
     if loaded is not None:
         return created if loaded.status == "accepted" else loaded
     model_id = create_id.removeprefix("tinker:").removesuffix(":create_run")
     with engine.connect() as conn:
-        run = ReadModels(conn, settings.read_schema).run(ids.run_id_of(model_id))
+        run = run_of(ReadModels(conn, settings.read_schema), ids.run_id_of(model_id), caller)
     if run is None or run["from_checkpoint"] is None:
         return None  # the run is not in the read models yet
     if not state.sent.recently_sent(load_id):
         work = LoadState(checkpoint_uri=run["from_checkpoint"], optimizer=False)
         state.bus.send(
-            envelope(request_id=load_id, command=work, aggregate_id=ids.run_id_of(model_id)),
+            envelope(
+                request_id=load_id,
+                command=work,
+                aggregate_id=ids.run_id_of(model_id),
+                caller=caller,
+            ),
             to="trainer-requests",
         )
         state.sent.remember(load_id)
