@@ -18,6 +18,7 @@ tinker-demo: install up
 	$(BIN)/loopstream db migrate
 	$(BIN)/loopstream services up
 	TINKER_BASE_URL=$$($(PY) -c 'from api.config import get_api_settings as s; print(s().base_url)') \
+	TINKER_API_KEY=$${LOOPSTREAM_API_KEY:-$$($(PY) -c 'from api.bootstrap import ensure_default_key as k; from infra.settings import get_settings as s; print(k(s()))')} \
 		$(BIN)/python examples/tinker_rl_loop.py
 
 # The whole suite against the real stack; the stack is stopped at the end whatever happened.

@@ -1,7 +1,12 @@
 """An RL loop written only against the official `tinker` SDK, run on loopstream's Tinker front door.
 
-    TINKER_BASE_URL=http://127.0.0.1:18000 .venv/bin/python examples/tinker_rl_loop.py
+    TINKER_BASE_URL=http://127.0.0.1:18000 TINKER_API_KEY=$(cat .loopstream/api-key) \
+        .venv/bin/python examples/tinker_rl_loop.py
     make tinker-demo                                 (the stack and services must be up)
+
+The key is one loopstream issued (`loopstream keys create`, or the default workspace's key that
+`loopstream services up` writes to `.loopstream/api-key`); without TINKER_API_KEY the example
+reads that file ($LOOPSTREAM_DATA_DIR/api-key when the data directory is elsewhere).
 
 The shape of tinker-cookbook's `rl_loop.py`: each step samples a group of completions per prompt
 from a fresh sampling client, centres the rewards within each group to get advantages, and
@@ -35,8 +40,9 @@ class Config:
     base_url: str = field(
         default_factory=lambda: os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:18000")
     )
-    # The SDK refuses keys without the `tml-` prefix; the local stack accepts any such key.
-    api_key: str = field(default_factory=lambda: os.environ.get("TINKER_API_KEY", "tml-demo"))
+    # A key loopstream issued (it starts with `tml-`, as the SDK insists); an unissued one is
+    # refused with the SDK's AuthenticationError.
+    api_key: str | None = field(default_factory=lambda: default_key())
     base_model: str = "loopstream/tiny-llama"  # the project's own tiny model (no hub access)
     steps: int = 40  # policy-gradient steps
     prompts: tuple[str, ...] = ("x:", "y:", "z:", "w:")  # one group per prompt, every step
@@ -46,6 +52,17 @@ class Config:
     learning_rate: float = 3e-3  # AdamW; the tiny model learns fast
     seed: int = 0  # group g of step i uses seed + 1000 * i + g: a rerun samples the same tokens
     out_dir: Path = field(default=Path(".loopstream") / "tinker-demo")
+
+
+def default_key() -> str | None:
+    """$TINKER_API_KEY, else the default key file of the local stack (None: the SDK says so)."""
+    if os.environ.get("TINKER_API_KEY"):
+        return os.environ["TINKER_API_KEY"]
+    data_dir = Path(
+        os.environ.get("LOOPSTREAM_DATA_DIR", Path(__file__).parent.parent / ".loopstream")
+    )
+    key_file = data_dir / "api-key"
+    return key_file.read_text().strip() if key_file.is_file() else None
 
 
 def reward(tokens: list[int]) -> float:
