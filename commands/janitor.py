@@ -31,7 +31,7 @@ from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
 from commands.tinker_sessions import TinkerSessionReaper
 from events.catalog import decode_payload
-from events.envelope import EventEnvelope, utc_now
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
 from events.loops import CheckpointDeleted, CheckpointSaved, RunStopped, SessionEnded
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
@@ -57,6 +57,8 @@ class Expiring:
     # The latest event since its save that may have freed it from a chain: part of the expiry's
     # command id, so a refused expiry is asked again after it (and only then).
     retry_after: str = ""
+    # The session's workspace: an expiry sent in another would find no session.
+    workspace_id: str = DEFAULT_WORKSPACE
 
     @property
     def command_id(self) -> str:
@@ -101,7 +103,10 @@ class CheckpointJanitor:
             self._retry_refused(envelope.aggregate_id, after=envelope.event_id)
         if isinstance(event, CheckpointSaved) and event.expires_at is not None:
             self.expiring[event.checkpoint_id] = Expiring(
-                event.checkpoint_id, event.session_id, event.expires_at
+                event.checkpoint_id,
+                event.session_id,
+                event.expires_at,
+                workspace_id=envelope.workspace,
             )
         if isinstance(event, CheckpointDeleted):
             self.expiring.pop(event.checkpoint_id, None)
@@ -140,6 +145,7 @@ class CheckpointJanitor:
                 type="DeleteCheckpoint",
                 aggregate_id=e.session_id,
                 actor="janitor",
+                workspace_id=e.workspace_id,
                 payload={"checkpoint_id": e.checkpoint_id, "reason": "expired"},
             )
             for e in due

@@ -373,6 +373,7 @@ class TrainerWorker(WorkerService):
             type="RecordCheckpoint",
             aggregate_id=run.session_id,
             actor=envelope.actor,
+            workspace_id=envelope.workspace_id,  # the session's: another would not find it
             correlation_id=envelope.correlation_id or envelope.command_id,
             causation_id=envelope.command_id,
             payload={
