@@ -182,12 +182,20 @@ class SecretStore:
                 )
 
     def discard(self, workspace_id: str, name: str, version: int) -> None:
-        """The log refused `version` (or never answered): its value must not linger."""
-        self.conn.execute(
-            f"delete from {self.schema}.secret_values "
-            "where workspace_id = %s and name = %s and version = %s",
-            (workspace_id, name, version),
-        )
+        """The log refused `version` (or never answered): its value must not linger. The
+        version is handed out again unless a later one was allocated meanwhile (versions only
+        need to move forward; this keeps them contiguous in the common case)."""
+        with self.conn.transaction():
+            self.conn.execute(
+                f"delete from {self.schema}.secret_values "
+                "where workspace_id = %s and name = %s and version = %s",
+                (workspace_id, name, version),
+            )
+            self.conn.execute(
+                f"update {self.schema}.secret_heads set last_version = last_version - 1 "
+                "where workspace_id = %s and name = %s and last_version = %s",
+                (workspace_id, name, version),
+            )
 
     def destroy(self, workspace_id: str, name: str) -> int:
         """Delete every stored version of the name (for real: the rows are gone); how many."""
