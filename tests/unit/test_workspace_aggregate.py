@@ -149,3 +149,14 @@ def test_the_key_comes_from_api_key_bearer_or_x_api_key_headers() -> None:
     assert key_from_headers(None, "tml-x") == "tml-x"
     assert key_from_headers("Basic dXNlcg==", None) == ""  # present, not ours: malformed
     assert key_from_headers(None, None) is None
+
+
+def test_the_development_hash_secret_is_refused_off_loopback() -> None:
+    from pydantic import ValidationError
+
+    from api.config import ApiSettings
+
+    with pytest.raises(ValidationError, match="LOOPSTREAM_API_KEY_HASH_SECRET"):
+        ApiSettings(api_host="0.0.0.0", page_token_secret="p" * 32)
+    ApiSettings(api_host="0.0.0.0", page_token_secret="p" * 32, api_key_hash_secret="h" * 32)
+    ApiSettings(api_host="127.0.0.1")  # the local stack keeps its development default
