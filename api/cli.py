@@ -39,6 +39,10 @@ from api.cli_access import keys_app, workspaces_app  # noqa: E402
 app.add_typer(keys_app, name="keys")
 app.add_typer(workspaces_app, name="workspaces")
 
+from api.cli_secrets import secrets_app  # noqa: E402
+
+app.add_typer(secrets_app, name="secrets")
+
 console = Console(stderr=True)
 
 
