@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from api.bootstrap import ensure_default_key
+from api.bootstrap import ensure_default_key, issue_key
 from api.config import get_api_settings
 from commands.envelope import DEFAULT_WORKSPACE
 from infra.secret_store import SecretNotFound, resolve_secret, schema_of
@@ -156,3 +156,19 @@ def test_a_secret_is_refused_without_a_key_and_answers_no_value(
     refused = admin.post("/v1/secrets", json={"name": "x_token", "value": long_value})
     assert refused.status_code == 422 and refused.json()["field"] == "value"
     assert long_value not in refused.text
+
+
+def test_a_key_without_the_admin_scope_cannot_touch_secrets(services: Settings) -> None:
+    train_key = issue_key(services, workspace_id=DEFAULT_WORKSPACE, scopes=("train",), name="t")
+    with httpx.Client(
+        base_url=get_api_settings().base_url,
+        headers={"Authorization": f"Api-Key {train_key}"},
+        timeout=60,
+    ) as trainer:
+        for answer in (
+            trainer.post("/v1/secrets", json={"name": "x_token", "value": "v"}),
+            trainer.get("/v1/secrets"),
+            trainer.delete("/v1/secrets/x_token"),
+        ):
+            assert answer.status_code == 403, answer.text
+            assert "admin" in answer.json()["detail"]
