@@ -872,7 +872,7 @@ async def retrieve_future(
             break
         await asyncio.sleep(0.001 if now - started < 0.1 else 0.01)
     await run_in_threadpool(_refuse_foreign, engine, settings, pending, caller)
-    if state.sent.recently_sent(pending) or (
+    if state.sent.recently_sent(pending, workspace=caller.workspace_id) or (
         weights_only
         and await run_in_threadpool(_lookup, state, engine, settings, pending, caller) is not None
     ):
@@ -948,7 +948,7 @@ def _resolve_weights_only(
         run = run_of(ReadModels(conn, settings.read_schema), ids.run_id_of(model_id), caller)
     if run is None or run["from_checkpoint"] is None:
         return None  # the run is not in the read models yet
-    if not state.sent.recently_sent(load_id):
+    if not state.sent.recently_sent(load_id, workspace=caller.workspace_id):
         work = LoadState(checkpoint_uri=run["from_checkpoint"], optimizer=False)
         state.bus.send(
             envelope(
@@ -959,5 +959,5 @@ def _resolve_weights_only(
             ),
             to="trainer-requests",
         )
-        state.sent.remember(load_id)
+        state.sent.remember(load_id, workspace=caller.workspace_id)
     return None

@@ -13,6 +13,7 @@ import time
 import tinker
 from tinker import types
 
+from api.auth import parse_key
 from api.client import ServiceClient
 from api.tinker import ids
 from events.audit import history
@@ -22,10 +23,10 @@ TINY = "loopstream/tiny-llama"
 TOKENS = [257, 97, 98, 99, 97]  # BOS + bytes of the tiny model's vocabulary
 
 
-def _tinker_calls() -> tuple[str, str, str]:
+def _tinker_calls(api_key: str) -> tuple[str, str, str]:
     from api.config import get_api_settings
 
-    service = tinker.ServiceClient(base_url=get_api_settings().base_url, api_key="tml-audit-tests")
+    service = tinker.ServiceClient(base_url=get_api_settings().base_url, api_key=api_key)
     training = service.create_lora_training_client(base_model=TINY, rank=0).result()
     datum = tinker.Datum(
         model_input=types.ModelInput.from_ints(TOKENS[:-1]),
@@ -78,14 +79,17 @@ def _types_when_settled(settings: Settings, aggregates: tuple[str, ...]) -> list
     return last
 
 
-def test_tinker_calls_are_the_same_events_as_rest_calls(services: Settings) -> None:
-    tinker_aggregates = _tinker_calls()
+def test_tinker_calls_are_the_same_events_as_rest_calls(services: Settings, api_key: str) -> None:
+    tinker_aggregates = _tinker_calls(api_key)
     tinker_types = _types_when_settled(services, tinker_aggregates)
     rest_types = _types_when_settled(services, _rest_calls())
     assert tinker_types == rest_types
     # And they are the Tinker calls' own events: caused by the commands the front door sent.
     run_events = history(services, tinker_aggregates[1])
     assert all((e.command_id or "").startswith("tinker:") for e in run_events), run_events
+    # The audit trail names the key that sent each command (its id, never the key itself).
+    key_id = parse_key(api_key)[0]  # type: ignore[index]
+    assert {e.actor for e in run_events} == {key_id}, {e.actor for e in run_events}
     session, run, sampler = tinker_types
     for expected in ("ForwardBackwardCompleted", "OptimStepCompleted", "WeightsSaved"):
         assert expected in run, run

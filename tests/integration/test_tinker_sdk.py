@@ -30,13 +30,11 @@ BOS = 256  # the tiny model's byte vocabulary starts its specials here
 
 
 @pytest.fixture(scope="module")
-def service_client(services: Settings) -> Iterator[tinker.ServiceClient]:
+def service_client(services: Settings, api_key: str) -> Iterator[tinker.ServiceClient]:
     from api.config import get_api_settings
 
     api = get_api_settings()
-    client = tinker.ServiceClient(
-        base_url=f"http://{api.api_host}:{api.api_port}", api_key="tml-loopstream-tests"
-    )
+    client = tinker.ServiceClient(base_url=f"http://{api.api_host}:{api.api_port}", api_key=api_key)
     yield client
     client.close("success").result()
 
@@ -297,9 +295,9 @@ def _wait_for(what: str, check: Any, timeout_s: float = 120.0) -> Any:
 
 
 def test_finishing_a_tinker_session_stops_its_runs_and_releases_their_engines(
-    services: Settings,
+    services: Settings, api_key: str
 ) -> None:
-    client = tinker.ServiceClient(base_url=_base_url(), api_key="tml-loopstream-tests")
+    client = tinker.ServiceClient(base_url=_base_url(), api_key=api_key)
     training = client.create_lora_training_client(base_model=TINY, rank=0).result()
     training.forward([_datum([BOS, 97, 98], weights=[1.0, 1.0])], "cross_entropy").result()
     model_id = training.model_id
@@ -330,7 +328,7 @@ def test_finishing_a_tinker_session_stops_its_runs_and_releases_their_engines(
     beat = httpx.post(
         f"{_base_url()}/api/v1/session_heartbeat",
         json={"session_id": session_id},
-        headers={"X-API-Key": "tml-loopstream-tests"},
+        headers={"X-API-Key": api_key},
     )
     assert beat.status_code == 410
 
@@ -363,13 +361,13 @@ def _answers(url: str) -> bool:
 
 @pytest.mark.timeout(600)
 def test_weights_only_load_and_seq_order_survive_an_api_restart(
-    services: Settings, training_client: tinker.TrainingClient
+    services: Settings, training_client: tinker.TrainingClient, api_key: str
 ) -> None:
     datum = _datum([BOS, 80, 81, 82], weights=[1.0] * 3)
     state = training_client.save_state("restart-1").result()
     expected = training_client.forward([datum], "cross_entropy").result().metrics["loss:sum"]
     session_id = training_client.model_id.split(":")[0]
-    headers = {"X-API-Key": "tml-loopstream-tests"}
+    headers = {"X-API-Key": api_key}
     posted = httpx.post(
         f"{_base_url()}/api/v1/load_weights",
         json={"path": state.path, "optimizer": False, "session_id": session_id,
