@@ -77,6 +77,8 @@ class IsolatedServices:
     names: tuple[str, ...] = ALL_SERVICES
     # Extra environment of every process (fault-injection knobs, log levels).
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The default workspace's admin key of this copy (issued once the API runs).
+    api_key: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -86,8 +88,7 @@ class IsolatedServices:
     def env(self) -> dict[str, str]:
         return {
             **env_of(self.settings, *_STACK_FIELDS, *_SERVICE_FIELDS),
-            # Nothing of the services lives in the data dir but their health files; keep those
-            # apart from the stack's, whose data dir is not theirs.
+            # The services keep nothing of the stack's in the data dir: theirs is their own.
             "LOOPSTREAM_DATA_DIR": str(self.root),
             "LOOPSTREAM_API_HOST": "127.0.0.1",
             "LOOPSTREAM_API_PORT": str(self.api_port),
@@ -204,6 +205,8 @@ def isolated_services(
         conn.execute(f'create database "{database}"')
     local = settings.model_copy(
         update={
+            # Pid files, logs and the default key file; the stack's own data stays where it is.
+            "data_dir": root,
             "topic_prefix": f"test-iso-{token}",
             "pg_database": database,
             "processor_instance_id": f"iso-{token}",
@@ -221,6 +224,10 @@ def isolated_services(
         provision_topics(local)
         migrate(local)
         services.up()
+        if {"api", "command-processor", "projections"} <= set(services.names):
+            from api.bootstrap import ensure_default_key
+
+            services.api_key = ensure_default_key(local)  # as `services up` does
         yield services
     finally:
         services.down()

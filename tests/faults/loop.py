@@ -39,6 +39,7 @@ class NotRetryable(AssertionError):
 @dataclass
 class Calls:
     base_url: str
+    api_key: str | None
     # How long one call may keep retrying before the test gives up on it.
     patience_s: float = 120.0
     accepted: dict[str, str] = field(default_factory=dict)  # request id -> path, 202 answered
@@ -47,7 +48,7 @@ class Calls:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.http = _Http(self.base_url, timeout_s=10.0, client=None)
+        self.http = _Http(self.base_url, timeout_s=10.0, client=None, api_key=self.api_key)
 
     def close(self) -> None:
         self.http.client.close()

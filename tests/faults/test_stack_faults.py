@@ -15,7 +15,7 @@ import pytest
 
 from infra.settings import Settings
 from tests.faults.ledger import check_ledger
-from tests.faults.loop import Background, Calls, RlLoop
+from tests.faults.loop import Background, Calls, NotRetryable, RlLoop
 from tests.isolated import IsolatedServices, IsolatedStack
 
 DOWN_S = 10.0
@@ -51,6 +51,33 @@ def record(figures: dict[str, Any], loop: RlLoop, calls: Calls, settings: Settin
 
 
 @pytest.mark.timeout(300)
+def test_save_during_an_s3_outage_completes_once_the_store_is_back(
+    fault_stack: IsolatedStack,
+    services: IsolatedServices,
+    calls: Calls,
+    settings: Settings,
+    figures: dict[str, Any],
+) -> None:
+    loop = RlLoop(calls).start()
+    loop.step()  # the base save, and the sampler serves it
+
+    # The next step samples and trains from memory, then saves while the store is down.
+    fault_stack.stop("s3")
+    stopped = time.monotonic()
+    background = Background(loop, 2).start()
+    while loop.phase != "save" and background.thread.is_alive():
+        time.sleep(0.05)
+    time.sleep(max(0.0, DOWN_S - (time.monotonic() - stopped)))
+    fault_stack.start("s3")
+    figures["down_s"] = round(time.monotonic() - stopped, 1)
+    background.join()
+
+    assert len(loop.saved) == 3
+    assert len({s["checkpoint_id"] for s in loop.saved}) == 3
+    record(figures, loop, calls, settings)
+
+
+@pytest.mark.timeout(300)
 def test_rl_loop_finishes_through_a_kafka_broker_restart(
     fault_stack: IsolatedStack,
     services: IsolatedServices,
@@ -82,6 +109,13 @@ def test_rl_loop_finishes_through_a_kafka_broker_restart(
     record(figures, loop, calls, settings)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=NotRetryable,
+    reason="issue 10, finding 12 (infrastructure failures retried): the trainer and sampler "
+    "workers hold one psycopg connection for life; after a PostgreSQL restart every save fails "
+    "'the connection is closed' (answered failed/server, but no retry can succeed)",
+)
 @pytest.mark.timeout(300)
 def test_rl_loop_finishes_through_a_postgres_restart(
     fault_stack: IsolatedStack,
@@ -90,6 +124,7 @@ def test_rl_loop_finishes_through_a_postgres_restart(
     settings: Settings,
     figures: dict[str, Any],
 ) -> None:
+    calls.patience_s = 60.0  # PostgreSQL is back within seconds of the outage
     loop = RlLoop(calls).start()
     background = Background(loop, STEPS).start()
     background.wait_for_steps(2)
@@ -98,31 +133,4 @@ def test_rl_loop_finishes_through_a_postgres_restart(
     background.join()
 
     assert len(loop.rewards) == STEPS
-    record(figures, loop, calls, settings)
-
-
-@pytest.mark.timeout(300)
-def test_save_during_an_s3_outage_completes_once_the_store_is_back(
-    fault_stack: IsolatedStack,
-    services: IsolatedServices,
-    calls: Calls,
-    settings: Settings,
-    figures: dict[str, Any],
-) -> None:
-    loop = RlLoop(calls).start()
-    loop.step()  # the base save, and the sampler serves it
-
-    # The next step samples and trains from memory, then saves while the store is down.
-    fault_stack.stop("s3")
-    stopped = time.monotonic()
-    background = Background(loop, 2).start()
-    while loop.phase != "save" and background.thread.is_alive():
-        time.sleep(0.05)
-    time.sleep(max(0.0, DOWN_S - (time.monotonic() - stopped)))
-    fault_stack.start("s3")
-    figures["down_s"] = round(time.monotonic() - stopped, 1)
-    background.join()
-
-    assert len(loop.saved) == 3
-    assert len({s["checkpoint_id"] for s in loop.saved}) == 3
     record(figures, loop, calls, settings)
