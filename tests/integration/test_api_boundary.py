@@ -63,8 +63,8 @@ def test_nul_in_a_path_id_is_a_422_and_the_connection_survives(
 
 
 @pytest.mark.parametrize("path", ["/v1/loops/sessions", "/api/v1/training_runs"])
-def test_an_offset_past_bigint_is_a_422(http: httpx.Client, path: str) -> None:
-    response = http.get(path, params={"offset": HUGE_OFFSET}, headers={"X-API-Key": "tml-test"})
+def test_an_offset_past_bigint_is_a_422(http: httpx.Client, path: str, api_key: str) -> None:
+    response = http.get(path, params={"offset": HUGE_OFFSET}, headers={"X-API-Key": api_key})
     assert_refused(response, "offset")
     assert http.get("/healthz").status_code == 200
 
@@ -126,9 +126,9 @@ def test_openapi_declares_the_422_the_api_sends(http: httpx.Client) -> None:
     ],
 )  # fmt: skip
 def test_a_malformed_tinker_body_is_a_400_naming_the_field(
-    http: httpx.Client, path: str, body: dict, field: str
+    http: httpx.Client, path: str, body: dict, field: str, api_key: str
 ) -> None:
-    response = http.post(path, json=body, headers={"X-API-Key": "tml-boundary"})
+    response = http.post(path, json=body, headers={"X-API-Key": api_key})
     assert response.status_code == 400, response.text
     assert response.json()["field"] == field
     assert http.get("/healthz").status_code == 200

@@ -63,6 +63,6 @@ schema = _schema()
     suppress_health_check=list(HealthCheck),
     derandomize=True,  # the same examples every run: a failure here is reproducible
 )
-def test_api_conforms_to_its_openapi(case: schemathesis.Case) -> None:
-    # The Tinker routes want an SDK key; without one every answer would be the same 401.
-    case.call_and_validate(headers={"X-API-Key": "tml-schemathesis"}, checks=CHECKS)
+def test_api_conforms_to_its_openapi(case: schemathesis.Case, api_key: str) -> None:
+    # Every route authenticates: without an issued key every answer would be the same 401.
+    case.call_and_validate(headers={"Authorization": f"Api-Key {api_key}"}, checks=CHECKS)
