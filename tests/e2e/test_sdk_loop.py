@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.bootstrap import ensure_default_key
 from api.client import RequestRejectedError, ServiceClient
 from commands.work import AdamParams, Datum, LossFnInputs
 from infra.services import SERVICES, _process
@@ -47,8 +48,11 @@ def platform(settings: Settings) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def service(platform: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceClient]:
-    """A private API process on a free port (not the `api` service, so nothing is shared)."""
+def service(
+    platform: None, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceClient]:
+    """A private API process on a free port (not the `api` service, so nothing is shared),
+    called with the default workspace's key (issued once the processor and projections run)."""
     port = _free_port()
     log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
     proc = subprocess.Popen(
@@ -64,7 +68,7 @@ def service(platform: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         except httpx.TransportError:
             assert proc.poll() is None and time.monotonic() < deadline, "API did not start"
             time.sleep(0.1)
-    with ServiceClient(base_url) as client:
+    with ServiceClient(base_url, api_key=ensure_default_key(settings)) as client:
         yield client
     proc.terminate()
     proc.wait(10)
