@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from api.client import LoopsError, ServiceClient
+from api.client import LoopsError, MissingApiKeyError, ServiceClient
 from api.config import get_api_settings
 
 sessions_app = typer.Typer(no_args_is_help=True, help="Loops sessions.")
@@ -46,6 +46,9 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except LoopsError as exc:
         err.print(f"[bold red]error:[/] {exc.detail}")
+        raise typer.Exit(code=1) from exc
+    except MissingApiKeyError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=1) from exc
     except Exception as exc:  # connection refused and the like: say where we looked
         err.print(f"[bold red]error:[/] {exc} (is `loopstream api` running?)")
