@@ -5,6 +5,9 @@ Nothing here touches the shared stack or its services: each test stops or kills 
 copy, and the `services` fixture brings back whatever a test left dead before the next one.
 Figures of each test (time, calls, retried errors, ledger) are printed at the end of the run and
 written to `<data dir>/fault-figures.json` for docs/faults.md.
+
+Each test has a timeout of 480 s: the first one's includes starting the stack and the services
+(about 2.5 min on a busy 2-core machine; every worker imports torch).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def finish(calls: Calls, request_id: str, path: str, body: Json) -> str:
     return str(future["status"])
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_trainer_worker_killed_mid_step_resumes_and_answers_each_request_once(
     services: IsolatedServices, calls: Calls, settings: Settings, figures: dict[str, Any]
 ) -> None:
@@ -60,7 +60,7 @@ def test_trainer_worker_killed_mid_step_resumes_and_answers_each_request_once(
     record(figures, loop, calls, settings)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_sampler_worker_killed_mid_sync_serves_the_newest_weights_once_back(
     services: IsolatedServices, calls: Calls, settings: Settings, figures: dict[str, Any]
 ) -> None:
@@ -94,7 +94,7 @@ BURST = 60
 SENDERS = 4
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_api_killed_during_a_burst_loses_and_doubles_no_command(
     services: IsolatedServices, calls: Calls, settings: Settings, figures: dict[str, Any]
 ) -> None:

@@ -50,7 +50,7 @@ def record(figures: dict[str, Any], loop: RlLoop, calls: Calls, settings: Settin
     )
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_save_during_an_s3_outage_completes_once_the_store_is_back(
     fault_stack: IsolatedStack,
     services: IsolatedServices,
@@ -77,7 +77,7 @@ def test_save_during_an_s3_outage_completes_once_the_store_is_back(
     record(figures, loop, calls, settings)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_rl_loop_finishes_through_a_kafka_broker_restart(
     fault_stack: IsolatedStack,
     services: IsolatedServices,
@@ -116,7 +116,7 @@ def test_rl_loop_finishes_through_a_kafka_broker_restart(
     "workers hold one psycopg connection for life; after a PostgreSQL restart every save fails "
     "'the connection is closed' (answered failed/server, but no retry can succeed)",
 )
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_rl_loop_finishes_through_a_postgres_restart(
     fault_stack: IsolatedStack,
     services: IsolatedServices,
