@@ -98,7 +98,7 @@ class CheckpointJanitor:
             return
         envelope = EventEnvelope.from_bytes(value)
         event = decode_payload(envelope)
-        self.tinker.observe(event, envelope.occurred_at)
+        self.tinker.observe(event, envelope.occurred_at, envelope.workspace_id)
         if _may_free_a_chain(event):
             self._retry_refused(envelope.aggregate_id, after=envelope.event_id)
         if isinstance(event, CheckpointSaved) and event.expires_at is not None:

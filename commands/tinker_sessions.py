@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from commands.bus import CommandBus
-from commands.envelope import CommandEnvelope
+from commands.envelope import DEFAULT_WORKSPACE, CommandEnvelope
 from events.loops import DomainEvent, SessionCreated, SessionEnded
 from infra.settings import Settings
 
@@ -44,12 +44,16 @@ def end_command_id(loops_session_id: str) -> str:
     return f"tinker-end:{loops_session_id}"
 
 
-def end_session(loops_session_id: str, reason: str) -> CommandEnvelope:
+def end_session(
+    loops_session_id: str, reason: str, workspace_id: str = DEFAULT_WORKSPACE
+) -> CommandEnvelope:
+    # In the session's own workspace: the processor refuses a command reaching into another's.
     return CommandEnvelope(
         command_id=end_command_id(loops_session_id),
         type="EndSession",
         aggregate_id=loops_session_id,
         actor="tinker",
+        workspace_id=workspace_id,
         payload={"reason": reason},
     )
 
@@ -64,6 +68,7 @@ class OpenLoopsSession:
     session_id: str
     tinker_session_id: str
     created_at: datetime
+    workspace_id: str = DEFAULT_WORKSPACE
 
 
 @dataclass(frozen=True)
@@ -179,12 +184,14 @@ class TinkerSessionReaper:
         self.conn = psycopg.connect(settings.pg_conninfo, autocommit=True)
         ensure_table(self.conn, settings)
 
-    def observe(self, event: DomainEvent, occurred_at: datetime) -> None:
+    def observe(
+        self, event: DomainEvent, occurred_at: datetime, workspace_id: str | None = None
+    ) -> None:
         if isinstance(event, SessionCreated) and (event.name or "").startswith(NAME_PREFIX):
             tinker_session = tinker_session_of(event.name.removeprefix(NAME_PREFIX))  # type: ignore[union-attr]
             if tinker_session is not None:
                 self.open[event.session_id] = OpenLoopsSession(
-                    event.session_id, tinker_session, occurred_at
+                    event.session_id, tinker_session, occurred_at, workspace_id or DEFAULT_WORKSPACE
                 )
         elif isinstance(event, SessionEnded):
             self.open.pop(event.session_id, None)
@@ -201,7 +208,10 @@ class TinkerSessionReaper:
             pending, liveness, now=now, timeout_s=self.settings.tinker_session_timeout_s
         )
         if due:
-            self.bus.send_many(end_session(session_id, reason) for session_id, reason in due)
+            self.bus.send_many(
+                end_session(session_id, reason, self.open[session_id].workspace_id)
+                for session_id, reason in due
+            )
             self.sent.update(session_id for session_id, _ in due)
             # A silent session is over: a heartbeat that comes back late is told so (410).
             for tinker_session in {

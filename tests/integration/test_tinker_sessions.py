@@ -27,19 +27,22 @@ def isolated(settings: Settings) -> Iterator[Settings]:
         conn.execute(f"drop schema if exists {schema}_tinker cascade")
 
 
-def _created(reaper: TinkerSessionReaper, loops_session: str, model_id: str) -> None:
+def _created(
+    reaper: TinkerSessionReaper, loops_session: str, model_id: str, workspace: str | None = None
+) -> None:
     reaper.observe(
         SessionCreated(session_id=loops_session, base_model="tiny", name=f"tinker {model_id}"),
         utc_now(),
+        workspace,
     )
 
 
-def _end_commands(settings: Settings) -> dict[str, str]:
+def _end_commands(settings: Settings) -> dict[str, CommandEnvelope]:
     ends = {}
     for _, _, value, _ in read_topic(settings, "commands"):
         command = CommandEnvelope.model_validate_json(value or b"")
         if command.type == "EndSession":
-            ends[command.aggregate_id] = command.payload["reason"]
+            ends[command.aggregate_id] = command
     return ends
 
 
@@ -50,7 +53,7 @@ def test_silent_and_finished_tinker_sessions_end_and_a_beating_one_stays(
     _created(reaper, "quiet-s-0", "quiet:train:0")
     _created(reaper, "quiet-smp0-s-0", "quiet-smp0:train:0")  # its base-model sampler
     _created(reaper, "alive-s-0", "alive:train:0")
-    _created(reaper, "done-s-0", "done:train:0")
+    _created(reaper, "done-s-0", "done:train:0", "team-a")  # a session of another workspace
     _created(reaper, "gone-s-0", "gone:train:0")
     reaper.observe(SessionEnded(session_id="gone-s-0", reason="ended by user"), utc_now())
     _created(reaper, "plain", "plain-run")  # a /v1/loops session: not Tinker's to end
@@ -72,9 +75,13 @@ def test_silent_and_finished_tinker_sessions_end_and_a_beating_one_stays(
     reaper.next_check = None
     assert reaper.end_due(now=utc_now()) == []
 
-    sent = _end_commands(isolated)
+    commands = _end_commands(isolated)
+    sent = {session: command.payload["reason"] for session, command in commands.items()}
     assert sent["done-s-0"] == "tinker session finished"
     assert "no heartbeat" in sent["quiet-s-0"] and "no heartbeat" in sent["quiet-smp0-s-0"]
+    # Each EndSession names its session's workspace (the processor refuses one reaching across).
+    assert commands["done-s-0"].workspace_id == "team-a"
+    assert commands["quiet-s-0"].workspace_id == "default"
     assert "alive-s-0" not in sent and "plain" not in sent and "gone-s-0" not in sent
     # A silent session is over: a heartbeat that comes back late is told so.
     assert touch(conn, isolated, "quiet") is False
