@@ -124,18 +124,39 @@ def ensure_table(conn: psycopg.Connection[Any], settings: Settings) -> None:
             "finished_at timestamptz, "
             "finish_reason text)"
         )
+        # The workspace whose client created the Tinker session (null: made before tenancy,
+        # the default workspace's).
+        conn.execute(f"alter table {_table(settings)} add column if not exists workspace_id text")
 
 
-def touch(conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: str) -> bool:
+def owner_of(
+    conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: str
+) -> str | None:
+    """The workspace a Tinker session belongs to; None if it has no row (never seen)."""
+    row = conn.execute(
+        f"select coalesce(workspace_id, %s) from {_table(settings)} where tinker_session_id = %s",
+        (DEFAULT_WORKSPACE, tinker_session_id),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def touch(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    tinker_session_id: str,
+    workspace_id: str = DEFAULT_WORKSPACE,
+) -> bool:
     """Record a heartbeat (cheaply: at most one write per HEARTBEAT_WRITE_S); False if the
-    session has finished or was ended (the SDK then stops beating)."""
+    session has finished or was ended (the SDK then stops beating). A new row belongs to
+    `workspace_id`; another workspace's row is left alone (the caller checks owner_of)."""
     table = _table(settings)
     conn.execute(
-        f"insert into {table} as t (tinker_session_id) values (%s) "
+        f"insert into {table} as t (tinker_session_id, workspace_id) values (%s, %s) "
         "on conflict (tinker_session_id) do update set last_heartbeat_at = now() "
         "where t.finished_at is null "
-        f"and t.last_heartbeat_at < now() - interval '{HEARTBEAT_WRITE_S} seconds'",
-        (tinker_session_id,),
+        f"and t.last_heartbeat_at < now() - interval '{HEARTBEAT_WRITE_S} seconds' "
+        "and coalesce(t.workspace_id, %s) = excluded.workspace_id",
+        (tinker_session_id, workspace_id, DEFAULT_WORKSPACE),
     )
     row = conn.execute(
         f"select finished_at from {table} where tinker_session_id = %s", (tinker_session_id,)
@@ -144,14 +165,23 @@ def touch(conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: 
 
 
 def finish(
-    conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: str, reason: str
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    tinker_session_id: str,
+    reason: str,
+    workspace_id: str | None = None,
 ) -> None:
+    """Mark the session finished. With `workspace_id` (a client's finish), only a session of
+    that workspace; None (the janitor's own decision) any."""
     conn.execute(
-        f"insert into {_table(settings)} as t (tinker_session_id, finished_at, finish_reason) "
-        "values (%s, now(), %s) on conflict (tinker_session_id) do update set "
+        f"insert into {_table(settings)} as t "
+        "(tinker_session_id, finished_at, finish_reason, workspace_id) "
+        "values (%s, now(), %s, %s) on conflict (tinker_session_id) do update set "
         "finished_at = coalesce(t.finished_at, now()), "
-        "finish_reason = coalesce(t.finish_reason, excluded.finish_reason)",
-        (tinker_session_id, reason),
+        "finish_reason = coalesce(t.finish_reason, excluded.finish_reason) "
+        "where excluded.workspace_id is null "
+        "or coalesce(t.workspace_id, %s) = excluded.workspace_id",
+        (tinker_session_id, reason, workspace_id, DEFAULT_WORKSPACE),
     )
 
 

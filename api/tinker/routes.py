@@ -274,21 +274,48 @@ def _liveness(engine: Any, settings: Settings, action: Callable[[Any], Any]) -> 
         return action(raw)
 
 
+def _refuse_foreign_session(raw: Any, settings: Settings, session_id: str, caller: Caller) -> None:
+    """A Tinker session another workspace created is not found here: its models, heartbeats
+    and finish are that workspace's (a model made in it would be ended with it)."""
+    owner = tinker_sessions.owner_of(raw, settings, session_id)
+    if owner is not None and owner != caller.workspace_id:
+        raise ApiError(404, f"session {session_id} not found", field="session_id")
+
+
+def _check_session(engine: Any, settings: Settings, session_id: str, caller: Caller) -> str:
+    _liveness(engine, settings, lambda c: _refuse_foreign_session(c, settings, session_id, caller))
+    return session_id
+
+
 @router.post("/create_session")
-def create_session(body: _Body, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+def create_session(
+    body: _Body, engine: EngineDep, settings: SettingsDep, caller: CallerDep
+) -> dict[str, Any]:
     """A Tinker session groups the client's models and samplers (each model gets a loops
-    session of its own, see api/tinker/ids.py); its liveness row starts its heartbeat clock."""
+    session of its own, see api/tinker/ids.py); its liveness row starts its heartbeat clock and
+    names the caller's workspace, which alone may use it."""
     session_id = new_resource_id(10)
-    _liveness(engine, settings, lambda c: tinker_sessions.touch(c, settings, session_id))
+    _liveness(
+        engine,
+        settings,
+        lambda c: tinker_sessions.touch(c, settings, session_id, caller.workspace_id),
+    )
     return {"type": "create_session", "session_id": session_id}
 
 
 @router.post("/session_heartbeat")
-def session_heartbeat(body: _Body, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+def session_heartbeat(
+    body: _Body, engine: EngineDep, settings: SettingsDep, caller: CallerDep
+) -> dict[str, Any]:
     session_id = str(body.model_dump().get("session_id") or "")
     if not session_id:
         raise bad_request("session_id is required", "session_id")
-    alive = _liveness(engine, settings, lambda c: tinker_sessions.touch(c, settings, session_id))
+
+    def beat(raw: Any) -> bool:
+        _refuse_foreign_session(raw, settings, session_id, caller)
+        return tinker_sessions.touch(raw, settings, session_id, caller.workspace_id)
+
+    alive = _liveness(engine, settings, beat)
     if not alive:  # the SDK stops its heartbeat loop on a 410
         raise ApiError(410, f"session {session_id} has finished", field="session_id")
     return {"type": "session_heartbeat"}
@@ -307,35 +334,28 @@ def finish_session(
     release the engines). Those the read models do not show yet are ended by the janitor, which
     sees the finished row (commands/tinker_sessions.py): same command ids, so never twice."""
     reason = "tinker session finished"
+
+    def finish(raw: Any) -> None:
+        _refuse_foreign_session(raw, settings, session_id, caller)
+        tinker_sessions.finish(raw, settings, session_id, reason, caller.workspace_id)
+
+    _liveness(engine, settings, finish)
     with engine.connect() as conn:
-        rows = (
-            conn.exec_driver_sql(
-                f"select * from {settings.read_schema}.sessions "
-                "where name like 'tinker %%' and session_id like %(prefix)s",
-                {"prefix": session_id.replace("%", "").replace("_", "") + "-%"},
-            )
-            .mappings()
-            .fetchall()
-        )
-    ours = [
-        dict(row)
-        for row in rows
-        if tinker_sessions.tinker_session_of(row["name"].removeprefix(tinker_sessions.NAME_PREFIX))
-        == session_id
-    ]
-    # A Tinker session whose models live in another workspace is not the caller's to end.
-    if any(workspace_of(row) != caller.workspace_id for row in ours):
-        raise ApiError(404, f"session {session_id} not found", field="session_id")
-    _liveness(engine, settings, lambda c: tinker_sessions.finish(c, settings, session_id, reason))
-    for row in ours:
-        if row["status"] == "active":
-            command = tinker_sessions.end_session(row["session_id"], reason)
-            submitter.submit(
-                command.model_copy(
-                    update={"actor": caller.key_id, "workspace_id": caller.workspace_id}
-                ),
-                to="commands",
-            )
+        rows = conn.exec_driver_sql(
+            f"select session_id, name from {settings.read_schema}.sessions "
+            "where status = 'active' and workspace_id = %(ws)s and name like 'tinker %%' "
+            "and session_id like %(prefix)s",
+            {
+                "ws": caller.workspace_id,
+                "prefix": session_id.replace("%", "").replace("_", "") + "-%",
+            },
+        ).fetchall()
+    for loops_session_id, name in rows:
+        if tinker_sessions.tinker_session_of(name.removeprefix(tinker_sessions.NAME_PREFIX)) == (
+            session_id
+        ):
+            command = tinker_sessions.end_session(loops_session_id, reason, caller.workspace_id)
+            submitter.submit(command.model_copy(update={"actor": caller.key_id}), to="commands")
     return Response(status_code=200, content=b"null", media_type="application/json")
 
 
@@ -401,12 +421,17 @@ def _max_seq_len(settings: Settings, base_model: str) -> int:
 
 @router.post("/create_model")
 def create_model(
-    body: _Body, settings: SettingsDep, submitter: SubmitterDep, caller: TrainCaller
+    body: _Body,
+    settings: SettingsDep,
+    engine: EngineDep,
+    submitter: SubmitterDep,
+    caller: TrainCaller,
 ) -> dict[str, Any]:
     data = body.model_dump()
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
-    model_id = ids.model_id_for(_field(data, "session_id", str), _field(data, "model_seq_id", int))
+    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
+    model_id = ids.model_id_for(session, _field(data, "model_seq_id", int))
     lora = _object(data, "lora_config")
     request_id = _create_run(
         caller=caller,
@@ -586,7 +611,12 @@ def save_weights_for_sampler(
 
 @router.post("/load_weights")
 def load_weights(
-    body: _Body, reads: ReadDep, settings: SettingsDep, submitter: SubmitterDep, caller: TrainCaller
+    body: _Body,
+    reads: ReadDep,
+    settings: SettingsDep,
+    engine: EngineDep,
+    submitter: SubmitterDep,
+    caller: TrainCaller,
 ) -> dict[str, Any]:
     data = body.model_dump()
     try:
@@ -612,7 +642,8 @@ def load_weights(
         raise bad_request(f"no run holds {data.get('path')}", "path")
     base_model = str(data.get("base_model") or source["base_model"])
     _check_model(settings, base_model)
-    model_id = ids.model_id_for(_field(data, "session_id", str), _field(data, "model_seq_id", int))
+    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
+    model_id = ids.model_id_for(session, _field(data, "model_seq_id", int))
     request_id = _create_run(
         caller=caller,
         submitter=submitter,
@@ -686,7 +717,7 @@ def create_sampling_session(
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
     # Sampling a bare base model: a run of its own whose sampler serves the base weights.
-    session = _field(data, "session_id", str)
+    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
     model_id = ids.model_id_for(f"{session}-smp{_field(data, 'sampling_session_seq_id', int)}", 0)
     _create_run(
         caller=caller,

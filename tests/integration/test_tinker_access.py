@@ -226,11 +226,16 @@ def test_another_workspace_sees_none_of_the_models_checkpoints_samplers_or_futur
     sample = {"sampling_session_id": owned["sampling_session_id"], "prompt": {"chunks": []}}
     assert post("asample", sample).status_code == 400  # as for a sampling session with no run
     assert post("retrieve_future", {"request_id": owned["request_id"]}).status_code == 404
+    # Its Tinker session: no heartbeat, no model made in it, no finish.
     tinker_session = model_id.split(":")[0]
+    assert post("session_heartbeat", {"session_id": tinker_session}).status_code == 404
+    squat = {"session_id": tinker_session, "model_seq_id": 99, "base_model": TINY}
+    assert post("create_model", squat).status_code == 404
     assert post(f"sessions/{tinker_session}/finish", {}).status_code == 404
 
     # The owner still has all of it.
     assert post("get_info", {"model_id": model_id}, api_key).status_code == 200
+    assert post("session_heartbeat", {"session_id": tinker_session}, api_key).status_code == 200
     assert post("retrieve_future", {"request_id": owned["request_id"]}, api_key).status_code == 200
     mine = _rest(api_key)
     assert mine.get_training_run(model_id).result().training_run_id == model_id
