@@ -213,14 +213,15 @@ def test_another_workspaces_ids_answer_404_like_ids_nobody_created_on_every_rout
 ) -> None:
     other = keys["other"][0]
     missing = _missing(owned)
-    for (method, path, body), (_, missing_path, _) in zip(
+    for (method, path, body), (_, missing_path, missing_body) in zip(
         _every_route(owned), _every_route(missing), strict=True
     ):
         foreign = app.request(method, path, json=body, headers=auth(other))
         assert foreign.status_code == 404, (method, path, foreign.text)
-        unknown = app.request(method, missing_path, json=body, headers=auth(other))
+        unknown = app.request(method, missing_path, json=missing_body, headers=auth(other))
         assert unknown.status_code == 404, (method, missing_path, unknown.text)
-        assert _mask(foreign.json()["detail"], owned) == _mask(unknown.json()["detail"], missing)
+        same = _mask(foreign.json()["detail"], owned) == _mask(unknown.json()["detail"], missing)
+        assert same, (method, path, foreign.json(), unknown.json())
         assert foreign.json()["field"] == unknown.json()["field"]
     # ...and nothing of the owner's changed: its session is still active, its checkpoint kept.
     own = keys["own"][0]
