@@ -264,6 +264,7 @@ class WorkerService:
                     command_type=envelope.type,
                     aggregate_id=envelope.aggregate_id,
                     correlation_id=envelope.correlation_id,
+                    workspace_id=envelope.workspace_id,  # its future is the workspace's alone
                     status=status,  # type: ignore[arg-type]
                     reason=reason,
                     field=field_name,
@@ -339,6 +340,7 @@ class WorkerService:
                 command_type=envelope.type,
                 aggregate_id=envelope.aggregate_id,
                 correlation_id=envelope.correlation_id or envelope.command_id,
+                workspace_id=envelope.workspace_id,
                 status="accepted",
                 events=tuple(refs),
                 output=done.output,
