@@ -18,8 +18,10 @@ HUGE_OFFSET = "9223372036854775808"  # 2**63: past a PostgreSQL bigint
 
 
 @pytest.fixture(scope="module")
-def http(services: Settings) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=get_api_settings().base_url, timeout=30) as client:
+def http(services: Settings, api_key: str) -> Iterator[httpx.Client]:
+    # Every route authenticates; the boundary is checked for a caller with a valid key.
+    headers = {"Authorization": f"Api-Key {api_key}"}
+    with httpx.Client(base_url=get_api_settings().base_url, timeout=30, headers=headers) as client:
         assert client.get("/healthz").status_code == 200
         yield client
 

@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.bootstrap import ensure_default_key
 from api.client import ServiceClient
 from api.deps import AppState
 from commands.bus import CommandBus
@@ -52,8 +53,14 @@ def services(settings: Settings) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings, services: None) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as test_client:
+def auth(settings: Settings, services: None) -> dict[str, str]:
+    """Every route authenticates: the default workspace's admin key (issued once per stack)."""
+    return {"Authorization": f"Api-Key {ensure_default_key(settings)}"}
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, auth: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(settings), headers=auth) as test_client:
         yield test_client
 
 
@@ -134,7 +141,9 @@ def test_unknown_session_and_run_are_404(client: TestClient) -> None:
     assert response.status_code == 404 and "run nosuchrun not found" in response.json()["detail"]
 
 
-def test_reposting_the_same_key_creates_one_session(client: TestClient, settings: Settings) -> None:
+def test_reposting_the_same_key_creates_one_session(
+    client: TestClient, settings: Settings, auth: dict[str, str]
+) -> None:
     key = f"test-{uuid.uuid4()}"
     body = {"base_model": "loopstream/tiny-llama"}
     first = client.post("/v1/loops/sessions", json=body, headers={"Idempotency-Key": key}).json()
@@ -142,7 +151,7 @@ def test_reposting_the_same_key_creates_one_session(client: TestClient, settings
     second = client.post("/v1/loops/sessions", json=body, params={"request_id": key}).json()
     assert first == second == {"session_id": first["session_id"], "request_id": key}
     # A fresh app (as after an API restart) finds the result and still sends nothing new.
-    with TestClient(create_app(settings)) as fresh:
+    with TestClient(create_app(settings), headers=auth) as fresh:
         third = fresh.post("/v1/loops/sessions", json={**body, "request_id": key}).json()
     assert third == first
     history = client.get(f"/v1/loops/futures/{key}").json()
