@@ -68,8 +68,7 @@ def _rest(key: str) -> tinker.RestClient:
 
 
 @pytest.fixture(scope="module")
-def other_key(services: Settings) -> str:
-    """An admin key of a workspace of its own."""
+def other_workspace(services: Settings) -> str:
     workspace = f"tinker-{uuid.uuid4().hex[:12]}"
     send_and_wait(
         services,
@@ -82,7 +81,13 @@ def other_key(services: Settings) -> str:
             payload=CreateWorkspace(name="tinker access test").model_dump(mode="json"),
         ),
     )
-    return issue_key(services, workspace_id=workspace, scopes=("admin",), name="other")
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def other_key(services: Settings, other_workspace: str) -> str:
+    """An admin key of a workspace of its own."""
+    return issue_key(services, workspace_id=other_workspace, scopes=("admin",), name="other")
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +148,13 @@ def test_a_revoked_key_gets_the_sdks_authentication_error(services: Settings, ap
         client.create_lora_training_client(base_model=TINY, rank=0).result()
 
 
+@pytest.mark.parametrize("where", ["default", "own workspace"])
 def test_an_issued_key_in_tinker_api_key_trains_and_samples(
-    services: Settings, monkeypatch: pytest.MonkeyPatch
+    services: Settings, monkeypatch: pytest.MonkeyPatch, other_workspace: str, where: str
 ) -> None:
-    monkeypatch.setenv("TINKER_API_KEY", issue_key(services, scopes=("train", "infer")))
+    workspace = other_workspace if where == "own workspace" else "default"
+    key = issue_key(services, workspace_id=workspace, scopes=("train", "infer"))
+    monkeypatch.setenv("TINKER_API_KEY", key)
     client = tinker.ServiceClient(base_url=_base_url())  # the key from the environment
     training = client.create_lora_training_client(base_model=TINY, rank=0).result()
     fb = training.forward_backward([_datum([BOS, 97, 97, 97])], "cross_entropy")
@@ -158,6 +166,12 @@ def test_an_issued_key_in_tinker_api_key_trains_and_samples(
         types.ModelInput.from_ints([BOS, 97]), 2, types.SamplingParams(max_tokens=4, seed=0)
     ).result()
     assert len(out.sequences) == 2 and all(len(s.tokens) > 0 for s in out.sequences)
+    state = training.save_state("round-trip").result()
+    again = client.create_training_client_from_state(state.path).result()
+    assert again.forward([_datum([BOS, 97, 97])], "cross_entropy").result().metrics
+    runs = _rest(key).list_training_runs(limit=1000).result().training_runs
+    assert {training.model_id, again.model_id} <= {r.training_run_id for r in runs}
+    assert {r.model_owner for r in runs} == {workspace}
     client.close("success").result()
 
 
