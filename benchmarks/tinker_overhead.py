@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from tinker import types
 
-from api.client import ServiceClient
+from api.client import ServiceClient, resolve_api_key
 from api.config import get_api_settings
 
 RESULTS = Path(__file__).parent / "results" / "tinker_overhead.json"
@@ -80,8 +80,8 @@ class TinkerDoor:
     """/api/v1 through the official tinker SDK."""
 
     def __init__(self, sequences: list[list[int]]) -> None:
-        self.service = tinker.ServiceClient(
-            base_url=get_api_settings().base_url, api_key="tml-bench"
+        self.service = tinker.ServiceClient(  # the same issued key as the loops side's
+            base_url=get_api_settings().base_url, api_key=resolve_api_key()
         )
         self.training = self.service.create_lora_training_client(
             base_model=BASE_MODEL, rank=0
