@@ -186,6 +186,15 @@ def _decide(
     except ValidationError as exc:
         raise _Refusal(*first_validation_error(exc, prefix="payload.")) from None
 
+    named = getattr(command, "workspace_id", None)
+    if named is not None and named != envelope.workspace_id:
+        # A payload that names its workspace (secrets) must name the envelope's: the envelope's is
+        # the one checked here and the one every read model scopes by.
+        raise _Refusal(
+            f"payload.workspace_id {named!r} differs from the envelope's workspace_id "
+            f"{envelope.workspace_id!r}",
+            "payload.workspace_id",
+        )
     if spec.tenant_scoped:
         _check_tenancy(envelope, spec, workspace_exists, aggregate_workspace)
     state = load_state(spec, envelope.aggregate_id)

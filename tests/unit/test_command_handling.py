@@ -42,9 +42,8 @@ class InMemoryAggregates:
 
 
 def cmd(type_: str, payload: dict, command_id: str = "c1", **extra: Any) -> bytes:
-    return CommandEnvelope(
-        command_id=command_id, type=type_, aggregate_id="s1", payload=payload, **extra
-    ).to_bytes()
+    fields = {"aggregate_id": "s1", **extra}
+    return CommandEnvelope(command_id=command_id, type=type_, payload=payload, **fields).to_bytes()
 
 
 def test_accepted_command_yields_envelopes_with_next_sequences() -> None:
@@ -313,3 +312,15 @@ def test_an_aggregate_id_of_another_type_is_refused_not_crashed_on() -> None:
     )
     assert isinstance(outcome, Refused) and outcome.result.category == "user"
     assert outcome.result.field == "aggregate_id"
+
+
+def test_a_payload_naming_another_workspace_than_its_envelope_is_refused() -> None:
+    secret = {"workspace_id": "acme", "name": "hf_token", "version": 1, "digest": "ab" * 32}
+    outcome = _tenant_handle(
+        cmd("CreateSecret", secret, workspace_id="default", aggregate_id="secret:acme:hf_token"),
+        known={"default", "acme"},
+        owners={},
+        key="secret:acme:hf_token",
+    )
+    assert isinstance(outcome, Refused)
+    assert outcome.result.field == "payload.workspace_id"

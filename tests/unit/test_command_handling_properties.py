@@ -63,6 +63,9 @@ VALID: dict[str, dict[str, Any]] = {
         "key_hash": SHA,
     },
     "RevokeApiKey": {"key_id": "0123456789abcdef"},
+    "CreateSecret": {"workspace_id": "default", "name": "hf_token", "version": 1, "digest": SHA},
+    "UpdateSecret": {"workspace_id": "default", "name": "hf_token", "version": 2, "digest": SHA},
+    "DeleteSecret": {"workspace_id": "default", "name": "hf_token"},
 }
 assert VALID.keys() == COMMAND_TYPES.keys(), "a new command type needs a valid payload here"
 
