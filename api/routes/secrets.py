@@ -112,7 +112,8 @@ def _send_and_wait(
         if time.monotonic() >= next_table_check:
             next_table_check = time.monotonic() + 0.5
             with engine.connect() as conn:
-                row = ReadModels(conn, settings.read_schema).command_result(command_id)
+                reads = ReadModels(conn, settings.read_schema)
+                row = reads.command_result(command_id, workspace=caller.workspace_id)
             if row is not None:
                 return CommandResult(
                     command_id=command_id,
