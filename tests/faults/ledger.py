@@ -1,11 +1,14 @@
 """What must hold after every fault, read from the isolated topics and read models themselves.
 
 - No accepted command is lost: every request id the API answered 202 for has a result record.
-- None is doubled: one result record per command id, one copy of each event (event id), and
-  every aggregate's sequences gap-free from 1 with no repeats (a command processed twice would
-  write its events again under new sequences).
+- None is doubled: one result record per command id, one copy of each event (event id), every
+  aggregate's sequences gap-free from 1 with no repeats, and every event of a command listed in
+  that command's one result (a command handled twice would write its events again, under new
+  ids and sequences, that its surviving result does not name).
 - Replay equals live: the read models rebuilt from the log into a shadow schema equal the live
-  ones table by table (row counts and content checksums), once the live projection caught up.
+  ones table by table (row counts and content checksums), once the live projection caught up;
+  and the live read model equals the log itself (`projections.check`: per aggregate, the events
+  applied vs those on the topic), which a record skipped by both live and replay would fail.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from commands.envelope import CommandResult
 from events.envelope import EventEnvelope
 from infra.settings import Settings
+from projections.check import check_against_log
 from projections.db import get_engine
 from projections.replay import compare, replay_into_shadow
 from tests.integration.kafka_helpers import read_topic
@@ -30,6 +34,7 @@ class LedgerReport:
     events: int
     replayed_events: int
     tables: int
+    aggregates: int  # checked against the log itself
 
 
 def check_exactly_once(settings: Settings, accepted: Iterable[str]) -> tuple[int, int]:
@@ -56,6 +61,13 @@ def check_exactly_once(settings: Settings, accepted: Iterable[str]) -> tuple[int
         if sorted(seqs) != list(range(1, len(seqs) + 1))
     }
     assert not broken, f"sequences with gaps or repeats: {list(broken.items())[:3]}"
+    listed = {r.command_id: {str(ref.event_id) for ref in r.events} for r in results}
+    unlisted = [
+        (event.command_id, event.type)
+        for event in events
+        if event.command_id and str(event.event_id) not in listed.get(event.command_id, set())
+    ]
+    assert not unlisted, f"events their command's result does not list: {unlisted[:5]}"
     return len(results), len(events)
 
 
@@ -77,7 +89,6 @@ def wait_until_caught_up(settings: Settings, *, timeout_s: float = 90.0) -> None
 
 def check_replay_equals_live(settings: Settings) -> tuple[int, int]:
     """Rebuild `loops` from the log into its shadow and compare; returns (events, tables)."""
-    wait_until_caught_up(settings)
     report = replay_into_shadow(settings, projection="loops", workers=1, timeout_s=120)
     comparisons = compare(get_engine(settings), live="loops", shadow="loops__shadow")
     differing = [c for c in comparisons if not c.matches]
@@ -85,7 +96,22 @@ def check_replay_equals_live(settings: Settings) -> tuple[int, int]:
     return report.events, len(comparisons)
 
 
+def check_live_equals_log(settings: Settings) -> int:
+    """The live `loops` event_log against the events topic; returns the aggregates checked."""
+    check = check_against_log(settings, projection="loops", timeout_s=120)
+    assert check.matches, f"the read model differs from the log: {check.mismatches[:5]}"
+    return check.aggregates
+
+
 def check_ledger(settings: Settings, accepted: Iterable[str]) -> LedgerReport:
     results, events = check_exactly_once(settings, accepted)
+    wait_until_caught_up(settings)
+    aggregates = check_live_equals_log(settings)
     replayed, tables = check_replay_equals_live(settings)
-    return LedgerReport(results=results, events=events, replayed_events=replayed, tables=tables)
+    return LedgerReport(
+        results=results,
+        events=events,
+        replayed_events=replayed,
+        tables=tables,
+        aggregates=aggregates,
+    )

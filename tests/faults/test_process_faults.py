@@ -82,7 +82,12 @@ def test_sampler_worker_killed_mid_sync_serves_the_newest_weights_once_back(
          "min_weights_version": target},
     )  # fmt: skip
     assert sample["weights_version"]["version"] == target
+    # And the read model says so once it has the sampler's events (it trails the result).
+    deadline = time.monotonic() + 60
     weights = calls.get(f"/v1/loops/samplers/{loop.sampler_id}/weights")
+    while weights["serving_version"] != target and time.monotonic() < deadline:
+        time.sleep(0.2)
+        weights = calls.get(f"/v1/loops/samplers/{loop.sampler_id}/weights")
     assert weights["serving_version"] == target, weights
     assert weights["serving_uri"].endswith("/sampler_weights/mid-sync"), weights
     loop.step()  # and the loop goes on

@@ -47,6 +47,7 @@ def record(figures: dict[str, Any], loop: RlLoop, calls: Calls, settings: Settin
         events_on_topic=ledger.events,
         replayed_events=ledger.replayed_events,
         tables_equal=ledger.tables,
+        aggregates_equal_to_log=ledger.aggregates,
     )
 
 
