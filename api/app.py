@@ -56,8 +56,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.loopstream = state
-    app.dependency_overrides[get_settings] = lambda: settings
-    app.dependency_overrides[get_api_settings] = lambda: api_settings
     install_error_handlers(app)
     app.add_middleware(InputBoundary, max_body_bytes=api_settings.api_max_body_bytes)
     for module in (sessions, runs, training, sampling, futures, checkpoints):

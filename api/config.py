@@ -39,6 +39,9 @@ class ApiSettings(BaseSettings):
     # HMAC key of API key hashes (only the hash of a key's secret is stored or sent on Kafka).
     # Changing it invalidates every issued key.
     api_key_hash_secret: str = Field(default=DEV_API_KEY_HASH_SECRET, min_length=16, repr=False)
+    # How long an API key's row is reused before it is read again: bounds how late a revocation
+    # takes effect (plus the projection's lag).
+    api_key_cache_s: float = Field(default=0.25, ge=0, le=1.0)
     # How long a presigned file URL stays valid.
     presigned_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Upper bound of a futures long-poll; the Tinker SDK's long polls are of this order.

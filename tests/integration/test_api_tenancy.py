@@ -157,7 +157,10 @@ def owned(app: TestClient, keys: dict[str, tuple[str, str]]) -> Json:
     }
 
 
-DATUM = {"model_input": [1, 2, 3], "loss_fn_inputs": {"target_tokens": [2, 3, 4]}}
+DATUM = {
+    "model_input": [1, 2, 3],
+    "loss_fn_inputs": {"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+}
 
 
 def _every_route(ids: Json) -> list[tuple[str, str, Json | None]]:

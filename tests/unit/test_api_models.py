@@ -104,9 +104,12 @@ def test_sent_requests_expire_after_the_retention() -> None:
 
 def test_dev_page_token_secret_is_refused_off_loopback() -> None:
     ApiSettings(api_host="127.0.0.1")
+    key_hash = {"api_key_hash_secret": "another-real-secret-of-32-chars!"}
     with pytest.raises(ValidationError, match="page_token_secret"):
-        ApiSettings(api_host="0.0.0.0")
-    ApiSettings(api_host="0.0.0.0", page_token_secret="a-real-secret-of-32-characters!!")
+        ApiSettings(api_host="0.0.0.0", **key_hash)
+    ApiSettings(
+        api_host="0.0.0.0", page_token_secret="a-real-secret-of-32-characters!!", **key_hash
+    )
 
 
 def test_base_url_defaults_to_the_listen_address() -> None:
@@ -114,16 +117,15 @@ def test_base_url_defaults_to_the_listen_address() -> None:
     assert ApiSettings(api_base_url="http://api:9/").base_url == "http://api:9"
 
 
-def test_validation_errors_are_one_message_naming_the_field() -> None:
-    # Body validation runs before any dependency, so no service is touched.
+def test_an_unauthenticated_request_is_a_401_before_its_body_is_validated() -> None:
+    # The key is checked first: a caller without one learns nothing from validation errors
+    # (tests/integration/test_api_boundary.py checks the 422s of an authenticated caller).
     client = TestClient(create_app())
     response = client.post(
         "/v1/loops/runs/r1/optim_step", json={"adam_params": {"learning_rate": -1}}
     )
-    assert response.status_code == 422
-    body = response.json()
-    assert body["field"] == "adam_params.learning_rate"
-    assert body["detail"].startswith("adam_params.learning_rate:")
+    assert response.status_code == 401
+    assert response.json()["field"] == "authorization"
 
 
 def test_openapi_lists_the_loops_routes() -> None:
