@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -117,6 +118,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_content(exc.detail, exc.field, exc.status_code), exc.status_code)
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _database_away(
+        request: Request, exc: sqlalchemy.exc.OperationalError
+    ) -> JSONResponse:
+        # PostgreSQL restarting or unreachable: loopstream's failure, and a retry may pass.
+        detail = "the read models' database is unavailable; retry shortly"
+        return JSONResponse(error_content(detail, None, 503), 503, headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,6 +9,7 @@ never called and the consumer is rewound to the last committed offsets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from infra.settings import Settings
 log = logging.getLogger("loopstream.transactional")
 
 AfterCommit = Callable[[], None]
+COMMIT_ATTEMPTS = 5  # retriable commit errors (coordinator moving, loading) before a new producer
 BatchHandler = Callable[[list[Message], Producer], AfterCommit | None]
 PartitionCallback = Callable[[list[TopicPartition]], None]
 
@@ -91,21 +93,11 @@ class TransactionalLoop:
         self.settings = settings
         self.config = config
         self.stop_requested = threading.Event()
+        self.on_assign = on_assign
+        self.on_revoke = on_revoke
         self.producer = self._new_producer()
-        self.consumer = Consumer(
-            consumer_config(
-                settings,
-                group_id=self.group_id,
-                # Static membership: a restarted instance takes its partitions straight back
-                # instead of waiting out the dead member's session.
-                **{"group.instance.id": self.transactional_id, "session.timeout.ms": 10_000},
-            )
-        )
-        self.consumer.subscribe(
-            list(config.topics),
-            on_assign=lambda _c, tps: on_assign(tps) if on_assign else None,
-            on_revoke=lambda _c, tps: on_revoke(tps) if on_revoke else None,
-        )
+        self.consumer = self._new_consumer()
+        self.consumers_replaced = 0
 
     @property
     def group_id(self) -> str:
@@ -127,18 +119,55 @@ class TransactionalLoop:
             self.close()
 
     def next_batch(self) -> list[Message]:
-        first = self.consumer.poll(self.config.poll_timeout_s)
-        if first is None:
+        try:
+            first = self.consumer.poll(self.config.poll_timeout_s)
+            if first is None:
+                return []
+            rest = self.consumer.consume(num_messages=self.config.batch_size - 1, timeout=0)
+        except KafkaException as exc:
+            if not exc.args[0].fatal():
+                raise
+            self._replace_consumer(exc.args[0])
             return []
-        rest = self.consumer.consume(num_messages=self.config.batch_size - 1, timeout=0)
         batch = []
         for message in (first, *rest):
             error = message.error()
             if error is None:
                 batch.append(message)
+            elif error.fatal():
+                self._replace_consumer(error)
+                return []  # uncommitted offsets are read again by the new consumer
             elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consume error", extra={"error": str(error)})
         return batch
+
+    def _new_consumer(self) -> Consumer:
+        consumer = Consumer(
+            consumer_config(
+                self.settings,
+                group_id=self.group_id,
+                # Static membership: a restarted instance takes its partitions straight back
+                # instead of waiting out the dead member's session.
+                **{"group.instance.id": self.transactional_id, "session.timeout.ms": 10_000},
+            )
+        )
+        consumer.subscribe(
+            list(self.config.topics),
+            on_assign=lambda _c, tps: self.on_assign(tps) if self.on_assign else None,
+            on_revoke=lambda _c, tps: self.on_revoke(tps) if self.on_revoke else None,
+        )
+        return consumer
+
+    def _replace_consumer(self, error: KafkaError) -> None:
+        """A fatal consumer error leaves a consumer that never delivers again: e.g. a static
+        member whose session ran out while the broker was away is fenced by its own rejoin
+        (librdkafka #3437). Start a new one; it resumes from the committed offsets, and its
+        assignment rebuilds whatever the old one owned."""
+        log.error("fatal consumer error: replacing the consumer", extra={"error": str(error)})
+        with contextlib.suppress(Exception):  # a fatal consumer may refuse to close cleanly
+            self.consumer.close()
+        self.consumer = self._new_consumer()
+        self.consumers_replaced += 1
 
     def transact(self, batch: list[Message], handle: BatchHandler) -> bool:
         """Run `handle` inside one transaction with the batch's offsets. False if it failed."""
@@ -148,9 +177,12 @@ class TransactionalLoop:
             if self.config.commit_delay_ms:
                 self.producer.flush(30)
                 time.sleep(self.config.commit_delay_ms / 1000)
+            # Bounded: its default waits forever, and a broker that restarts under an open
+            # transaction can leave it waiting; a timeout goes to _recover like any failure.
             self.producer.send_offsets_to_transaction(
                 self.consumer.position(self.consumer.assignment()),
                 self.consumer.consumer_group_metadata(),
+                30,
             )
             self._commit()
         except KafkaException as exc:
@@ -176,29 +208,53 @@ class TransactionalLoop:
             config["transaction.timeout.ms"] = self.config.transaction_timeout_ms
         producer = Producer(config)
         # Fences any earlier producer with our transactional.id and aborts its open transaction.
-        producer.init_transactions(60)
-        return producer
+        # A broker that is away (restarting) is waited for: giving up here would end the process.
+        while True:
+            try:
+                producer.init_transactions(60)
+                return producer
+            except KafkaException as exc:
+                if self.stop_requested.is_set() or not exc.args[0].retriable():
+                    raise
+                log.warning("init_transactions failed, retrying", extra={"error": str(exc)})
 
     def _commit(self) -> None:
-        while True:
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
             try:
                 self.producer.commit_transaction(30)
                 return
             except KafkaException as exc:
-                if exc.args[0].retriable():
-                    continue
-                raise
+                error: KafkaError = exc.args[0]
+                # A timed-out commit cannot be resolved by librdkafka (no KIP-890): retrying it
+                # can wait forever after a broker restart. It goes to _recover, which starts a
+                # new producer (aborting the open transaction) and re-reads the batch.
+                timed_out = error.code() == KafkaError._TIMED_OUT
+                if not error.retriable() or timed_out or attempt == COMMIT_ATTEMPTS:
+                    raise
+                log.warning("commit failed, retrying", extra={"error": str(error)})
 
     def _recover(self, exc: KafkaException) -> None:
         error: KafkaError = exc.args[0]
         log.warning("transaction failed", extra={"error": str(error)})
         if error.txn_requires_abort():
-            self.producer.abort_transaction(30)
+            try:
+                self.producer.abort_transaction(30)
+            except KafkaException as abort_error:  # the broker is away: start over instead
+                log.warning("abort failed", extra={"error": str(abort_error)})
+                self.producer = self._new_producer()
         else:
             # Fenced, or a timed-out commit that librdkafka cannot resolve (no KIP-890): start
             # over with a new producer; init_transactions aborts whatever the old one left open.
             self.producer = self._new_producer()
-        self._rewind()
+        while True:
+            try:
+                self._rewind()
+                return
+            except KafkaException as rewind_error:  # committed offsets unreadable for now
+                if self.stop_requested.is_set():
+                    raise
+                log.warning("rewind failed, retrying", extra={"error": str(rewind_error)})
+                time.sleep(1.0)
 
     def _rewind(self) -> None:
         """Re-read everything after the last committed offsets."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+import psycopg
 import urllib3.exceptions
 from minio.error import InvalidResponseError, S3Error, ServerError
 
@@ -42,6 +43,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ServerError | InvalidResponseError):
         return True
     if isinstance(exc, urllib3.exceptions.HTTPError):  # MaxRetryError, ProtocolError, timeouts
+        return True
+    if isinstance(exc, psycopg.OperationalError):  # PostgreSQL restarting or unreachable
         return True
     # ConnectionError and TimeoutError are OSErrors; a local FileExistsError is not transient.
     return isinstance(exc, ConnectionError | TimeoutError)

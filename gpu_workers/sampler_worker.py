@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import psycopg
 from confluent_kafka import OFFSET_END, Consumer
-from psycopg.rows import dict_row
 from pydantic import BaseModel
 
 from commands.envelope import CommandEnvelope
@@ -65,6 +63,7 @@ from gpu_workers.engine.types import SamplingParams
 from gpu_workers.failures import Category, InfrastructureError, category_of, with_retries
 from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
+from gpu_workers.read_models import ReadModelConnection
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
 from infra.s3 import ObjectStore
 from infra.settings import Settings
@@ -187,7 +186,7 @@ class SamplerWorker(WorkerService):
         self.stopped: OrderedDict[str, str] = OrderedDict()  # sampler_id -> why, newest last
         self.next_hosting_try = 0.0
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
-        self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
+        self.db = ReadModelConnection(settings.pg_conninfo)  # reconnects after a restart
         self.requests_partitions = 0
         self.weights_feed = self._subscribe_to_weights()
 

@@ -29,9 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from confluent_kafka import OFFSET_END, Consumer
-from psycopg.rows import dict_row
 from pydantic import BaseModel
 
 from commands.envelope import CommandEnvelope
@@ -65,6 +63,7 @@ from gpu_workers.engine.types import AdamParams as EngineAdamParams
 from gpu_workers.engine.types import Datum as EngineDatum
 from gpu_workers.failures import category_of, with_retries
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
+from gpu_workers.read_models import ReadModelConnection
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
 from infra.s3 import ObjectStore
 from infra.settings import Settings
@@ -96,7 +95,7 @@ class TrainerWorker(WorkerService):
         self.runs: dict[str, RunEngine] = {}
         self.stopped: OrderedDict[str, str] = OrderedDict()  # run_id -> why, newest last
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
-        self.db = psycopg.connect(settings.pg_conninfo, autocommit=True, row_factory=dict_row)
+        self.db = ReadModelConnection(settings.pg_conninfo)  # reconnects after a restart
         self.next_sweep = time.monotonic() + RELEASE_SWEEP_S
         self.stops_feed = self._subscribe_to_stops()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,10 +138,25 @@ def test_volume_http_needs_a_token_for_a_real_blob(
     assert store.get_bytes(key) == PAYLOAD
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("offset", [0, 33, 40, 88, 46])
 def test_grpc_ports_need_the_stack_client_certificate(own_s3: S3Server, offset: int) -> None:
     port = BASE_PORT + offset + 10000
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+    # weed mini starts its admin component last: give a port a moment to listen. One that never
+    # does is not reachable at all, which is locked down too.
+    deadline = time.monotonic() + 20
+    while not _listening(port):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
     # Plaintext gRPC (HTTP/2) gets no answer.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
         plain.sendall(preface)
