@@ -22,6 +22,7 @@ from tinker import types
 
 from api.auth import parse_key
 from api.bootstrap import issue_key, key_row_authenticates, send_and_wait
+from api.config import get_api_settings
 from api.tinker import ids
 from commands.access import CreateWorkspace, aggregate_id_of
 from commands.envelope import CommandEnvelope
@@ -140,6 +141,8 @@ def test_a_revoked_key_gets_the_sdks_authentication_error(services: Settings, ap
     )
     assert revoked.status_code == 202, revoked.text
     _until(lambda: not key_row_authenticates(services, key), "the revocation is projected")
+    # The API reuses a key's row for at most api_key_cache_s (revocation within a second).
+    time.sleep(get_api_settings().api_key_cache_s + 0.05)
 
     with pytest.raises(tinker.AuthenticationError) as refused:
         rest.list_training_runs(limit=1).result()
