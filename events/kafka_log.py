@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from infra.settings import Settings
@@ -112,7 +112,7 @@ def read_partition(
     )
     tp = TopicPartition(topic, partition, start_offset)
     try:
-        _, end = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+        end = _high_watermark(consumer, tp)
         if end <= start_offset:
             return
         consumer.assign([tp])
@@ -131,3 +131,30 @@ def read_partition(
                 )
     finally:
         consumer.close()
+
+
+# A topic created a moment ago may not have a leader yet; these pass once it has.
+_NOT_YET = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+    }
+)
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, *, patience_s: float = 60.0) -> int:
+    """The partition's high watermark, asked again while the cluster is still electing a leader
+    (a processor assigned a brand-new topic's partition died here on NOT_LEADER_FOR_PARTITION)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1])
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if not (error.retriable() or error.code() in _NOT_YET) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
