@@ -8,12 +8,11 @@ projected. Both tables are versioned by the workspace aggregate's sequence.
 from __future__ import annotations
 
 from functools import singledispatch
-from typing import Any
 
 from events.access import ApiKeyCreated, ApiKeyRevoked, WorkspaceCreated
 from events.envelope import EventEnvelope
 from events.loops import DomainEvent
-from projections.rows import RowChange, TableSpec
+from projections.rows import RowChange, TableSpec, entity_change
 
 ACCESS_TABLES: dict[str, TableSpec] = {
     spec.name: spec
@@ -36,18 +35,6 @@ ACCESS_TABLES: dict[str, TableSpec] = {
 }  # fmt: skip
 
 
-def _change(
-    table: str, key: str, envelope: EventEnvelope, values: dict[str, Any], *, creates: bool
-) -> RowChange:
-    return RowChange(
-        table=table,
-        key=(key,),
-        version=envelope.sequence,
-        creates=creates,
-        values={**values, "version": envelope.sequence, "updated_at": envelope.occurred_at},
-    )
-
-
 @singledispatch
 def project_access_event(event: DomainEvent, envelope: EventEnvelope) -> list[RowChange]:
     return []  # not an access event
@@ -60,7 +47,7 @@ def _(event: WorkspaceCreated, envelope: EventEnvelope) -> list[RowChange]:
         "name": event.name,
         "created_at": envelope.occurred_at,
     }
-    return [_change("workspaces", event.workspace_id, envelope, values, creates=True)]
+    return [entity_change("workspaces", event.workspace_id, envelope, values, creates=True)]
 
 
 @project_access_event.register
@@ -76,7 +63,7 @@ def _(event: ApiKeyCreated, envelope: EventEnvelope) -> list[RowChange]:
         "revoked_at": None,
         "revoke_reason": None,
     }
-    return [_change("api_keys", event.key_id, envelope, values, creates=True)]
+    return [entity_change("api_keys", event.key_id, envelope, values, creates=True)]
 
 
 @project_access_event.register
@@ -86,4 +73,4 @@ def _(event: ApiKeyRevoked, envelope: EventEnvelope) -> list[RowChange]:
         "revoked_at": envelope.occurred_at,
         "revoke_reason": event.reason,
     }
-    return [_change("api_keys", event.key_id, envelope, values, creates=False)]
+    return [entity_change("api_keys", event.key_id, envelope, values, creates=False)]

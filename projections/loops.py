@@ -34,7 +34,7 @@ from events.work import (
     SamplerReady,
     WeightsLoaded,
 )
-from projections.rows import RowChange, TableSpec
+from projections.rows import RowChange, TableSpec, entity_change
 
 _ENTITY = ("version", "updated_at")
 
@@ -211,18 +211,6 @@ def project_event(envelope: EventEnvelope, event: DomainEvent) -> list[RowChange
     return _project(event, envelope)
 
 
-def _change(
-    table: str, key: str, envelope: EventEnvelope, values: dict[str, Any], *, creates: bool
-) -> RowChange:
-    return RowChange(
-        table=table,
-        key=(key,),
-        version=envelope.sequence,
-        creates=creates,
-        values={**values, "version": envelope.sequence, "updated_at": envelope.occurred_at},
-    )
-
-
 @singledispatch
 def _project(event: DomainEvent, envelope: EventEnvelope) -> list[RowChange]:
     return []  # an event with no read model of its own still lands in event_log
@@ -241,7 +229,7 @@ def _(event: SessionCreated, envelope: EventEnvelope) -> list[RowChange]:
         "ended_at": None,
         "workspace_id": envelope.workspace,
     }
-    return [_change("sessions", event.session_id, envelope, values, creates=True)]
+    return [entity_change("sessions", event.session_id, envelope, values, creates=True)]
 
 
 @_project.register
@@ -252,7 +240,7 @@ def _(event: SessionEnded, envelope: EventEnvelope) -> list[RowChange]:
         "end_reason": event.reason,
         "ended_at": envelope.occurred_at,
     }
-    return [_change("sessions", event.session_id, envelope, values, creates=False)]
+    return [entity_change("sessions", event.session_id, envelope, values, creates=False)]
 
 
 @_project.register
@@ -271,7 +259,7 @@ def _(event: RunCreated, envelope: EventEnvelope) -> list[RowChange]:
         "stopped_at": None,
         "workspace_id": envelope.workspace,
     }
-    return [_change("runs", event.run_id, envelope, values, creates=True)]
+    return [entity_change("runs", event.run_id, envelope, values, creates=True)]
 
 
 @_project.register
@@ -287,7 +275,7 @@ def _(event: SamplerCreated, envelope: EventEnvelope) -> list[RowChange]:
         "stopped_at": None,
         "workspace_id": envelope.workspace,
     }
-    return [_change("samplers", event.sampler_id, envelope, values, creates=True)]
+    return [entity_change("samplers", event.sampler_id, envelope, values, creates=True)]
 
 
 @_project.register
@@ -298,7 +286,7 @@ def _(event: RunStopped, envelope: EventEnvelope) -> list[RowChange]:
         "stop_reason": event.reason,
         "stopped_at": envelope.occurred_at,
     }
-    return [_change("runs", event.run_id, envelope, values, creates=False)]
+    return [entity_change("runs", event.run_id, envelope, values, creates=False)]
 
 
 @_project.register
@@ -309,7 +297,7 @@ def _(event: SamplerStopped, envelope: EventEnvelope) -> list[RowChange]:
         "stop_reason": event.reason,
         "stopped_at": envelope.occurred_at,
     }
-    return [_change("samplers", event.sampler_id, envelope, values, creates=False)]
+    return [entity_change("samplers", event.sampler_id, envelope, values, creates=False)]
 
 
 @_project.register
@@ -333,7 +321,7 @@ def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
         "chain_position": event.chain_position,
         "workspace_id": envelope.workspace,
     }
-    return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
+    return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
 
 
 @_project.register
@@ -344,7 +332,7 @@ def _(event: CheckpointDeleted, envelope: EventEnvelope) -> list[RowChange]:
         "delete_reason": event.reason,
         "deleted_at": envelope.occurred_at,
     }
-    return [_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
+    return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
 
 
 @_project.register
@@ -412,7 +400,7 @@ def _(event: WeightsReady, envelope: EventEnvelope) -> list[RowChange]:
 def _sampler_weights(envelope: EventEnvelope, values: dict[str, Any]) -> RowChange:
     # Sampler events create the row whichever comes first (a hotload can precede SamplerReady
     # when a worker hosts a sampler and loads its newest weights in one go).
-    return _change("sampler_weights", envelope.aggregate_id, envelope,
+    return entity_change("sampler_weights", envelope.aggregate_id, envelope,
                    {"sampler_id": envelope.aggregate_id, **values}, creates=True)  # fmt: skip
 
 

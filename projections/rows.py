@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from events.envelope import EventEnvelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,20 @@ class RowChange(NamedTuple):
     # True: the change carries a whole row (insert it, or update a row of lower version).
     # False: it only updates some columns of a row an earlier event created.
     creates: bool = False
+
+
+def entity_change(
+    table: str, key: str, envelope: EventEnvelope, values: dict[str, Any], *, creates: bool
+) -> RowChange:
+    """A change to an entity row keyed by one id, versioned by the event's sequence and stamped
+    with its time (every entity table has `version` and `updated_at`)."""
+    return RowChange(
+        table=table,
+        key=(key,),
+        version=envelope.sequence,
+        creates=creates,
+        values={**values, "version": envelope.sequence, "updated_at": envelope.occurred_at},
+    )
 
 
 def merge_changes(changes: Iterable[RowChange], tables: Mapping[str, TableSpec]) -> list[RowChange]:
