@@ -34,7 +34,8 @@ from projections.db import get_engine
 from projections.names import topics_for
 from projections.pipeline import SourceRecord
 from projections.pipeline import TopicPartition as TP
-from projections.replay import partitions_of, positions_of, read_batches, read_consumer
+from projections.replay import partitions_of, read_batches, read_consumer
+from projections.store import positions_of
 
 _MOD = 1 << 64
 

@@ -81,11 +81,12 @@ def status(
     from confluent_kafka import KafkaException
 
     from projections.db import get_engine
-    from projections.health import end_offsets, partition_lag, stored_positions
+    from projections.health import end_offsets, partition_lag
+    from projections.store import positions_of
 
     settings = get_settings()
     engine = get_engine(settings)
-    stored = stored_positions(engine, projection)
+    stored = positions_of(engine, projection)
     table = Table("topic", "partition", "next offset", "end offset", "lag", title=projection)
     try:
         ends = end_offsets(settings, timeout_s=10)
@@ -166,8 +167,9 @@ def replay(
     comparison: `--check` compares the live read models with the log too.
     """
     from projections.db import get_engine
-    from projections.replay import compare, positions_of, replay_into_shadow
+    from projections.replay import compare, replay_into_shadow
     from projections.replay import swap as swap_schemas
+    from projections.store import positions_of
 
     if swap and from_time is not None:
         console.print("[red]refusing --swap with --from-time[/]: the shadow misses older events")

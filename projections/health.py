@@ -21,6 +21,7 @@ from infra.settings import Settings, checked_identifier
 from projections.failures import COLUMNS, TABLE, Failure
 from projections.names import topics_for
 from projections.pipeline import TopicPartition as TP
+from projections.store import positions_of
 
 Status = Literal["ok", "degraded"]
 
@@ -77,18 +78,6 @@ def latest_failures(engine: Engine, schema: str, *, limit: int = 10) -> list[Fai
     return [Failure(*row) for row in rows]
 
 
-def stored_positions(engine: Engine, projection: str) -> dict[TP, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "select topic, partition, next_offset from projection_positions "
-                "where projection = :p"
-            ),
-            {"p": projection},
-        ).all()
-    return {(t, p): o for t, p, o in rows}
-
-
 _consumer_lock = threading.Lock()
 
 
@@ -120,7 +109,7 @@ def projection_health(settings: Settings, engine: Engine, projection: str) -> Pr
     """Failures and lag; an unreachable database or broker shows as None, never as an error."""
     try:
         failures: int | None = count_failures(engine, projection)
-        positions: dict[TP, int] | None = stored_positions(engine, projection)
+        positions: dict[TP, int] | None = positions_of(engine, projection)
     except SQLAlchemyError:  # the health answer must come even when PostgreSQL does not
         failures, positions = None, None
     lag: int | None = None

@@ -465,18 +465,6 @@ def compare(engine: Engine, *, live: str, shadow: str) -> list[TableComparison]:
     return result
 
 
-def positions_of(engine: Engine, projection: str) -> dict[TP, int]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "select topic, partition, next_offset from projection_positions "
-                "where projection = :p"
-            ),
-            {"p": projection},
-        ).all()
-    return {(t, p): o for t, p, o in rows}
-
-
 def swap(engine: Engine, *, live: str, shadow: str, lock_timeout_s: float = 30.0) -> None:
     """Make the shadow the live projection, rows and positions, in one transaction.
 

@@ -111,6 +111,19 @@ def write_sql(schema: str, spec: TableSpec, columns: Sequence[str], *, creates: 
 # --- the writer --------------------------------------------------------------------------------
 
 
+def positions_of(engine: Engine, projection: str) -> dict[TopicPartition, int]:
+    """Where a projection's stored positions stand: (topic, partition) -> next offset."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select topic, partition, next_offset from projection_positions "
+                "where projection = :p"
+            ),
+            {"p": projection},
+        ).all()
+    return {(topic, partition): offset for topic, partition, offset in rows}
+
+
 class ReadModelWriter:
     """Applies planned batches of one projection (its name is its schema) to PostgreSQL."""
 

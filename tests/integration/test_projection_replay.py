@@ -13,8 +13,9 @@ from infra.settings import Settings
 from projections.check import check_against_log
 from projections.db import get_engine
 from projections.health import count_failures
-from projections.replay import compare, positions_of, replay_into_shadow, swap, tables_of
+from projections.replay import compare, replay_into_shadow, swap, tables_of
 from projections.sample import messages
+from projections.store import positions_of
 from tests.integration.projection_support import (
     Isolated,
     caught_up,
