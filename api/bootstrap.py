@@ -107,8 +107,8 @@ def send_and_wait(settings: Settings, envelope: CommandEnvelope, *, wait_s: floa
         while True:
             result = reads.command_result(envelope.command_id, workspace=envelope.workspace_id)
             if result is not None:
-                if result["status"] != "accepted":
-                    raise RuntimeError(f"{envelope.type} refused: {result['reason']}")
+                if result.status != "accepted":
+                    raise RuntimeError(f"{envelope.type} refused: {result.reason}")
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{envelope.type} not answered within {wait_s:.0f} s")

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from commands.envelope import CommandResult
 from infra.settings import checked_identifier
 
 Row = dict[str, Any]
@@ -204,13 +205,20 @@ class ReadModels:
 
     # --- futures --------------------------------------------------------------------------------
 
-    def command_result(self, command_id: str, *, workspace: str) -> Row | None:
-        return self._one(
+    def command_result(self, command_id: str, *, workspace: str) -> CommandResult | None:
+        """The command's result as the command-results topic carried it (the futures table is
+        its projection), or None while there is none in this workspace."""
+        row = self._one(
             "select command_id, command_type, aggregate_id, status, reason, field, category, "
-            "events, output from {s}.command_results where command_id = :id "
-            "and workspace_id = :ws",
+            "events, output, correlation_id, processed_at, workspace_id "
+            "from {s}.command_results where command_id = :id and workspace_id = :ws",
             id=command_id,
             ws=workspace,
+        )
+        return (
+            None
+            if row is None
+            else CommandResult.model_validate({**row, "events": row["events"] or ()})
         )
 
     def command_result_exists(self, command_id: str) -> bool:

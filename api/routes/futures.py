@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +19,7 @@ from api.auth import CallerDep
 from api.deps import ApiSettingsDep, EngineDep, RequestIdPath, SettingsDep, StateDep
 from api.errors import ErrorBody, not_found
 from api.models import EventRefPublic, FuturePublic
-from api.queries import ReadModels, Row
+from api.queries import ReadModels
 from commands.envelope import CommandResult, category_of
 from events.envelope import DEFAULT_WORKSPACE
 
@@ -41,20 +40,6 @@ def _from_feed(result: CommandResult) -> FuturePublic:
         field=result.field,
         category=result.category or category_of(result.status),
         events=[EventRefPublic.model_validate(e.model_dump()) for e in result.events],
-    )
-
-
-def _to_future(request_id: str, row: Row) -> FuturePublic:
-    events: list[Any] = row["events"] or []
-    return FuturePublic(
-        request_id=request_id,
-        status=row["status"],
-        request_type=row["command_type"],
-        result=row["output"],
-        reason=row["reason"],
-        field=row["field"],
-        category=row["category"] or category_of(row["status"]),
-        events=[EventRefPublic.model_validate(e) for e in events],
     )
 
 
@@ -85,7 +70,7 @@ async def get_future(
     A request of another workspace is unknown here."""
     workspace = caller.workspace_id
 
-    def lookup() -> Row | None:
+    def lookup() -> CommandResult | None:
         with engine.connect() as conn:
             return ReadModels(conn, settings.read_schema).command_result(
                 request_id, workspace=workspace
@@ -102,9 +87,9 @@ async def get_future(
             return _from_feed(fresh)
         now = time.monotonic()
         if now >= next_table_check:
-            row = await run_in_threadpool(lookup)
-            if row is not None:
-                return _to_future(request_id, row)
+            stored = await run_in_threadpool(lookup)
+            if stored is not None:
+                return _from_feed(stored)
             next_table_check = now + POLL_INTERVAL_S
         if now >= deadline:
             break

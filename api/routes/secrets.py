@@ -113,16 +113,9 @@ def _send_and_wait(
             next_table_check = time.monotonic() + 0.5
             with engine.connect() as conn:
                 reads = ReadModels(conn, settings.read_schema)
-                row = reads.command_result(command_id, workspace=caller.workspace_id)
-            if row is not None:
-                return CommandResult(
-                    command_id=command_id,
-                    command_type=row["command_type"],
-                    aggregate_id=row["aggregate_id"],
-                    status=row["status"],
-                    reason=row["reason"],
-                    field=row["field"],
-                )
+                stored = reads.command_result(command_id, workspace=caller.workspace_id)
+            if stored is not None:
+                return stored
         time.sleep(0.01)
     raise ApiError(status.HTTP_503_SERVICE_UNAVAILABLE, "not applied in time; retry")
 

@@ -848,22 +848,9 @@ def _lookup(
         _check_owner(fresh, caller)
         return fresh
     with engine.connect() as conn:
-        row = ReadModels(conn, settings.read_schema).command_result(
+        return ReadModels(conn, settings.read_schema).command_result(
             request_id, workspace=caller.workspace_id
         )
-    if row is None:
-        return None
-    return CommandResult(
-        command_id=request_id,
-        command_type=row["command_type"],
-        aggregate_id=row["aggregate_id"],
-        status=row["status"],
-        reason=row["reason"],
-        field=row["field"],
-        category=row["category"],
-        output=row["output"],
-        workspace_id=caller.workspace_id,
-    )
 
 
 @router.post("/retrieve_future")
