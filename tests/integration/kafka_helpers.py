@@ -1,15 +1,19 @@
-"""Helpers for integration tests: isolated topic sets, reading topics, running the processor."""
+"""Helpers for integration tests: isolated topic sets, reading topics, running the processor,
+waiting for a condition, making a workspace."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
+from api.bootstrap import send_and_wait
+from commands.access import CreateWorkspace, aggregate_id_of
 from commands.envelope import CommandEnvelope, CommandResult
 from commands.processor import CommandProcessor
 from events.envelope import EventEnvelope
@@ -94,3 +98,32 @@ def committed_offsets(settings: Settings, group: str, topic: str) -> list[TopicP
     committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
     consumer.close()
     return committed
+
+
+def until(check: Callable[[], Any], what: str, *, timeout_s: float) -> Any:
+    """`check()`'s first truthy value; fails the test naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.1)
+
+
+def create_workspace(settings: Settings, prefix: str, name: str) -> str:
+    """A new workspace `<prefix>-<random>`, created through the commands topic (as the CLI does)
+    and answered before this returns."""
+    workspace = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    send_and_wait(
+        settings,
+        CommandEnvelope(
+            command_id=f"test-workspace-{workspace}",
+            type="CreateWorkspace",
+            aggregate_id=aggregate_id_of(workspace),
+            actor="test",
+            workspace_id=workspace,
+            payload=CreateWorkspace(name=name).model_dump(mode="json"),
+        ),
+    )
+    return workspace

@@ -9,7 +9,6 @@ in-process against the running processor, projections and trainer worker.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,67 +17,19 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.auth import new_key
-from api.config import get_api_settings
-from commands.access import CreateApiKey, CreateWorkspace, aggregate_id_of
-from commands.bus import CommandBus
-from commands.envelope import CommandEnvelope
+from api.auth import parse_key
+from api.bootstrap import issue_key
 from events.audit import history
 from events.envelope import DEFAULT_WORKSPACE
 from infra.settings import Settings
+from tests.integration.kafka_helpers import create_workspace, until
 
 WAIT_S = 120.0  # the trainer worker may be restarting (shared services)
 Json = dict[str, Any]
 
 
 def _until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up waiting: {what}"
-        time.sleep(0.1)
-
-
-def _issue_key(settings: Settings, workspace: str, scopes: tuple[str, ...]) -> tuple[str, str]:
-    """(key, key id) of a new key in `workspace`, sent as `loopstream keys create` sends it."""
-    issued = new_key(hash_key=get_api_settings().api_key_hash_secret)
-    command = CreateApiKey(
-        key_id=issued.key_id,
-        scopes=scopes,  # type: ignore[arg-type]
-        prefix=issued.prefix,
-        key_hash=issued.key_hash,
-        name="tenancy test",
-    )
-    CommandBus(settings).send(
-        CommandEnvelope(
-            command_id=f"test-key-{issued.key_id}",
-            type="CreateApiKey",
-            aggregate_id=aggregate_id_of(workspace),
-            actor="test",
-            workspace_id=workspace,
-            payload=command.model_dump(mode="json"),
-        ),
-        to="commands",
-    )
-    return issued.key, issued.key_id
-
-
-def _create_workspace(settings: Settings) -> str:
-    workspace = f"tenancy-{uuid.uuid4().hex[:12]}"
-    CommandBus(settings).send(
-        CommandEnvelope(
-            command_id=f"test-workspace-{workspace}",
-            type="CreateWorkspace",
-            aggregate_id=aggregate_id_of(workspace),
-            actor="test",
-            workspace_id=workspace,
-            payload=CreateWorkspace(name="tenancy test").model_dump(mode="json"),
-        ),
-        to="commands",
-    )
-    return workspace
+    return until(check, what, timeout_s=WAIT_S)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -94,17 +45,18 @@ def app(settings: Settings, services: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def keys(settings: Settings, app: TestClient) -> dict[str, tuple[str, str]]:
     """Keys by role: (key, key id). "own" and "infer" in default, "other" in a new workspace."""
-    other_workspace = _create_workspace(settings)
+    other_workspace = create_workspace(settings, "tenancy", "tenancy test")
+
+    def issued(workspace: str, scopes: tuple[str, ...]) -> tuple[str, str]:
+        # issue_key returns once the key authenticates (the check the API makes).
+        key = issue_key(settings, workspace_id=workspace, scopes=scopes, name="tenancy test")
+        return key, parse_key(key)[0]  # type: ignore[index]
+
     made = {
-        "own": _issue_key(settings, DEFAULT_WORKSPACE, ("admin",)),
-        "infer": _issue_key(settings, DEFAULT_WORKSPACE, ("infer",)),
-        "other": _issue_key(settings, other_workspace, ("admin",)),
+        "own": issued(DEFAULT_WORKSPACE, ("admin",)),
+        "infer": issued(DEFAULT_WORKSPACE, ("infer",)),
+        "other": issued(other_workspace, ("admin",)),
     }
-    for role, (key, _) in made.items():
-        _until(
-            lambda key=key: app.get("/v1/loops/sessions", headers=auth(key)).status_code == 200,
-            f"the {role} key authenticates",
-        )
     return made
 
 

@@ -11,7 +11,6 @@ as for a path nobody saved). Keys and the second workspace are issued as the CLI
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,12 +20,11 @@ import tinker
 from tinker import types
 
 from api.auth import parse_key
-from api.bootstrap import issue_key, key_row_authenticates, send_and_wait
+from api.bootstrap import issue_key, key_row_authenticates
 from api.config import get_api_settings
 from api.tinker import ids
-from commands.access import CreateWorkspace, aggregate_id_of
-from commands.envelope import CommandEnvelope
 from infra.settings import Settings
+from tests.integration.kafka_helpers import create_workspace, until
 
 TINY = "loopstream/tiny-llama"
 BOS = 256  # the tiny model's byte vocabulary starts its specials here
@@ -34,19 +32,11 @@ WAIT_S = 60.0
 
 
 def _base_url() -> str:
-    from api.config import get_api_settings
-
     return get_api_settings().base_url
 
 
 def _until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up waiting: {what}"
-        time.sleep(0.1)
+    return until(check, what, timeout_s=WAIT_S)
 
 
 def _datum(tokens: list[int]) -> tinker.Datum:
@@ -70,19 +60,7 @@ def _rest(key: str) -> tinker.RestClient:
 
 @pytest.fixture(scope="module")
 def other_workspace(services: Settings) -> str:
-    workspace = f"tinker-{uuid.uuid4().hex[:12]}"
-    send_and_wait(
-        services,
-        CommandEnvelope(
-            command_id=f"test-workspace-{workspace}",
-            type="CreateWorkspace",
-            aggregate_id=aggregate_id_of(workspace),
-            actor="test",
-            workspace_id=workspace,
-            payload=CreateWorkspace(name="tinker access test").model_dump(mode="json"),
-        ),
-    )
-    return workspace
+    return create_workspace(services, "tinker", "tinker access test")
 
 
 @pytest.fixture(scope="module")

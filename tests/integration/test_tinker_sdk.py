@@ -24,9 +24,11 @@ from tinker import types
 from api.kafka_driver import query
 from api.tinker import ids
 from infra.settings import Settings
+from tests.integration.kafka_helpers import until
 
 TINY = "loopstream/tiny-llama"
 BOS = 256  # the tiny model's byte vocabulary starts its specials here
+WAIT_S = 120.0  # a run stopping and its engine released, on shared services
 
 
 @pytest.fixture(scope="module")
@@ -284,16 +286,6 @@ def _base_url() -> str:
     return f"http://{api.api_host}:{api.api_port}"
 
 
-def _wait_for(what: str, check: Any, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f}s")
-
-
 def test_finishing_a_tinker_session_stops_its_runs_and_releases_their_engines(
     services: Settings, api_key: str
 ) -> None:
@@ -305,23 +297,25 @@ def test_finishing_a_tinker_session_stops_its_runs_and_releases_their_engines(
 
     client.close("success").result()  # the SDK's finish_session
 
-    stopped = _wait_for(
-        "the run stopped",
+    stopped = until(
         lambda: query(
             services,
             "select stop_reason from {schema}.runs where run_id = %s and status = 'stopped'",
             run_id,
         ),
+        "the run stopped",
+        timeout_s=WAIT_S,
     )
     assert "tinker session finished" in stopped[0]["stop_reason"]
-    released = _wait_for(
-        "the trainer engine released",
+    released = until(
         lambda: query(
             services,
             "select payload from {schema}.event_log where aggregate_id = %s "
             "and type = 'TrainerReleased'",
             run_id,
         ),
+        "the trainer engine released",
+        timeout_s=WAIT_S,
     )
     assert len(released) == 1
     # The SDK stops its heartbeat loop on a 410.
@@ -342,14 +336,10 @@ def _restart_api(settings: Settings) -> None:
     pid = process.pid()
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
-    _wait_for("the API to stop", lambda: process.pid() is None, timeout_s=60)
+    until(lambda: process.pid() is None, "the API to stop", timeout_s=60)
     with contextlib.suppress(StackError):  # a slow start on a busy machine: wait below
         services_up(settings)
-    _wait_for(
-        "the API to answer",
-        lambda: _answers(f"{_base_url()}/openapi.json"),
-        timeout_s=180,
-    )
+    until(lambda: _answers(f"{_base_url()}/openapi.json"), "the API to answer", timeout_s=180)
 
 
 def _answers(url: str) -> bool:
@@ -388,10 +378,13 @@ def test_weights_only_load_and_seq_order_survive_an_api_restart(
         ).json()
         return None if body.get("type") == "try_again" else body
 
-    body = _wait_for("the weights-only load's future", answer, timeout_s=180)
+    body = until(answer, "the weights-only load's future", timeout_s=180)
     assert body == {"model_id": future["model_id"]}
-    load = query(services, "select status, command_type, output from {schema}.command_results "
-                 "where command_id = %s", future["request_id"])  # fmt: skip
+    # The future may come from the result feed before the futures table has the row.
+    load = until(lambda: query(
+        services, "select status, command_type, output from {schema}.command_results "
+        "where command_id = %s", future["request_id"]),
+        "the load's row in the futures table", timeout_s=30)  # fmt: skip
     assert load[0]["status"] == "accepted" and load[0]["command_type"] == "LoadState"
     assert load[0]["output"]["path"] == ids.bt_uri(state.path)
 
