@@ -43,7 +43,6 @@ from commands.work import SAMPLER_REQUESTS, Sample
 from events.audit import history
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
-from events.ids import new_event_id
 from events.kafka_log import assign_all, consumer_config, partition_for
 from events.loops import SamplerCreated, SamplerStopped, WeightsReady
 from events.work import (
@@ -241,7 +240,7 @@ class SamplerWorker(WorkerService):
         if self.samplers.pop(sampler_id, None) is None:
             return
         held = len(self.samplers)
-        self._emit(sampler_id, [(SamplerReleased(reason=reason, engines_held=held), utc_now())],
+        self.emit(sampler_id, [(SamplerReleased(reason=reason, engines_held=held), utc_now())],
                    causation_id=sampler_id)  # fmt: skip
         extra = {"sampler_id": sampler_id, "reason": reason, "engines_held": held}
         log.info("sampler released", extra=extra)
@@ -268,7 +267,7 @@ class SamplerWorker(WorkerService):
         for hosted in list(self.samplers.values()):
             ready = self.latest_ready.get(hosted.sampler_id)
             if ready is not None and ready.weights_version > hosted.synced_version:
-                self._emit(hosted.sampler_id, self._sync(hosted, ready),
+                self.emit(hosted.sampler_id, self._sync(hosted, ready),
                            causation_id=ready.checkpoint_id)  # fmt: skip
 
     def _host_new_samplers(self) -> None:
@@ -288,7 +287,7 @@ class SamplerWorker(WorkerService):
                 continue  # not in the read model yet: next time round
             del self.to_host[sampler_id]
             now = utc_now()
-            self._emit(sampler_id, [(e, now) for e in events], causation_id=sampler_id)
+            self.emit(sampler_id, [(e, now) for e in events], causation_id=sampler_id)
 
     def _sync(self, hosted: HostedSampler, ready: WeightsReady) -> list[Timed]:
         """Apply one weight sync: load, drop the prompt cache, warm up. Never raises: a refusal
@@ -471,45 +470,6 @@ class SamplerWorker(WorkerService):
         )
         now = utc_now()
         return [(started, started_at), (succeeded, now), (loaded, now)]
-
-    def _emit(self, sampler_id: str, events: list[Timed], *, causation_id: str) -> None:
-        """Events outside any request: their own small transaction."""
-        if not events:
-            return
-        producer = self.loop.producer
-        producer.begin_transaction()
-        try:
-            sequence = self._produce(sampler_id, events, causation_id=causation_id)
-            producer.commit_transaction(30)
-        except Exception:
-            producer.abort_transaction(30)
-            raise
-        self.versions[sampler_id] = sequence
-
-    def _produce(self, sampler_id: str, events: list[Timed], *, causation_id: str) -> int:
-        sequence = self.versions.get(sampler_id, 0)
-        for event, occurred_at in events:
-            sequence += 1
-            envelope = EventEnvelope(
-                event_id=new_event_id(),
-                type=type(event).__name__,
-                schema_version=event.schema_version,
-                aggregate_type=self.aggregate_type,
-                aggregate_id=sampler_id,
-                sequence=sequence,
-                occurred_at=occurred_at,
-                causation_id=causation_id,
-                correlation_id=causation_id,
-                actor="sampler-worker",
-                payload=event.model_dump(mode="json"),
-            )
-            self.loop.producer.produce(
-                self.settings.topic("events"),
-                key=sampler_id.encode(),
-                value=envelope.to_bytes(),
-                headers=envelope.kafka_headers(),
-            )
-        return sequence
 
     # --- sampling ------------------------------------------------------------------------------
 

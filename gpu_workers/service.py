@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from confluent_kafka import Message, Producer, TopicPartition
@@ -118,10 +119,16 @@ class WorkerService:
         finally:
             self.loop.close()
 
-    def emit(self, aggregate_id: str, events: list[DomainEvent], *, causation_id: str) -> None:
-        """Events outside any request, in a small transaction of their own, on the partition
-        the aggregate's requests (and so its request events) use: a rebuild finds its
-        sequence there."""
+    def emit(
+        self,
+        aggregate_id: str,
+        events: Sequence[tuple[DomainEvent, datetime]],
+        *,
+        causation_id: str,
+    ) -> None:
+        """Events outside any request (each with when it happened), in a small transaction of
+        their own, on the partition the aggregate's requests (and so its request events) use: a
+        rebuild finds its sequence there."""
         if not events:
             return
         topic = self.settings.topic(self.requests_topic)
@@ -130,9 +137,8 @@ class WorkerService:
             self._partitions = len(metadata.topics[topic].partitions)
         partition = partition_for(aggregate_id.encode(), self._partitions)
         sequence = self.versions.get(aggregate_id, 0)
-        now = utc_now()
         encoded = []
-        for event in events:
+        for event, occurred_at in events:
             sequence += 1
             encoded.append(
                 EventEnvelope(
@@ -142,7 +148,7 @@ class WorkerService:
                     aggregate_type=self.aggregate_type,
                     aggregate_id=aggregate_id,
                     sequence=sequence,
-                    occurred_at=now,
+                    occurred_at=occurred_at,
                     causation_id=causation_id,
                     correlation_id=causation_id,
                     actor=self.name,

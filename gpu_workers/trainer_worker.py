@@ -44,7 +44,7 @@ from commands.work import (
     SaveWeights,
 )
 from events.catalog import decode_payload
-from events.envelope import EventEnvelope
+from events.envelope import EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
 from events.loops import RunStopped
 from events.work import (
@@ -147,7 +147,7 @@ class TrainerWorker(WorkerService):
         held = len(self.runs)
         self.emit(
             run_id,
-            [TrainerReleased(run_id=run_id, reason=reason, engines_held=held)],
+            [(TrainerReleased(run_id=run_id, reason=reason, engines_held=held), utc_now())],
             causation_id=run_id,
         )
         log.info("run released", extra={"run_id": run_id, "reason": reason, "engines_held": held})
