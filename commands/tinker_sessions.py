@@ -28,6 +28,7 @@ from commands.bus import CommandBus
 from commands.envelope import DEFAULT_WORKSPACE, CommandEnvelope
 from events.loops import DomainEvent, SessionCreated, SessionEnded
 from infra.settings import Settings
+from infra.side_tables import ensure_side_tables
 
 NAME_PREFIX = "tinker "  # a loops session made for a Tinker model: "tinker <model_id>"
 HEARTBEAT_WRITE_S = 5  # heartbeats closer together than this update nothing
@@ -111,22 +112,22 @@ def _table(settings: Settings) -> str:
 
 
 def ensure_table(conn: psycopg.Connection[Any], settings: Settings) -> None:
-    schema = f"{settings.read_schema}_tinker"
-    with conn.transaction():
-        # Two processes creating at once would race on the catalog: serialise them.
-        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (schema,))
-        conn.execute(f"create schema if not exists {schema}")
-        conn.execute(
+    ensure_side_tables(
+        conn,
+        conninfo=settings.pg_conninfo,
+        schema=f"{settings.read_schema}_tinker",
+        ddl=(
             f"create table if not exists {_table(settings)} ("
             "tinker_session_id text primary key, "
             "created_at timestamptz not null default now(), "
             "last_heartbeat_at timestamptz not null default now(), "
             "finished_at timestamptz, "
-            "finish_reason text)"
-        )
-        # The workspace whose client created the Tinker session (null: made before tenancy,
-        # the default workspace's).
-        conn.execute(f"alter table {_table(settings)} add column if not exists workspace_id text")
+            "finish_reason text)",
+            # The workspace whose client created the Tinker session (null: made before
+            # tenancy, the default workspace's).
+            f"alter table {_table(settings)} add column if not exists workspace_id text",
+        ),
+    )
 
 
 def owner_of(

@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from infra.settings import Settings, checked_identifier
+from infra.side_tables import ensure_side_tables
 
 NONCE_BYTES = 12  # AES-GCM's standard nonce; random per value, never reused under one key
 MAX_VALUE_BYTES = 64 * 1024  # a token, a credentials JSON; not a file store
@@ -93,31 +94,24 @@ def schema_of(settings: Settings) -> str:
     return checked_identifier(f"{settings.read_schema}_secrets")
 
 
-_ensured: set[tuple[str, str]] = set()
-
-
 def ensure_tables(conn: psycopg.Connection[Any], settings: Settings) -> None:
     schema = schema_of(settings)
-    if (settings.pg_conninfo, schema) in _ensured:
-        return
-    with conn.transaction():
-        # Two processes creating at once would race on the catalog: serialise them.
-        conn.execute("select pg_advisory_xact_lock(hashtext(%s))", (schema,))
-        conn.execute(f"create schema if not exists {schema}")
-        conn.execute(
+    ensure_side_tables(
+        conn,
+        conninfo=settings.pg_conninfo,
+        schema=schema,
+        ddl=(
             f"create table if not exists {schema}.secret_heads ("
             "workspace_id text not null, name text not null, "
             "last_version integer not null, created_at timestamptz, "
-            "primary key (workspace_id, name))"
-        )
-        conn.execute(
+            "primary key (workspace_id, name))",
             f"create table if not exists {schema}.secret_values ("
             "workspace_id text not null, name text not null, version integer not null, "
             "sealed bytea not null, stored_at timestamptz not null default now(), "
             "confirmed_at timestamptz, "
-            "primary key (workspace_id, name, version))"
-        )
-    _ensured.add((settings.pg_conninfo, schema))
+            "primary key (workspace_id, name, version))",
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -261,16 +261,11 @@ def get_server_capabilities(settings: SettingsDep) -> dict[str, Any]:
     }
 
 
-_liveness_table_ready = threading.Event()
-
-
 def _liveness(engine: Any, settings: Settings, action: Callable[[Any], Any]) -> Any:
     """Run `action(psycopg connection)` on the Tinker sessions' liveness rows, committed."""
     with engine.begin() as conn:
         raw = conn.connection.driver_connection
-        if not _liveness_table_ready.is_set():
-            tinker_sessions.ensure_table(raw, settings)
-            _liveness_table_ready.set()
+        tinker_sessions.ensure_table(raw, settings)  # once per process
         return action(raw)
 
 
