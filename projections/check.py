@@ -25,12 +25,12 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import orjson
 from confluent_kafka import Consumer
 from sqlalchemy import Engine, text
 
 from infra.settings import Settings, checked_identifier
 from projections.db import get_engine
+from projections.failures import readable_fields
 from projections.names import topics_for
 from projections.pipeline import SourceRecord
 from projections.pipeline import TopicPartition as TP
@@ -93,7 +93,7 @@ def log_entry(record: SourceRecord) -> tuple[str, str, int | None]:
     aggregate id), so the mismatch it causes still names an aggregate.
     """
     place = f"{record.topic}[{record.partition}]@{record.offset}"
-    fields = _fields(record.value)
+    fields = readable_fields(record.value)
     aggregate_id, event_id = fields.get("aggregate_id"), fields.get("event_id")
     sequence = fields.get("sequence")
     if isinstance(sequence, float) and sequence.is_integer():
@@ -102,16 +102,6 @@ def log_entry(record: SourceRecord) -> tuple[str, str, int | None]:
         return aggregate_id, event_id, sequence if type(sequence) is int else None
     key = record.key.decode("utf-8", "replace") if record.key else f"<no key at {place}>"
     return key, place, None
-
-
-def _fields(value: bytes | None) -> dict[str, object]:
-    if not value:
-        return {}
-    try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,7 @@ def pg_text(value: str | None, limit: int | None = None) -> str | None:
 def failure_of(letter: DeadLetter) -> Failure:
     """The row of one dead letter: where it is in the log, and what can be read of it."""
     record = letter.record
-    fields = _readable_fields(record.value)
+    fields = readable_fields(record.value)
     sequence = fields.get("sequence")
     return Failure(
         topic=record.topic,
@@ -90,7 +90,8 @@ def failure_of(letter: DeadLetter) -> Failure:
     )
 
 
-def _readable_fields(value: bytes | None) -> dict[str, Any]:
+def readable_fields(value: bytes | None) -> dict[str, Any]:
+    """The top-level fields of a record that may be anything: {} unless it is a JSON object."""
     if not value:
         return {}
     try:
