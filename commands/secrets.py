@@ -152,13 +152,9 @@ def _evolve(event: DomainEvent, state: SecretState) -> SecretState:
     return state
 
 
-@_evolve.register
-def _(event: SecretCreated, state: SecretState) -> SecretState:
-    return replace(state, exists=True, value_version=event.version, digest=event.digest)
-
-
-@_evolve.register
-def _(event: SecretUpdated, state: SecretState) -> SecretState:
+@_evolve.register(SecretCreated)
+@_evolve.register(SecretUpdated)
+def _(event: SecretCreated | SecretUpdated, state: SecretState) -> SecretState:
     return replace(state, exists=True, value_version=event.version, digest=event.digest)
 
 
