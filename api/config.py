@@ -46,6 +46,10 @@ class ApiSettings(BaseSettings):
     presigned_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     # Upper bound of a futures long-poll; the Tinker SDK's long polls are of this order.
     future_max_wait_s: float = Field(default=60.0, gt=0, le=300)
+    # A resource looked up by id and not found is looked up again once the read models have
+    # caught up with the log, waiting at most this long: a client that was just told its
+    # command was accepted finds what it created. Only misses wait, and only while behind.
+    read_your_writes_wait_s: float = Field(default=5.0, ge=0, le=60)
     # A request this API sent and that has no result yet answers "pending" for this long;
     # after that (or after an API restart) an unknown id answers 404 "unknown request, resubmit".
     request_retention_s: float = Field(default=900.0, gt=0)

@@ -23,6 +23,7 @@ from events.limits import MAX_PAGE_OFFSET, RequestKey
 from infra.s3 import ObjectStore
 from infra.settings import Settings
 from projections.db import get_engine
+from projections.health import wait_until_caught_up
 
 
 # The settings an app was made with (create_app(settings=...)), read from the app itself. Not
@@ -86,9 +87,16 @@ def get_db_engine(settings: SettingsDep) -> Engine:
 EngineDep = Annotated[Engine, Depends(get_db_engine)]
 
 
-def get_read_models(settings: SettingsDep, engine: EngineDep) -> Iterator[ReadModels]:
+def get_read_models(
+    settings: SettingsDep, api_settings: ApiSettingsDep, engine: EngineDep
+) -> Iterator[ReadModels]:
+    def catch_up() -> bool:
+        return wait_until_caught_up(
+            settings, engine, settings.read_schema, timeout_s=api_settings.read_your_writes_wait_s
+        )
+
     with engine.connect() as conn:
-        yield ReadModels(conn, settings.read_schema)
+        yield ReadModels(conn, settings.read_schema, catch_up=catch_up)
 
 
 ReadDep = Annotated[ReadModels, Depends(get_read_models)]

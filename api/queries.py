@@ -6,6 +6,7 @@ back as dicts that the routes turn into `XPublic` models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -24,9 +25,16 @@ _CHECKPOINT = (
 
 
 class ReadModels:
-    def __init__(self, conn: Connection, schema: str) -> None:
+    """`catch_up`, when given, waits for the projection to reach the end of the log (False when
+    it could not): a resource looked up by id and not found is looked up once more after it,
+    so a client that was just told "accepted" finds what it created (read-your-writes)."""
+
+    def __init__(
+        self, conn: Connection, schema: str, *, catch_up: Callable[[], bool] | None = None
+    ) -> None:
         self.conn = conn
         self.schema = checked_identifier(schema)  # interpolated into SQL
+        self.catch_up = catch_up
 
     def _all(self, sql: str, **params: Any) -> list[Row]:
         result = self.conn.execute(text(sql.format(s=self.schema)), params)
@@ -35,6 +43,17 @@ class ReadModels:
     def _one(self, sql: str, **params: Any) -> Row | None:
         rows = self._all(sql, **params)
         return rows[0] if rows else None
+
+    def _resource(self, sql: str, **params: Any) -> Row | None:
+        """One resource by id; when missing, again once the projection has caught up.
+
+        Each statement sees what was committed before it began (READ COMMITTED), so the second
+        look, in the same transaction, sees what the projection wrote meanwhile.
+        """
+        row = self._one(sql, **params)
+        if row is None and self.catch_up is not None and self.catch_up():
+            row = self._one(sql, **params)
+        return row
 
     # --- access: workspaces and API keys --------------------------------------------------------
 
@@ -61,7 +80,7 @@ class ReadModels:
     # workspace is not found (the routes answer 404, exactly as for an id nobody created).
 
     def session(self, session_id: str, *, workspace: str) -> Row | None:
-        return self._one(
+        return self._resource(
             "select * from {s}.sessions where session_id = :id and workspace_id = :ws",
             id=session_id,
             ws=workspace,
@@ -124,7 +143,7 @@ class ReadModels:
         return rows, int(total["n"]) if total else 0
 
     def run(self, run_id: str, *, workspace: str) -> Row | None:
-        return self._one(
+        return self._resource(
             "select * from {s}.runs where run_id = :id and workspace_id = :ws",
             id=run_id,
             ws=workspace,
@@ -132,7 +151,7 @@ class ReadModels:
 
     def sampler(self, sampler_id: str, *, workspace: str) -> Row | None:
         """The sampler with its run's max_seq_len (the sampler serves the run's model)."""
-        return self._one(
+        return self._resource(
             "select sp.*, r.max_seq_len from {s}.samplers sp "
             "left join {s}.runs r on r.run_id = sp.run_id "
             "where sp.sampler_id = :id and sp.workspace_id = :ws",
@@ -141,7 +160,7 @@ class ReadModels:
         )
 
     def checkpoint(self, checkpoint_id: str, *, workspace: str) -> Row | None:
-        return self._one(
+        return self._resource(
             _CHECKPOINT + " where c.checkpoint_id = :id and c.workspace_id = :ws",
             id=checkpoint_id,
             ws=workspace,

@@ -8,6 +8,7 @@ projection with failures is "degraded": its read model lacks records of the log 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -103,6 +104,27 @@ def end_offsets(settings: Settings, *, timeout_s: float = 2.0) -> dict[TP, int]:
                     tp, timeout=timeout_s, cached=False
                 )[1]
     return ends
+
+
+def wait_until_caught_up(
+    settings: Settings, engine: Engine, projection: str, *, timeout_s: float, poll_s: float = 0.05
+) -> bool:
+    """Wait until the projection has applied every record its topics hold now.
+
+    Read-your-writes for the API: a client told that its command was accepted may ask for what
+    it created before the projection got there. True once caught up; False after `timeout_s`,
+    or when Kafka or PostgreSQL does not answer (the caller then answers from what it has).
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        ends = end_offsets(settings, timeout_s=min(timeout_s, 2.0))
+        while total_lag(ends, positions_of(engine, projection)) > 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+    except (KafkaException, SQLAlchemyError):
+        return False
+    return True
 
 
 def projection_health(settings: Settings, engine: Engine, projection: str) -> ProjectionHealth:

@@ -125,6 +125,23 @@ def test_creates_session_and_run_and_reads_them_back(client: TestClient, run: Js
     assert run["session_id"] in {s["session_id"] for s in listed["data"]}
 
 
+def test_what_an_accepted_command_created_is_readable_at_once(client: TestClient) -> None:
+    """Read-your-writes: once a future says accepted, the first GET finds the resource (the API
+    waits for the projection on a miss) and the next write on it is not refused as unknown."""
+    for _ in range(5):
+        created = client.post("/v1/loops/sessions", json={"base_model": "loopstream/tiny-llama"})
+        session_id = created.json()["session_id"]
+        result_of(client, created.json()["request_id"])
+        assert client.get(f"/v1/loops/sessions/{session_id}").status_code == 200
+        run = client.post("/v1/loops/runs", json={"session_id": session_id, "max_seq_len": 8})
+        result_of(client, run.json()["request_id"])
+        sampled = client.post(
+            f"/v1/loops/samplers/{run.json()['sampler_id']}/sample",
+            json={"prompt": "a", "max_tokens": 1},
+        )
+        assert sampled.status_code == 202, sampled.text
+
+
 def test_sdk_creates_session_and_training_client(sdk: ServiceClient) -> None:
     session = sdk.create_session("loopstream/tiny-llama", project="api-tests")
     trainer = sdk.create_training_client(session, max_seq_len=32, lora_rank=4)

@@ -91,11 +91,13 @@ def owned(app: TestClient, keys: dict[str, tuple[str, str]]) -> Json:
         "/v1/loops/runs", json={"session_id": session_id, "max_seq_len": 32}, headers=auth(key)
     ).json()
     _accepted(app, key, run["request_id"])
-    saved = app.post(
+    saved_response = app.post(
         f"/v1/loops/runs/{run['run_id']}/save_weights_for_sampler",
         json={"name": "tenancy", "hotload": None},
         headers=auth(key),
-    ).json()
+    )
+    assert saved_response.status_code == 202, saved_response.text
+    saved = saved_response.json()
     session = _get(
         app, key, f"/v1/loops/sessions/{session_id}",
         lambda s: len(s["checkpoints"]) == 1 and len(s["samplers"]) == 1,
