@@ -27,7 +27,7 @@ test: install lint
 	if $(BIN)/loopstream stack status >/dev/null 2>&1; then started_here=0; else started_here=1; fi; \
 	$(BIN)/loopstream stack up || exit 1; \
 	$(BIN)/loopstream db migrate || { [ $$started_here = 1 ] && $(BIN)/loopstream stack down; exit 1; }; \
-	$(BIN)/pytest tests; rc=$$?; \
+	bash tests/run_all.sh; rc=$$?; \
 	if [ $$started_here = 1 ]; then $(BIN)/loopstream stack down; fi; \
 	exit $$rc
 

@@ -196,6 +196,8 @@ def build_app(settings: Settings, config: RunnerConfig) -> ProjectionApp:
         autodiscover=False,
         web_enabled=False,
         store="memory://",
+        # faust keeps a data dir even with in-memory tables; the default is in the cwd.
+        datadir=str(settings.data_dir / "projections" / "{conf.name}-data"),
         topic_disable_leader=True,
         topic_allow_declare=False,  # topics belong to infra/topics.py
         key_serializer="raw",

@@ -46,6 +46,9 @@ def test_sampler_follows_a_delta_chain_and_refuses_a_corrupted_delta(
     driver, _, run_id, sampler_id = loop
     base = train_and_save(driver, run_id, "c0")
     assert base["checkpoint_type"] == "base"
+    # Syncs are applied between requests: a sample sent the moment the save answers may still
+    # be served by the weights before it, so wait for the hotload (as for each delta below).
+    wait_for_event(driver, sampler_id, "HotloadSucceeded", base["path"])
     assert sample(driver, sampler_id)["digest"] == base["content_digest"]  # sampler comes up on it
 
     # Three more saves: deltas, each hot-loaded between requests, digest for digest.
