@@ -190,6 +190,8 @@ class ProjectionApp(faust.App):
 
 def build_app(settings: Settings, config: RunnerConfig) -> ProjectionApp:
     brokers = ";".join(f"kafka://{host}" for host in settings.kafka_bootstrap_servers.split(","))
+    data_dir = settings.data_dir / "projections"
+    data_dir.mkdir(parents=True, exist_ok=True)  # faust makes only the last level
     app = ProjectionApp(
         group_id(settings, config.projection),
         broker=brokers,
@@ -197,7 +199,7 @@ def build_app(settings: Settings, config: RunnerConfig) -> ProjectionApp:
         web_enabled=False,
         store="memory://",
         # faust keeps a data dir even with in-memory tables; the default is in the cwd.
-        datadir=str(settings.data_dir / "projections" / "{conf.name}-data"),
+        datadir=str(data_dir / "{conf.name}-data"),
         topic_disable_leader=True,
         topic_allow_declare=False,  # topics belong to infra/topics.py
         key_serializer="raw",
