@@ -193,15 +193,15 @@ class ReadModels:
         sampler_id: str,
         *,
         workspace: str,
-        request_id: str | None,
+        command_id: str | None,
         checkpoint_id: str | None,
         limit: int,
     ) -> list[Row]:
         """Syncs of a sampler, newest first, each with how its hotload went (if it started)."""
         where = ["ws.sampler_id = :id", "ws.workspace_id = :ws"]
-        if request_id is not None:
-            # A save's sync is caused by its RecordCheckpoint follow-up, "<request id>:record".
-            where.append("ws.command_id in (:request_id, :record_id)")
+        if command_id is not None:
+            # A save's sync is caused by its RecordCheckpoint follow-up, "<command id>:record".
+            where.append("ws.command_id in (:command_id, :record_id)")
         if checkpoint_id is not None:
             where.append("ws.checkpoint_id = :checkpoint_id")
         return self._all(
@@ -216,8 +216,8 @@ class ReadModels:
             f"where {' and '.join(where)} order by ws.weights_version desc limit :limit",
             id=sampler_id,
             ws=workspace,
-            request_id=request_id,
-            record_id=f"{request_id}:record",
+            command_id=command_id,
+            record_id=f"{command_id}:record",
             checkpoint_id=checkpoint_id,
             limit=limit,
         )
@@ -241,8 +241,8 @@ class ReadModels:
         )
 
     def command_result_exists(self, command_id: str) -> bool:
-        """Whether any workspace's command has this id (an idempotency key is global on Kafka:
-        the processor and the workers dedupe by it)."""
+        """Whether any workspace's command has this id (command ids are global on Kafka: the
+        processor and the workers dedupe by them; the API's are within their workspace)."""
         return (
             self._one(
                 "select 1 as x from {s}.command_results where command_id = :id", id=command_id

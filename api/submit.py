@@ -1,10 +1,11 @@
 """Handing commands to the bus, once per idempotency key.
 
-The request id a client gets back *is* the command id on Kafka, so the futures table answers
-for it. A key this API already sent (recently, from memory) or that already has a result (from
-the futures table) is not sent again: a re-post returns the same id and changes nothing. The
-workers and the command processor dedupe by command id too, so a second send after an API restart
-is harmless; skipping it just saves the round trip.
+The request id a client gets back is its idempotency key; the command id on Kafka is that key
+within the caller's workspace (`<workspace>:<key>`), and the futures table answers for it. A
+key this API already sent (recently, from memory) or that already has a result (from the
+futures table) is not sent again: a re-post returns the same id and changes nothing. The
+workers and the command processor dedupe by command id too, so a second send after an API
+restart is harmless; skipping it just saves the round trip.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from api.errors import unprocessable
 from api.queries import ReadModels
@@ -40,11 +42,32 @@ def derived_resource_id(key: str, salt: str, length: int = 8) -> str:
     return "".join(chars)
 
 
+@dataclass(frozen=True)
+class RequestIds:
+    """The two ids of one request. `request_id` is the idempotency key the client chose (or was
+    given) and polls; `command_id`, the id on Kafka, is that key within the caller's workspace.
+    The processor and the workers dedupe by command id, so one workspace's keys never meet
+    another's (a guessed key cannot swallow someone else's command)."""
+
+    request_id: str
+    command_id: str
+    chosen: bool  # by the client: a re-post with it must name the same resources
+
+
+def command_id_for(workspace: str, request_id: str) -> str:
+    return f"{workspace}:{request_id}"
+
+
+def request_id_of(workspace: str, command_id: str) -> str:
+    """The request id a client knows for a command id of its workspace (inverse of the above;
+    ids the API did not make, such as an external producer's, come back as they are)."""
+    return command_id.removeprefix(f"{workspace}:")
+
+
 def resolve_request_id(
-    *, header: str | None, query: str | None, body: str | None
-) -> tuple[str, bool]:
-    """The idempotency key and whether the client chose it. One key may be given in several
-    places, but they must agree."""
+    *, header: str | None, query: str | None, body: str | None, workspace: str
+) -> RequestIds:
+    """The request's ids. One key may be given in several places, but they must agree."""
     given = {name: value for name, value in (("Idempotency-Key", header), ("request_id", query),
                                              ("body.request_id", body)) if value}  # fmt: skip
     if len(set(given.values())) > 1:
@@ -56,8 +79,9 @@ def resolve_request_id(
         key = next(iter(given.values()))
         if len(key) > 200:
             raise unprocessable("request_id: at most 200 characters", field="request_id")
-        return key, True
-    return str(uuid.uuid4()), False
+    else:
+        key = str(uuid.uuid4())
+    return RequestIds(request_id=key, command_id=command_id_for(workspace, key), chosen=bool(given))
 
 
 class SentRequests:

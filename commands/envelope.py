@@ -18,14 +18,14 @@ from events.envelope import (
     EventEnvelope,
     utc_now,
 )
-from events.limits import RequestKey, ShortText, Text
+from events.limits import CommandId, RequestKey, ShortText, Text
 from events.loops import DomainEvent
 
 
 class CommandEnvelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    command_id: RequestKey = Field(description="idempotency key")
+    command_id: CommandId = Field(description="idempotency key")
     type: str = Field(description="imperative command type, e.g. CreateRun")
     schema_version: int = Field(default=1, ge=1)
     aggregate_id: RequestKey = Field(description="also the Kafka key")

@@ -69,6 +69,12 @@ ShortText = Annotated[str, Field(max_length=MAX_NAME_LENGTH, json_schema_extra=_
 RequestKey = Annotated[
     str, Field(min_length=1, max_length=MAX_NAME_LENGTH, json_schema_extra=_PATTERN), _STORABLE
 ]
+# A command id on Kafka: an idempotency key, possibly within its workspace ("<workspace>:<key>").
+CommandId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_NAME_LENGTH + 64, json_schema_extra=_PATTERN),
+    _STORABLE,
+]
 # (Each length is its own alias: a Field(max_length=...) stacked on one of these would run after
 # the storability check and report "items after validation".)
 PromptText = Annotated[

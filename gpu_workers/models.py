@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpu_workers.tiny_model import ensure_tiny_model
 from infra.settings import Settings
 
 
@@ -46,9 +45,15 @@ def resolve_base_model(settings: Settings, base_model: str) -> Path:
     problem = outside_model_root(base_model)
     if problem is not None:
         raise UnknownBaseModel(f"base model {base_model!r} {problem}")
-    if base_model == settings.tiny_model_name:
-        return ensure_tiny_model(settings.model_root / base_model, seed=0)
     folder = settings.model_root / base_model
+    if base_model == settings.tiny_model_name:
+        if (folder / "manifest.json").is_file():  # made already (the manifest is written last)
+            return folder
+        # Making it needs torch and transformers: imported only then, so that the API and the
+        # other processes that only look models up start without them (~10 s of CPU each).
+        from gpu_workers.tiny_model import ensure_tiny_model
+
+        return ensure_tiny_model(folder, seed=0)
     if (folder / "config.json").exists():
         return folder
     raise UnknownBaseModel(

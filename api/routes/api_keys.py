@@ -69,7 +69,9 @@ def create_api_key(
 ) -> ApiKeyIssued:
     """Issue a key in the caller's workspace. Not idempotent by design: a second post makes a
     second key (the first one's secret cannot be shown again)."""
-    key, _ = resolve_request_id(header=idempotency_key, query=None, body=None)
+    ids = resolve_request_id(
+        header=idempotency_key, query=None, body=None, workspace=caller.workspace_id
+    )
     issued = new_key(hash_key=api_settings.api_key_hash_secret)
     command = CreateApiKey(
         key_id=issued.key_id,
@@ -80,7 +82,7 @@ def create_api_key(
     )
     submitter.submit(
         envelope(
-            request_id=key,
+            request_id=ids.command_id,
             command=command,
             aggregate_id=aggregate_id_of(caller.workspace_id),
             caller=caller,
@@ -93,7 +95,7 @@ def create_api_key(
         prefix=issued.prefix,
         name=body.name,
         scopes=sorted(set(body.scopes)),
-        request_id=key,
+        request_id=ids.request_id,
     )
 
 
@@ -122,14 +124,16 @@ def revoke_api_key(
         raise not_found(f"api key {key_id} not found", field="key_id")
     if row["revoked_at"] is not None:
         raise conflict(f"api key {key_id} is already revoked", field="key_id")
-    key, _ = resolve_request_id(header=idempotency_key, query=None, body=None)
+    ids = resolve_request_id(
+        header=idempotency_key, query=None, body=None, workspace=caller.workspace_id
+    )
     submitter.submit(
         envelope(
-            request_id=key,
+            request_id=ids.command_id,
             command=RevokeApiKey(key_id=key_id, reason=reason),
             aggregate_id=aggregate_id_of(caller.workspace_id),
             caller=caller,
         ),
         to="commands",
     )
-    return ApiKeyRevokeAccepted(key_id=key_id, request_id=key)
+    return ApiKeyRevokeAccepted(key_id=key_id, request_id=ids.request_id)

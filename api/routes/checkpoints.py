@@ -149,23 +149,25 @@ def delete_checkpoint(
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
-    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)
+    ids = resolve_request_id(
+        header=idempotency_key, query=request_id, body=None, workspace=caller.workspace_id
+    )
     row = _checkpoint(reads, checkpoint_id, caller)
-    if row["status"] != "active" and not submitter.already_submitted(key):
+    if row["status"] != "active" and not submitter.already_submitted(ids.command_id):
         raise ApiError(
             status.HTTP_410_GONE, f"checkpoint {checkpoint_id} is already deleted",
             field="checkpoint_id",
         )  # fmt: skip
     submitter.submit(
         envelope(
-            request_id=key,
+            request_id=ids.command_id,
             command=DeleteCheckpoint(checkpoint_id=checkpoint_id),
             aggregate_id=row["session_id"],
             caller=caller,
         ),
         to="commands",
     )
-    return RequestAccepted(request_id=key)
+    return RequestAccepted(request_id=ids.request_id)
 
 
 @router.post(
@@ -186,11 +188,21 @@ def promote_checkpoint(
     then on (no TTL expiry, no keep-last retention). Only a standalone model is promotable: for
     full-parameter training the first checkpoint of a chain (a base), for LoRA any; anything
     else is rejected in the future with the rule."""
-    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    ids = resolve_request_id(
+        header=idempotency_key,
+        query=request_id,
+        body=body.request_id,
+        workspace=caller.workspace_id,
+    )
     row = _checkpoint(reads, checkpoint_id, caller)
     command = PromoteCheckpoint(checkpoint_id=checkpoint_id, environment=body.environment)
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=row["session_id"], caller=caller),
+        envelope(
+            request_id=ids.command_id,
+            command=command,
+            aggregate_id=row["session_id"],
+            caller=caller,
+        ),
         to="commands",
     )
-    return RequestAccepted(request_id=key)
+    return RequestAccepted(request_id=ids.request_id)

@@ -20,6 +20,7 @@ from api.deps import ApiSettingsDep, EngineDep, RequestIdPath, SettingsDep, Stat
 from api.errors import ErrorBody, not_found
 from api.models import EventRefPublic, FuturePublic
 from api.queries import ReadModels
+from api.submit import command_id_for
 from commands.envelope import CommandResult, category_of
 from events.envelope import DEFAULT_WORKSPACE
 
@@ -30,9 +31,9 @@ router = APIRouter(prefix="/v1/loops/futures", tags=["futures"])
 FAST_POLL_S, FAST_PHASE_S, POLL_INTERVAL_S = 0.001, 0.1, 0.02
 
 
-def _from_feed(result: CommandResult) -> FuturePublic:
+def _from_feed(result: CommandResult, request_id: str) -> FuturePublic:
     return FuturePublic(
-        request_id=result.command_id,
+        request_id=request_id,
         status=result.status,
         request_type=result.command_type,
         result=result.output,
@@ -69,11 +70,12 @@ async def get_future(
     "unknown request, resubmit" otherwise (resubmitting under the same key is always safe).
     A request of another workspace is unknown here."""
     workspace = caller.workspace_id
+    command_id = command_id_for(workspace, request_id)
 
     def lookup() -> CommandResult | None:
         with engine.connect() as conn:
             return ReadModels(conn, settings.read_schema).command_result(
-                request_id, workspace=workspace
+                command_id, workspace=workspace
             )
 
     started = time.monotonic()
@@ -82,20 +84,20 @@ async def get_future(
     while True:
         # The Kafka feed first (in memory, resolves as soon as the result is committed), then
         # the futures table (durable; everything this process did not see) every 20 ms.
-        fresh = state.results.get(request_id)
+        fresh = state.results.get(command_id)
         if fresh is not None and (fresh.workspace_id or DEFAULT_WORKSPACE) == workspace:
-            return _from_feed(fresh)
+            return _from_feed(fresh, request_id)
         now = time.monotonic()
         if now >= next_table_check:
             stored = await run_in_threadpool(lookup)
             if stored is not None:
-                return _from_feed(stored)
+                return _from_feed(stored, request_id)
             next_table_check = now + POLL_INTERVAL_S
         if now >= deadline:
             break
         interval = FAST_POLL_S if now - started < FAST_PHASE_S else POLL_INTERVAL_S
         await asyncio.sleep(min(interval, deadline - now))
-    if state.sent.recently_sent(request_id, workspace=workspace):
+    if state.sent.recently_sent(command_id, workspace=workspace):
         return FuturePublic(request_id=request_id, status="pending")
     raise not_found(
         f"unknown request {request_id}, resubmit: no result, and this API did not send it in "

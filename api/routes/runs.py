@@ -25,11 +25,19 @@ def create_run(
     request_id: RequestIdQuery = None,
 ) -> RunAccepted:
     """Provision a run (trainer) and its sampler; both ids come back at once."""
-    key, chosen = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
-    if not submitter.already_submitted(key):
+    ids = resolve_request_id(
+        header=idempotency_key,
+        query=request_id,
+        body=body.request_id,
+        workspace=caller.workspace_id,
+    )
+    if not submitter.already_submitted(ids.command_id):
         active_session(reads, body.session_id, caller)
-    if chosen:  # the same key names the same run and sampler
-        run_id, sampler_id = derived_resource_id(key, "run"), derived_resource_id(key, "sampler")
+    if ids.chosen:  # the same key names the same run and sampler
+        run_id, sampler_id = (
+            derived_resource_id(ids.command_id, "run"),
+            derived_resource_id(ids.command_id, "sampler"),
+        )
     else:
         run_id, sampler_id = new_resource_id(), new_resource_id()
     command = CreateRun(
@@ -40,11 +48,13 @@ def create_run(
         from_checkpoint=body.from_checkpoint,
     )
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=body.session_id, caller=caller),
+        envelope(
+            request_id=ids.command_id, command=command, aggregate_id=body.session_id, caller=caller
+        ),
         to="commands",
     )
     return RunAccepted(
-        run_id=run_id, sampler_id=sampler_id, session_id=body.session_id, request_id=key
+        run_id=run_id, sampler_id=sampler_id, session_id=body.session_id, request_id=ids.request_id
     )
 
 

@@ -30,8 +30,13 @@ def sample(
     """Generate `num_samples` completions. `checkpoint_uri` pins the weights; without it the
     sampler uses the latest weights it has. `affinity_key` groups rollouts (sent as the
     request's correlation id)."""
-    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
-    if not submitter.already_submitted(key):
+    ids = resolve_request_id(
+        header=idempotency_key,
+        query=request_id,
+        body=body.request_id,
+        workspace=caller.workspace_id,
+    )
+    if not submitter.already_submitted(ids.command_id):
         sampler = reads.sampler(sampler_id, workspace=caller.workspace_id)
         if sampler is None:
             raise not_found(f"sampler {sampler_id} not found", field="sampler_id")
@@ -50,7 +55,7 @@ def sample(
     request = Sample.model_validate(body.model_dump(exclude={"affinity_key", "request_id"}))
     submitter.submit(
         envelope(
-            request_id=key,
+            request_id=ids.command_id,
             command=request,
             aggregate_id=sampler_id,
             correlation_id=body.affinity_key,
@@ -58,4 +63,4 @@ def sample(
         ),
         to="sampler-requests",
     )
-    return RequestAccepted(request_id=key)
+    return RequestAccepted(request_id=ids.request_id)

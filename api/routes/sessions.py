@@ -45,15 +45,22 @@ def create_session(
     request_id: RequestIdQuery = None,
 ) -> SessionAccepted:
     """Create a session; `request_id` is the future of its CreateSession command."""
-    key, chosen = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    ids = resolve_request_id(
+        header=idempotency_key,
+        query=request_id,
+        body=body.request_id,
+        workspace=caller.workspace_id,
+    )
     # A re-post with the same key must name the same session, so the id derives from the key.
-    session_id = derived_resource_id(key, "session") if chosen else new_resource_id()
+    session_id = derived_resource_id(ids.command_id, "session") if ids.chosen else new_resource_id()
     command = CreateSession(base_model=body.base_model, project=body.project, name=body.name)
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=session_id, caller=caller),
+        envelope(
+            request_id=ids.command_id, command=command, aggregate_id=session_id, caller=caller
+        ),
         to="commands",
     )
-    return SessionAccepted(session_id=session_id, request_id=key)
+    return SessionAccepted(session_id=session_id, request_id=ids.request_id)
 
 
 @router.get("")
@@ -105,12 +112,16 @@ def end_session(
     reason: Annotated[Text, Query(description="why (kept on the session)")] = "ended by user",
 ) -> RequestAccepted:
     """End the session: its run and sampler stop and their workers release them."""
-    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=None)
-    if not submitter.already_submitted(key):
+    ids = resolve_request_id(
+        header=idempotency_key, query=request_id, body=None, workspace=caller.workspace_id
+    )
+    if not submitter.already_submitted(ids.command_id):
         active_session(reads, session_id, caller)
     command = EndSession(reason=reason)
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=session_id, caller=caller),
+        envelope(
+            request_id=ids.command_id, command=command, aggregate_id=session_id, caller=caller
+        ),
         to="commands",
     )
-    return RequestAccepted(request_id=key)
+    return RequestAccepted(request_id=ids.request_id)

@@ -67,18 +67,21 @@ def _submit(
     sequences: list[list[int]] | None = None,
     sequences_field: str = "",
 ) -> RequestAccepted:
-    key, _ = resolve_request_id(
-        header=header_key, query=query_key, body=getattr(body, "request_id", None)
+    ids = resolve_request_id(
+        header=header_key,
+        query=query_key,
+        body=getattr(body, "request_id", None),
+        workspace=caller.workspace_id,
     )
-    if not submitter.already_submitted(key):
+    if not submitter.already_submitted(ids.command_id):
         run = active_run(reads, run_id, caller)
         if sequences is not None:
             _check_lengths(sequences, max_seq_len=run["max_seq_len"], field=sequences_field)
     submitter.submit(
-        envelope(request_id=key, command=request, aggregate_id=run_id, caller=caller),
+        envelope(request_id=ids.command_id, command=request, aggregate_id=run_id, caller=caller),
         to="trainer-requests",
     )
-    return RequestAccepted(request_id=key)
+    return RequestAccepted(request_id=ids.request_id)
 
 
 @router.post("/{run_id}/forward_backward", status_code=status.HTTP_202_ACCEPTED)

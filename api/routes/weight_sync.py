@@ -31,7 +31,7 @@ from api.models import (
 )
 from api.queries import ReadModels, Row
 from api.routes._common import active_run, envelope
-from api.submit import resolve_request_id
+from api.submit import command_id_for, request_id_of, resolve_request_id
 from commands.loops import HotloadOptions, HotloadWeights
 from events.limits import RequestKey
 
@@ -56,7 +56,12 @@ def hotload(
     """Sync a sampler snapshot of this run (saved with `hotload: null`, or saved and synced
     before) to the run's sampler. The future is accepted once the sync is recorded; the
     sampler's progress is at GET /v1/loops/samplers/{sampler_id}/syncs?request_id=..."""
-    key, _ = resolve_request_id(header=idempotency_key, query=request_id, body=body.request_id)
+    ids = resolve_request_id(
+        header=idempotency_key,
+        query=request_id,
+        body=body.request_id,
+        workspace=caller.workspace_id,
+    )
     run = active_run(reads, run_id, caller)
     options = HotloadOptions.model_validate(
         body.model_dump(include=set(HotloadOptions.model_fields))
@@ -65,10 +70,15 @@ def hotload(
         run_id=run_id, name=body.name, checkpoint_type=body.checkpoint_type, options=options
     )
     submitter.submit(
-        envelope(request_id=key, command=command, aggregate_id=run["session_id"], caller=caller),
+        envelope(
+            request_id=ids.command_id,
+            command=command,
+            aggregate_id=run["session_id"],
+            caller=caller,
+        ),
         to="commands",
     )
-    return RequestAccepted(request_id=key)
+    return RequestAccepted(request_id=ids.request_id)
 
 
 def _sampler(reads: ReadModels, sampler_id: str, caller: Caller) -> Row:
@@ -130,9 +140,12 @@ def weight_syncs(
     rows = reads.weight_syncs(
         sampler_id,
         workspace=caller.workspace_id,
-        request_id=request_id,
+        command_id=command_id_for(caller.workspace_id, request_id) if request_id else None,
         checkpoint_id=checkpoint_id,
         limit=limit,
     )
+    for row in rows:  # the client knows its request ids, not their ids on Kafka
+        if row["command_id"] is not None:
+            row["command_id"] = request_id_of(caller.workspace_id, row["command_id"])
     data = [WeightSyncPublic.model_validate(row) for row in rows]
     return WeightSyncsPublic(data=data, count=len(data))

@@ -11,9 +11,11 @@ from api.config import ApiSettings
 from api.errors import ApiError, validation_message
 from api.models import ForwardBackwardCreate, RunCreate, SampleCreate, SaveWeightsCreate
 from api.submit import (
+    RequestIds,
     SentRequests,
     derived_resource_id,
     new_resource_id,
+    request_id_of,
     resolve_request_id,
 )
 from commands.loops import RESOURCE_ID
@@ -80,16 +82,32 @@ def test_the_same_key_derives_the_same_id_per_kind() -> None:
 
 
 def test_idempotency_key_comes_from_any_one_place() -> None:
-    assert resolve_request_id(header="k", query=None, body=None) == ("k", True)
-    assert resolve_request_id(header=None, query=None, body="k") == ("k", True)
-    assert resolve_request_id(header="k", query="k", body="k") == ("k", True)
-    generated, chosen = resolve_request_id(header=None, query=None, body=None)
-    assert not chosen and len(generated) == 36
+    chosen = RequestIds(request_id="k", command_id="ws:k", chosen=True)
+    assert resolve_request_id(header="k", query=None, body=None, workspace="ws") == chosen
+    assert resolve_request_id(header=None, query=None, body="k", workspace="ws") == chosen
+    assert resolve_request_id(header="k", query="k", body="k", workspace="ws") == chosen
+    generated = resolve_request_id(header=None, query=None, body=None, workspace="ws")
+    assert not generated.chosen and len(generated.request_id) == 36
+    assert generated.command_id == f"ws:{generated.request_id}"
+
+
+def test_the_same_key_in_two_workspaces_is_two_commands_and_two_resources() -> None:
+    """Idempotency keys are per workspace: a key another workspace guessed never names (or
+    swallows, as a duplicate) this workspace's command, and derives other resource ids."""
+    mine = resolve_request_id(header="step-1", query=None, body=None, workspace="default")
+    theirs = resolve_request_id(header="step-1", query=None, body=None, workspace="other")
+    assert mine.request_id == theirs.request_id == "step-1"
+    assert mine.command_id != theirs.command_id
+    assert derived_resource_id(mine.command_id, "run") != derived_resource_id(
+        theirs.command_id, "run"
+    )
+    assert request_id_of("default", mine.command_id) == "step-1"
+    assert request_id_of("default", "external-id") == "external-id"
 
 
 def test_conflicting_idempotency_keys_are_refused() -> None:
     with pytest.raises(ApiError) as exc:
-        resolve_request_id(header="a", query=None, body="b")
+        resolve_request_id(header="a", query=None, body="b", workspace="ws")
     assert exc.value.status_code == 422 and exc.value.field == "request_id"
 
 
