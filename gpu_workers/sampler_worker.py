@@ -215,7 +215,11 @@ class SamplerWorker(WorkerService):
             event_type = dict(message.headers() or []).get("event_type")
             if event_type not in (b"WeightsReady", b"SamplerCreated", b"SamplerStopped"):
                 continue
-            event = decode_payload(EventEnvelope.from_bytes(message.value()))
+            envelope = EventEnvelope.from_bytes(message.value())
+            event = decode_payload(envelope)
+            sampler_id = getattr(event, "sampler_id", None)
+            if sampler_id is not None:
+                self.workspaces.setdefault(sampler_id, envelope.workspace)
             if isinstance(event, WeightsReady):
                 seen = self.latest_ready.get(event.sampler_id)
                 if seen is None or event.weights_version > seen.weights_version:
@@ -242,6 +246,7 @@ class SamplerWorker(WorkerService):
         held = len(self.samplers)
         self.emit(sampler_id, [(SamplerReleased(reason=reason, engines_held=held), utc_now())],
                    causation_id=sampler_id)  # fmt: skip
+        self.workspaces.pop(sampler_id, None)
         extra = {"sampler_id": sampler_id, "reason": reason, "engines_held": held}
         log.info("sampler released", extra=extra)
 

@@ -72,6 +72,9 @@ class WorkerService:
         self.types = {t.__name__: t for t in self.request_types}
         self.versions: dict[str, int] = {}  # aggregate_id -> sequence of its last event
         self.seen: dict[str, CommandResult] = {}  # request_id -> result
+        # aggregate_id -> its workspace, from its requests and events: the events a worker
+        # emits outside any request (a release, a hotload) belong to that workspace too.
+        self.workspaces: dict[str, str] = {}
         self._partitions = 0  # of the requests topic, read when first needed
         self.loop = TransactionalLoop(
             settings,
@@ -152,6 +155,7 @@ class WorkerService:
                     causation_id=causation_id,
                     correlation_id=causation_id,
                     actor=self.name,
+                    workspace_id=self.workspaces.get(aggregate_id),
                     payload=event.model_dump(mode="json"),
                 )
             )
@@ -187,6 +191,8 @@ class WorkerService:
                 continue
             if envelope.aggregate_type == self.aggregate_type:
                 self.versions[envelope.aggregate_id] = envelope.sequence
+                if envelope.workspace_id is not None:
+                    self.workspaces[envelope.aggregate_id] = envelope.workspace_id
         for message in read_partition(
             self.settings, self.settings.topic("command-results"), partition
         ):
@@ -287,6 +293,7 @@ class WorkerService:
             request = request_type.model_validate(envelope.payload)
         except ValidationError as exc:
             return refuse(*first_validation_error(exc, prefix="payload."))
+        self.workspaces[envelope.aggregate_id] = envelope.workspace_id
 
         def failed(exc: Exception) -> tuple[CommandResult, None]:
             """A bug, a device error or infrastructure that stayed down: answer, log, keep

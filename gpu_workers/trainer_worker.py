@@ -44,7 +44,7 @@ from commands.work import (
     SaveWeights,
 )
 from events.catalog import decode_payload
-from events.envelope import EventEnvelope, utc_now
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
 from events.loops import RunStopped
 from events.work import (
@@ -118,8 +118,10 @@ class TrainerWorker(WorkerService):
                 continue
             if dict(message.headers() or []).get("event_type") != b"RunStopped":
                 continue
-            event = decode_payload(EventEnvelope.from_bytes(message.value()))
+            envelope = EventEnvelope.from_bytes(message.value())
+            event = decode_payload(envelope)
             if isinstance(event, RunStopped):
+                self.workspaces.setdefault(event.run_id, envelope.workspace)
                 self._note_stopped(event.run_id, event.reason)
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + RELEASE_SWEEP_S
@@ -130,11 +132,12 @@ class TrainerWorker(WorkerService):
         if not self.runs:
             return
         rows = self.db.execute(
-            f"select run_id, status, stop_reason from {self.settings.read_schema}.runs "
-            "where run_id = any(%s) and status <> 'active'",
+            f"select run_id, status, stop_reason, workspace_id from {self.settings.read_schema}"
+            ".runs where run_id = any(%s) and status <> 'active'",
             (list(self.runs),),
         ).fetchall()
         for row in rows:
+            self.workspaces.setdefault(row["run_id"], row["workspace_id"] or DEFAULT_WORKSPACE)
             self._note_stopped(row["run_id"], row["stop_reason"] or row["status"])
 
     def _note_stopped(self, run_id: str, reason: str) -> None:
@@ -150,6 +153,7 @@ class TrainerWorker(WorkerService):
             [(TrainerReleased(run_id=run_id, reason=reason, engines_held=held), utc_now())],
             causation_id=run_id,
         )
+        self.workspaces.pop(run_id, None)
         log.info("run released", extra={"run_id": run_id, "reason": reason, "engines_held": held})
 
     def execute(self, envelope: CommandEnvelope, request: BaseModel) -> WorkDone:

@@ -71,12 +71,18 @@ async def get_future(
     A request of another workspace is unknown here."""
     workspace = caller.workspace_id
     command_id = command_id_for(workspace, request_id)
+    # The API's commands have ids within their workspace; a command an external producer sent
+    # has the id it chose, looked up as given (its workspace is checked all the same).
+    candidates = (command_id, request_id)
 
     def lookup() -> CommandResult | None:
         with engine.connect() as conn:
-            return ReadModels(conn, settings.read_schema).command_result(
-                command_id, workspace=workspace
-            )
+            reads = ReadModels(conn, settings.read_schema)
+            for candidate in candidates:
+                result = reads.command_result(candidate, workspace=workspace)
+                if result is not None:
+                    return result
+        return None
 
     started = time.monotonic()
     deadline = started + min(wait, api_settings.future_max_wait_s)
@@ -84,9 +90,10 @@ async def get_future(
     while True:
         # The Kafka feed first (in memory, resolves as soon as the result is committed), then
         # the futures table (durable; everything this process did not see) every 20 ms.
-        fresh = state.results.get(command_id)
-        if fresh is not None and (fresh.workspace_id or DEFAULT_WORKSPACE) == workspace:
-            return _from_feed(fresh, request_id)
+        for candidate in candidates:
+            fresh = state.results.get(candidate)
+            if fresh is not None and (fresh.workspace_id or DEFAULT_WORKSPACE) == workspace:
+                return _from_feed(fresh, request_id)
         now = time.monotonic()
         if now >= next_table_check:
             stored = await run_in_threadpool(lookup)

@@ -18,8 +18,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from api.submit import request_id_of
 from commands.envelope import CommandResult
-from events.envelope import EventEnvelope
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope
 from infra.settings import Settings
 from projections.check import check_against_log
 from projections.db import get_engine
@@ -43,7 +44,9 @@ def check_exactly_once(settings: Settings, accepted: Iterable[str]) -> tuple[int
         CommandResult.model_validate_json(value)
         for _, _, value, _ in read_topic(settings, "command-results")
     ]
-    per_command = Counter(r.command_id for r in results)
+    # The API's command ids are the request ids within their workspace; compare request ids.
+    per_command = Counter(request_id_of(r.workspace_id or DEFAULT_WORKSPACE, r.command_id)
+                          for r in results)  # fmt: skip
     doubled = {cid: n for cid, n in per_command.items() if n > 1}
     assert not doubled, f"commands with more than one result: {list(doubled.items())[:5]}"
     lost = sorted(set(accepted) - per_command.keys())

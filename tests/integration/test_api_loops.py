@@ -22,8 +22,9 @@ from api.app import create_app
 from api.bootstrap import ensure_default_key
 from api.client import ServiceClient
 from api.deps import AppState
+from api.submit import command_id_for
 from commands.bus import CommandBus
-from commands.envelope import CommandEnvelope
+from commands.envelope import DEFAULT_WORKSPACE, CommandEnvelope
 from infra.s3 import ObjectStore
 from infra.services import SERVICES, _process
 from infra.settings import Settings
@@ -240,7 +241,8 @@ def test_future_of_a_rejected_command_says_why(client: TestClient, run: Json) ->
 def test_future_pending_while_sent_and_404_when_unknown(client: TestClient) -> None:
     state: AppState = client.app.state.loopstream  # type: ignore[attr-defined]
     sent = f"sent-{uuid.uuid4()}"
-    state.sent.remember(sent)  # as if this API had sent it and no result has come yet
+    # As if this API had sent it (its command id on Kafka) and no result has come yet.
+    state.sent.remember(command_id_for(DEFAULT_WORKSPACE, sent))
     response = client.get(f"/v1/loops/futures/{sent}", params={"wait": 0.1})
     assert response.status_code == 200 and response.json()["status"] == "pending"
     response = client.get(f"/v1/loops/futures/never-{uuid.uuid4()}", params={"wait": 0.1})

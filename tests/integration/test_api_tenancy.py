@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.auth import parse_key
 from api.bootstrap import issue_key
+from api.submit import command_id_for
 from events.audit import history
 from events.envelope import DEFAULT_WORKSPACE
 from infra.settings import Settings
@@ -43,9 +44,13 @@ def app(settings: Settings, services: Settings) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def keys(settings: Settings, app: TestClient) -> dict[str, tuple[str, str]]:
+def other_workspace(settings: Settings) -> str:
+    return create_workspace(settings, "tenancy", "tenancy test")
+
+
+@pytest.fixture(scope="module")
+def keys(settings: Settings, app: TestClient, other_workspace: str) -> dict[str, tuple[str, str]]:
     """Keys by role: (key, key id). "own" and "infer" in default, "other" in a new workspace."""
-    other_workspace = create_workspace(settings, "tenancy", "tenancy test")
 
     def issued(workspace: str, scopes: tuple[str, ...]) -> tuple[str, str]:
         # issue_key returns once the key authenticates (the check the API makes).
@@ -241,7 +246,9 @@ def test_the_audit_trail_of_a_run_names_the_key_that_issued_each_command(
 ) -> None:
     key_id = keys["own"][1]
     events = history(settings, owned["session_id"])
-    by_request = [e for e in events if e.command_id in owned["request_ids"]]
+    # The command id on Kafka is the request id within the caller's workspace.
+    command_ids = {command_id_for(DEFAULT_WORKSPACE, r) for r in owned["request_ids"]}
+    by_request = [e for e in events if e.command_id in command_ids]
     assert {e.type for e in by_request} >= {"SessionCreated", "RunCreated", "SamplerCreated"}
     assert {e.actor for e in by_request} == {key_id}
     assert {e.workspace for e in events} == {DEFAULT_WORKSPACE}
@@ -264,3 +271,53 @@ def test_the_page_token_of_one_workspace_pages_nothing_in_another(
     assert token is not None
     foreign = app.get(path, params={"page_size": 1, "page_token": token}, headers=auth(other))
     assert foreign.status_code == 404, foreign.text
+
+
+def test_events_the_workers_emit_on_their_own_are_in_the_resources_workspace(
+    settings: Settings, app: TestClient, keys: dict[str, tuple[str, str]], other_workspace: str
+) -> None:
+    """A release (the session ended) and a sampler's hosting and hotloads are events no request
+    caused: they still belong to the workspace of the run or sampler, so an audit scoped to that
+    workspace shows them."""
+    key = keys["other"][0]
+    created = app.post(
+        "/v1/loops/sessions", json={"base_model": "loopstream/tiny-llama"}, headers=auth(key)
+    )
+    session_id = created.json()["session_id"]
+    _accepted(app, key, created.json()["request_id"])
+    run = app.post(
+        "/v1/loops/runs", json={"session_id": session_id, "max_seq_len": 32}, headers=auth(key)
+    ).json()
+    _accepted(app, key, run["request_id"])
+    saved = app.post(
+        f"/v1/loops/runs/{run['run_id']}/save_weights_for_sampler",
+        json={"name": "emitted"},
+        headers=auth(key),
+    )
+    _accepted(app, key, saved.json()["request_id"])
+    sampler_events = _until(
+        lambda: (
+            [e for e in history(settings, run["sampler_id"]) if e.type == "HotloadSucceeded"]
+            and history(settings, run["sampler_id"])
+        ),
+        "the sampler's hotload",
+    )
+    ended = app.delete(f"/v1/loops/sessions/{session_id}", headers=auth(key))
+    _accepted(app, key, ended.json()["request_id"])
+    run_events = _until(
+        lambda: (
+            [e for e in history(settings, run["run_id"]) if e.type == "TrainerReleased"]
+            and history(settings, run["run_id"])
+        ),
+        "the trainer's release",
+    )
+    sampler_events = _until(
+        lambda: (
+            [e for e in history(settings, run["sampler_id"]) if e.type == "SamplerReleased"]
+            and history(settings, run["sampler_id"])
+        ),
+        "the sampler's release",
+    )
+    emitted = [e for e in [*run_events, *sampler_events] if e.actor.endswith("-worker")]
+    assert {"TrainerReleased", "SamplerReleased", "HotloadSucceeded"} <= {e.type for e in emitted}
+    assert {e.workspace for e in emitted} == {other_workspace}
