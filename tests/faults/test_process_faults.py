@@ -17,6 +17,7 @@ from gpu_workers.tiny_model import BOS_ID
 from infra.settings import Settings
 from tests.faults.loop import Calls, Json, NotRetryable, RlLoop
 from tests.faults.test_stack_faults import record
+from tests.integration.kafka_helpers import until
 from tests.isolated import IsolatedServices
 
 
@@ -68,12 +69,19 @@ def test_sampler_worker_killed_mid_sync_serves_the_newest_weights_once_back(
     loop.step()  # base weights, synced and served
 
     # The save records a sync for the sampler; the sampler dies while it fetches and applies.
+    weights_path = f"/v1/loops/samplers/{loop.sampler_id}/weights"
+    before = calls.get(weights_path)["target_version"] or 0
     body = {"name": "mid-sync"}
     save_id, _ = calls.post(f"{loop.run_path}/save_weights_for_sampler", body)
     services.kill("sampler-worker")
     services.up()
     figures["save"] = finish(calls, save_id, f"{loop.run_path}/save_weights_for_sampler", body)
-    target = calls.get(f"/v1/loops/samplers/{loop.sampler_id}/weights")["target_version"]
+    # The save's sync is recorded by a follow-up command after the save answers: wait for it.
+    target = until(
+        lambda: (t := calls.get(weights_path)["target_version"]) is not None and t > before and t,
+        "the save's sync",
+        timeout_s=60,
+    )
 
     # The next rollouts ask for that sync, as the demo does: served from the mid-sync weights.
     sample = calls.call(
