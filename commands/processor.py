@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from confluent_kafka import Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from commands.envelope import CommandResult
@@ -40,7 +40,14 @@ from commands.registry import AGGREGATES, AggregateSpec
 from events.access import WorkspaceCreated
 from events.envelope import DEFAULT_WORKSPACE, EventEnvelope, utc_now
 from events.ids import new_event_id
-from events.kafka_log import partition_count, partition_for, producer_config, read_partition
+from events.kafka_log import (
+    consumer_config,
+    high_watermark,
+    partition_count,
+    partition_for,
+    producer_config,
+    read_partition,
+)
 from events.transactional import LoopConfig, TransactionalLoop, dead_letter
 from infra.settings import Settings
 
@@ -61,14 +68,20 @@ class PartitionState:
 class WorkspaceDirectory:
     """Which workspaces exist, from the WorkspaceCreated events of ALL partitions (a command for
     workspace W may land in any partition, W's own events in one). The default workspace always
-    exists. Before calling a workspace unknown it reads the events topic to its end, so a
-    workspace created a moment ago (by another processor instance) is found."""
+    exists. Before calling a workspace unknown it reads the events topic on to its end, so a
+    workspace created a moment ago (by another processor instance) is found.
 
-    def __init__(self, settings: Settings) -> None:
+    One reader follows the topic for the process's life: a command naming a workspace nobody
+    created (any local producer can send one) costs a watermark request per partition and the
+    records written since the last look, not a new consumer and a re-read."""
+
+    def __init__(self, settings: Settings, *, wait_s: float = 5.0) -> None:
         self.settings = settings
         self.topic = settings.topic("events")
         self.known: set[str] = {DEFAULT_WORKSPACE}
-        self._next_offsets: dict[int, int] = {}
+        self.wait_s = wait_s  # at most this long behind an open transaction, then answer
+        self._reader: Consumer | None = None
+        self._partitions: list[TopicPartition] = []
 
     def exists(self, workspace: str) -> bool:
         if workspace in self.known:
@@ -80,18 +93,46 @@ class WorkspaceDirectory:
         self.known.add(workspace)
 
     def catch_up(self) -> None:
-        for partition in range(partition_count(self.settings, self.topic)):
-            start = self._next_offsets.get(partition, 0)
-            for message in read_partition(self.settings, self.topic, partition, start_offset=start):
-                self._next_offsets[partition] = (message.offset() or 0) + 1
-                if (message.headers() or []) and not _is_workspace_created(message):
-                    continue
-                try:
-                    envelope = EventEnvelope.from_bytes(message.value())
-                except Exception:  # the rebuild of its own partition dead-letters it
-                    continue
-                if envelope.type == WorkspaceCreated.__name__:
-                    self.known.add(str(envelope.payload.get("workspace_id")))
+        reader = self._reader_of_topic()
+        ends = {tp.partition: high_watermark(reader, tp) for tp in self._partitions}
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            positions = {tp.partition: tp.offset for tp in reader.position(self._partitions)}
+            if all(positions[p] >= end or end == 0 for p, end in ends.items()):
+                return
+            if time.monotonic() > deadline:  # an open transaction holds the reader back
+                log.warning("workspace directory behind the events topic", extra={
+                    "positions": positions, "ends": ends})  # fmt: skip
+                return
+            for message in reader.consume(num_messages=1000, timeout=0.2):
+                if message.error() is None and _is_workspace_created(message):
+                    self._note(message)
+
+    def _note(self, message: Message) -> None:
+        try:
+            envelope = EventEnvelope.from_bytes(message.value())
+        except Exception:  # the rebuild of its own partition dead-letters it
+            return
+        if envelope.type == WorkspaceCreated.__name__:
+            self.known.add(str(envelope.payload.get("workspace_id")))
+
+    def _reader_of_topic(self) -> Consumer:
+        if self._reader is None:
+            self._partitions = [
+                TopicPartition(self.topic, p)
+                for p in range(partition_count(self.settings, self.topic))
+            ]
+            reader = Consumer(
+                consumer_config(self.settings, group_id=f"{self.settings.topic_prefix}-workspaces")
+            )
+            reader.assign([TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING)
+                           for tp in self._partitions])  # fmt: skip
+            self._reader = reader
+        return self._reader
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
 
 
 def _is_workspace_created(message: Message) -> bool:
@@ -155,7 +196,10 @@ class CommandProcessor:
         self.stop_requested = self.loop.stop_requested
 
     def run(self) -> None:
-        self.loop.run(self._decide_batch)
+        try:
+            self.loop.run(self._decide_batch)
+        finally:
+            self.workspaces.close()
         log.info("command processor stopped", extra={"totals": vars(self.totals)})
 
     def process_batch(self, messages: list[Message]) -> bool:

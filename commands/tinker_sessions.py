@@ -141,28 +141,46 @@ def owner_of(
     return None if row is None else str(row[0])
 
 
-def touch(
+def start(
     conn: psycopg.Connection[Any],
     settings: Settings,
     tinker_session_id: str,
     workspace_id: str = DEFAULT_WORKSPACE,
-) -> bool:
-    """Record a heartbeat (cheaply: at most one write per HEARTBEAT_WRITE_S); False if the
-    session has finished or was ended (the SDK then stops beating). A new row belongs to
-    `workspace_id`; another workspace's row is left alone (the caller checks owner_of)."""
-    table = _table(settings)
+) -> None:
+    """The liveness row of a new Tinker session, owned by `workspace_id`; its clock starts."""
     conn.execute(
-        f"insert into {table} as t (tinker_session_id, workspace_id) values (%s, %s) "
-        "on conflict (tinker_session_id) do update set last_heartbeat_at = now() "
-        "where t.finished_at is null "
-        f"and t.last_heartbeat_at < now() - interval '{HEARTBEAT_WRITE_S} seconds' "
-        "and coalesce(t.workspace_id, %s) = excluded.workspace_id",
-        (tinker_session_id, workspace_id, DEFAULT_WORKSPACE),
+        f"insert into {_table(settings)} (tinker_session_id, workspace_id) values (%s, %s) "
+        "on conflict (tinker_session_id) do nothing",
+        (tinker_session_id, workspace_id),
     )
+
+
+def heartbeat(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    tinker_session_id: str,
+    workspace_id: str = DEFAULT_WORKSPACE,
+) -> bool | None:
+    """Record a heartbeat (cheaply: at most one write per HEARTBEAT_WRITE_S). True while the
+    session lives; False once it has finished or was ended (the SDK then stops beating); None
+    when `workspace_id` has no such session (a heartbeat never creates one: a row per made-up
+    id would be free storage for anyone with a key)."""
+    table = _table(settings)
     row = conn.execute(
-        f"select finished_at from {table} where tinker_session_id = %s", (tinker_session_id,)
+        f"select finished_at, coalesce(workspace_id, %s) from {table} where tinker_session_id = %s",
+        (DEFAULT_WORKSPACE, tinker_session_id),
     ).fetchone()
-    return row is None or row[0] is None
+    if row is None or row[1] != workspace_id:
+        return None
+    if row[0] is not None:
+        return False
+    conn.execute(
+        f"update {table} set last_heartbeat_at = now() where tinker_session_id = %s "
+        f"and finished_at is null and last_heartbeat_at < now() - interval '{HEARTBEAT_WRITE_S} "
+        "seconds'",
+        (tinker_session_id,),
+    )
+    return True
 
 
 def finish(

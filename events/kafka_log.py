@@ -112,7 +112,7 @@ def read_partition(
     )
     tp = TopicPartition(topic, partition, start_offset)
     try:
-        end = _high_watermark(consumer, tp)
+        end = high_watermark(consumer, tp)
         if end <= start_offset:
             return
         consumer.assign([tp])
@@ -146,7 +146,7 @@ _NOT_YET = frozenset(
 )
 
 
-def _high_watermark(consumer: Consumer, tp: TopicPartition, *, patience_s: float = 60.0) -> int:
+def high_watermark(consumer: Consumer, tp: TopicPartition, *, patience_s: float = 60.0) -> int:
     """The partition's high watermark, asked again while the cluster is still electing a leader
     (a processor assigned a brand-new topic's partition died here on NOT_LEADER_FOR_PARTITION)."""
     deadline = time.monotonic() + patience_s

@@ -171,8 +171,8 @@ class TransactionalLoop:
 
     def transact(self, batch: list[Message], handle: BatchHandler) -> bool:
         """Run `handle` inside one transaction with the batch's offsets. False if it failed."""
-        self.producer.begin_transaction()
         try:
+            self.producer.begin_transaction()
             after_commit = handle(batch, self.producer)
             if self.config.commit_delay_ms:
                 self.producer.flush(30)
@@ -190,11 +190,29 @@ class TransactionalLoop:
             return False
         except BufferError as exc:  # the local queue is full: nothing wrong with the batch
             log.warning("transaction failed", extra={"error": f"BufferError: {exc}"})
-            self.producer.abort_transaction(30)
+            self._abandon(None)
             self._rewind()
             return False
         if after_commit is not None:
             after_commit()
+        return True
+
+    def produce_alone(self, produce: Callable[[Producer], None]) -> bool:
+        """Run `produce` in a transaction of its own, with no input offsets (what a worker
+        emits between batches). False if it failed: then none of it is visible, no transaction
+        is left open (one left open would hold every read_committed reader of its partitions
+        back until it timed out), and the producer is ready for the next one."""
+        try:
+            self.producer.begin_transaction()
+            produce(self.producer)
+            self._commit()
+        except KafkaException as exc:
+            self._abandon(exc)
+            return False
+        except BufferError as exc:
+            log.warning("transaction failed", extra={"error": f"BufferError: {exc}"})
+            self._abandon(None)
+            return False
         return True
 
     def close(self) -> None:
@@ -233,19 +251,24 @@ class TransactionalLoop:
                     raise
                 log.warning("commit failed, retrying", extra={"error": str(error)})
 
-    def _recover(self, exc: KafkaException) -> None:
-        error: KafkaError = exc.args[0]
-        log.warning("transaction failed", extra={"error": str(error)})
-        if error.txn_requires_abort():
+    def _abandon(self, exc: KafkaException | None) -> None:
+        """End the failed transaction: abort it, or when that is not possible start over with a
+        new producer (its init_transactions aborts whatever the old one left open)."""
+        error: KafkaError | None = exc.args[0] if exc is not None else None
+        if error is not None:
+            log.warning("transaction failed", extra={"error": str(error)})
+        if error is None or error.txn_requires_abort():
             try:
                 self.producer.abort_transaction(30)
+                return
             except KafkaException as abort_error:  # the broker is away: start over instead
                 log.warning("abort failed", extra={"error": str(abort_error)})
-                self.producer = self._new_producer()
-        else:
-            # Fenced, or a timed-out commit that librdkafka cannot resolve (no KIP-890): start
-            # over with a new producer; init_transactions aborts whatever the old one left open.
-            self.producer = self._new_producer()
+        # Fenced, a timed-out commit that librdkafka cannot resolve (no KIP-890), or an abort
+        # that failed.
+        self.producer = self._new_producer()
+
+    def _recover(self, exc: KafkaException) -> None:
+        self._abandon(exc)
         while True:
             try:
                 self._rewind()

@@ -11,9 +11,11 @@ dropped and rebuilt from their last checkpoint before the requests are read agai
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +59,16 @@ class WorkDone:
     follow_ups: list[CommandEnvelope] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Emission:
+    """Events a worker emits on its own (not caused by a request), waiting to be sent."""
+
+    aggregate_id: str
+    events: list[tuple[DomainEvent, datetime]]
+    causation_id: str
+    workspace_id: str | None
+
+
 class WorkerService:
     """Subclasses set the names and implement `execute` and `forget`."""
 
@@ -75,6 +87,7 @@ class WorkerService:
         # aggregate_id -> its workspace, from its requests and events: the events a worker
         # emits outside any request (a release, a hotload) belong to that workspace too.
         self.workspaces: dict[str, str] = {}
+        self.unsent: deque[Emission] = deque()  # emitted events Kafka has not taken yet
         self._partitions = 0  # of the requests topic, read when first needed
         self.loop = TransactionalLoop(
             settings,
@@ -110,6 +123,7 @@ class WorkerService:
         try:
             while not self.loop.stop_requested.is_set():
                 try:
+                    self.send_unsent()
                     self.between_batches()
                 except Exception:  # periodic upkeep must not take request serving down with it
                     log.error("between batches failed", extra={"trace": traceback.format_exc()})
@@ -131,17 +145,44 @@ class WorkerService:
     ) -> None:
         """Events outside any request (each with when it happened), in a small transaction of
         their own, on the partition the aggregate's requests (and so its request events) use: a
-        rebuild finds its sequence there."""
-        if not events:
-            return
-        topic = self.settings.topic(self.requests_topic)
-        if not self._partitions:
-            metadata = self.loop.consumer.list_topics(topic, timeout=10)
-            self._partitions = len(metadata.topics[topic].partitions)
-        partition = partition_for(aggregate_id.encode(), self._partitions)
-        sequence = self.versions.get(aggregate_id, 0)
+        rebuild finds its sequence there. What Kafka does not take now (a broker restarting) is
+        kept, in order, and sent again between the next batches: the work it records is done."""
+        if events:
+            workspace = self.workspaces.get(aggregate_id)
+            self.unsent.append(Emission(aggregate_id, list(events), causation_id, workspace))
+        self.send_unsent()
+
+    def send_unsent(self) -> None:
+        while self.unsent:
+            emission = self.unsent[0]
+            encoded = self._encode(emission)
+            partition = self._partition_of(emission.aggregate_id)
+
+            produce = functools.partial(self._produce_events, encoded=encoded, partition=partition)
+            if not self.loop.produce_alone(produce):
+                log.warning("events kept to send again", extra={"events": sum(
+                    len(e.events) for e in self.unsent)})  # fmt: skip
+                return
+            self.unsent.popleft()
+            self.versions[emission.aggregate_id] = encoded[-1].sequence
+
+    def _produce_events(
+        self, producer: Producer, *, encoded: list[EventEnvelope], partition: int
+    ) -> None:
+        for envelope in encoded:
+            producer.produce(
+                self.settings.topic("events"),
+                key=envelope.aggregate_id.encode(),
+                value=envelope.to_bytes(),
+                headers=envelope.kafka_headers(),
+                partition=partition,
+            )
+
+    def _encode(self, emission: Emission) -> list[EventEnvelope]:
+        # Numbered when sent, not when made: requests may have added events meanwhile.
+        sequence = self.versions.get(emission.aggregate_id, 0)
         encoded = []
-        for event, occurred_at in events:
+        for event, occurred_at in emission.events:
             sequence += 1
             encoded.append(
                 EventEnvelope(
@@ -149,32 +190,24 @@ class WorkerService:
                     type=type(event).__name__,
                     schema_version=event.schema_version,
                     aggregate_type=self.aggregate_type,
-                    aggregate_id=aggregate_id,
+                    aggregate_id=emission.aggregate_id,
                     sequence=sequence,
                     occurred_at=occurred_at,
-                    causation_id=causation_id,
-                    correlation_id=causation_id,
+                    causation_id=emission.causation_id,
+                    correlation_id=emission.causation_id,
                     actor=self.name,
-                    workspace_id=self.workspaces.get(aggregate_id),
+                    workspace_id=emission.workspace_id,
                     payload=event.model_dump(mode="json"),
                 )
             )
-        producer = self.loop.producer
-        producer.begin_transaction()
-        try:
-            for envelope in encoded:
-                producer.produce(
-                    self.settings.topic("events"),
-                    key=aggregate_id.encode(),
-                    value=envelope.to_bytes(),
-                    headers=envelope.kafka_headers(),
-                    partition=partition,
-                )
-            producer.commit_transaction(30)
-        except Exception:
-            producer.abort_transaction(30)
-            raise
-        self.versions[aggregate_id] = sequence
+        return encoded
+
+    def _partition_of(self, aggregate_id: str) -> int:
+        topic = self.settings.topic(self.requests_topic)
+        if not self._partitions:
+            metadata = self.loop.consumer.list_topics(topic, timeout=10)
+            self._partitions = len(metadata.topics[topic].partitions)
+        return partition_for(aggregate_id.encode(), self._partitions)
 
     def _on_assign(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer
 from sqlalchemy import Engine, text
 
+from events.envelope import DEFAULT_WORKSPACE
 from infra.settings import Settings, checked_identifier
 from projections.db import get_engine
 from projections.failures import readable_fields
@@ -61,9 +62,14 @@ class LogTally:
     _last: dict[str, int | None] = field(default_factory=dict)
     _sums: dict[str, int] = field(default_factory=dict)
     records: int = 0
+    # Only events of this workspace (None: all). A record without a readable envelope names
+    # no workspace, so a workspace's check leaves it out.
+    workspace: str | None = None
 
     def add(self, record: SourceRecord) -> None:
         self.records += 1
+        if self.workspace is not None and workspace_of(record) != self.workspace:
+            return
         aggregate, event_id, sequence = log_entry(record)
         seen = self._seen.setdefault(aggregate, set())
         if event_id in seen:
@@ -83,6 +89,16 @@ class LogTally:
             aggregate: AggregateTally(len(ids), self._last.get(aggregate), self._sums[aggregate])
             for aggregate, ids in self._seen.items()
         }
+
+
+def workspace_of(record: SourceRecord) -> str | None:
+    """The workspace an events-topic record names (events before tenancy: the default one);
+    None when the record is not a readable envelope."""
+    fields = readable_fields(record.value)
+    if not isinstance(fields.get("event_id"), str):
+        return None
+    workspace = fields.get("workspace_id")
+    return workspace if isinstance(workspace, str) else DEFAULT_WORKSPACE
 
 
 def log_entry(record: SourceRecord) -> tuple[str, str, int | None]:
@@ -154,18 +170,24 @@ select e.aggregate_id, count(*), max(e.sequence),
 from {schema}.event_log as e
 join unnest(cast(:partitions as integer[]), cast(:cutoffs as bigint[])) as c(p, o)
   on e.kafka_partition = c.p and e.kafka_offset < c.o
+where cast(:workspace as text) is null or coalesce(e.workspace_id, :default) = :workspace
 group by e.aggregate_id
 """
 
 
 def read_model_tallies(
-    engine: Engine, schema: str, cutoffs: Mapping[int, int]
+    engine: Engine, schema: str, cutoffs: Mapping[int, int], *, workspace: str | None = None
 ) -> dict[str, AggregateTally]:
     partitions = sorted(cutoffs)
     with engine.connect() as conn:
         rows = conn.execute(
             text(_READ_MODEL_SQL.format(schema=checked_identifier(schema))),
-            {"partitions": partitions, "cutoffs": [cutoffs[p] for p in partitions]},
+            {
+                "partitions": partitions,
+                "cutoffs": [cutoffs[p] for p in partitions],
+                "workspace": workspace,
+                "default": DEFAULT_WORKSPACE,
+            },
         ).all()
     return {
         aggregate: AggregateTally(int(count), last, int(total) % _MOD)
@@ -173,9 +195,15 @@ def read_model_tallies(
     }
 
 
-def log_tallies(settings: Settings, cutoffs: Mapping[TP, int], *, timeout_s: float) -> LogTally:
+def log_tallies(
+    settings: Settings,
+    cutoffs: Mapping[TP, int],
+    *,
+    timeout_s: float,
+    workspace: str | None = None,
+) -> LogTally:
     """Read the events partitions from offset 0 up to `cutoffs` and tally them."""
-    tally = LogTally()
+    tally = LogTally(workspace=workspace)
     pending = {tp for tp, end in cutoffs.items() if end > 0}
     if not pending:
         return tally
@@ -198,9 +226,14 @@ def log_tallies(settings: Settings, cutoffs: Mapping[TP, int], *, timeout_s: flo
 
 
 def check_against_log(
-    settings: Settings, *, projection: str = "loops", timeout_s: float = 600.0
+    settings: Settings,
+    *,
+    projection: str = "loops",
+    timeout_s: float = 600.0,
+    workspace: str | None = None,
 ) -> LogCheck:
-    """Compare `projection`'s event_log with the events topic, up to its stored positions."""
+    """Compare `projection`'s event_log with the events topic, up to its stored positions;
+    with `workspace`, only that workspace's events on both sides."""
     engine = get_engine(settings)
     events = topics_for(settings).events
     stored = positions_of(engine, projection)  # first: both sides stop here
@@ -212,9 +245,11 @@ def check_against_log(
     finally:
         consumer.close()
     cutoffs = {tp: stored.get(tp, 0) for tp in partitions}
-    tally = log_tallies(settings, cutoffs, timeout_s=timeout_s)
+    tally = log_tallies(settings, cutoffs, timeout_s=timeout_s, workspace=workspace)
     log = tally.tallies()
-    read_model = read_model_tallies(engine, projection, {p: o for (_, p), o in cutoffs.items()})
+    read_model = read_model_tallies(
+        engine, projection, {p: o for (_, p), o in cutoffs.items()}, workspace=workspace
+    )
     return LogCheck(
         projection=projection,
         cutoffs=cutoffs,

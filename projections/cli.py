@@ -160,6 +160,9 @@ def replay(
     ),
     batch_size: int = typer.Option(10_000, help="records per PostgreSQL transaction"),
     workers: int = typer.Option(2, help="replay processes; partitions are shared among them"),
+    workspace: str | None = typer.Option(
+        None, help="--check only this workspace's events (the rebuild is always whole)"
+    ),
 ) -> None:
     """Rebuild a projection into `<projection>__shadow`, compare it with the live one, swap.
 
@@ -220,28 +223,32 @@ def replay(
     if swap:
         swap_schemas(engine, live=projection, shadow=report.shadow)
         console.print(f"[green]swapped[/]: {report.shadow} is now {projection}")
-    if check and not print_log_check(projection):
+    if check and not print_log_check(projection, workspace=workspace):
         raise typer.Exit(code=1)
     if check and not swap and not matches:
         raise typer.Exit(code=1)
 
 
 @projections_app.command("check")
-def check_log(projection: str = typer.Option("loops")) -> None:
+def check_log(
+    projection: str = typer.Option("loops"),
+    workspace: str | None = typer.Option(None, help="only this workspace's events"),
+) -> None:
     """Compare the read models with the log itself (events per aggregate); exit 1 if they differ."""
-    if not print_log_check(projection):
+    if not print_log_check(projection, workspace=workspace):
         raise typer.Exit(code=1)
 
 
-def print_log_check(projection: str, *, limit: int = 20) -> bool:
+def print_log_check(projection: str, *, limit: int = 20, workspace: str | None = None) -> bool:
     """Run `check_against_log`, print what differs; True when the read models equal the log."""
     from projections.check import check_against_log
 
     with console.status(f"reading the log to compare with {projection}..."):
-        result = check_against_log(get_settings(), projection=projection)
+        result = check_against_log(get_settings(), projection=projection, workspace=workspace)
+    scope = f" (workspace {escape(workspace)})" if workspace else ""
     summary = (
-        f"{projection} vs the log: {result.records} event records, {result.aggregates} "
-        f"aggregates, up to the stored positions"
+        f"{projection}{scope} vs the log: {result.records} event records, "
+        f"{result.aggregates} aggregates, up to the stored positions"
     )
     if result.matches:
         console.print(f"{summary}: [green]match[/]")

@@ -270,10 +270,10 @@ def _liveness(engine: Any, settings: Settings, action: Callable[[Any], Any]) -> 
 
 
 def _refuse_foreign_session(raw: Any, settings: Settings, session_id: str, caller: Caller) -> None:
-    """A Tinker session another workspace created is not found here: its models, heartbeats
-    and finish are that workspace's (a model made in it would be ended with it)."""
-    owner = tinker_sessions.owner_of(raw, settings, session_id)
-    if owner is not None and owner != caller.workspace_id:
+    """A Tinker session another workspace created, or nobody did, is not found here: its
+    models, heartbeats and finish are that workspace's (a model made in it would be ended with
+    it), and a made-up id would leave rows behind."""
+    if tinker_sessions.owner_of(raw, settings, session_id) != caller.workspace_id:
         raise ApiError(404, f"session {session_id} not found", field="session_id")
 
 
@@ -293,7 +293,7 @@ def create_session(
     _liveness(
         engine,
         settings,
-        lambda c: tinker_sessions.touch(c, settings, session_id, caller.workspace_id),
+        lambda c: tinker_sessions.start(c, settings, session_id, caller.workspace_id),
     )
     return {"type": "create_session", "session_id": session_id}
 
@@ -306,11 +306,13 @@ def session_heartbeat(
     if not session_id:
         raise bad_request("session_id is required", "session_id")
 
-    def beat(raw: Any) -> bool:
-        _refuse_foreign_session(raw, settings, session_id, caller)
-        return tinker_sessions.touch(raw, settings, session_id, caller.workspace_id)
-
-    alive = _liveness(engine, settings, beat)
+    alive = _liveness(
+        engine,
+        settings,
+        lambda raw: tinker_sessions.heartbeat(raw, settings, session_id, caller.workspace_id),
+    )
+    if alive is None:  # never created, or another workspace's
+        raise ApiError(404, f"session {session_id} not found", field="session_id")
     if not alive:  # the SDK stops its heartbeat loop on a 410
         raise ApiError(410, f"session {session_id} has finished", field="session_id")
     return {"type": "session_heartbeat"}

@@ -12,7 +12,7 @@ import pytest
 
 from commands.bus import CommandBus
 from commands.envelope import CommandEnvelope
-from commands.tinker_sessions import TinkerSessionReaper, finish, touch
+from commands.tinker_sessions import TinkerSessionReaper, finish, heartbeat, start
 from events.envelope import utc_now
 from events.loops import SessionCreated, SessionEnded
 from infra.settings import Settings
@@ -59,11 +59,11 @@ def test_silent_and_finished_tinker_sessions_end_and_a_beating_one_stays(
     _created(reaper, "plain", "plain-run")  # a /v1/loops session: not Tinker's to end
 
     conn = reaper.conn
-    touch(conn, isolated, "quiet")
-    touch(conn, isolated, "alive")
+    start(conn, isolated, "quiet")
+    start(conn, isolated, "alive")
     finish(conn, isolated, "done", "tinker session finished")
     time.sleep(1.2)  # the timeout passes for everyone...
-    # ...but "alive" beat since (written directly: touch writes at most every 5 s).
+    # ...but "alive" beat since (written directly: a heartbeat writes at most every 5 s).
     conn.execute(
         f"update {isolated.read_schema}_tinker.sessions set last_heartbeat_at = now() "
         "where tinker_session_id = 'alive'"
@@ -84,5 +84,12 @@ def test_silent_and_finished_tinker_sessions_end_and_a_beating_one_stays(
     assert commands["quiet-s-0"].workspace_id == "default"
     assert "alive-s-0" not in sent and "plain" not in sent and "gone-s-0" not in sent
     # A silent session is over: a heartbeat that comes back late is told so.
-    assert touch(conn, isolated, "quiet") is False
-    assert touch(conn, isolated, "alive") is True
+    assert heartbeat(conn, isolated, "quiet") is False
+    assert heartbeat(conn, isolated, "alive") is True
+    # A heartbeat for a session nobody started (or another workspace's) makes no row.
+    assert heartbeat(conn, isolated, "never-started") is None
+    assert heartbeat(conn, isolated, "alive", "team-a") is None
+    assert conn.execute(
+        f"select count(*) from {isolated.read_schema}_tinker.sessions "
+        "where tinker_session_id = 'never-started'"
+    ).fetchone() == (0,)

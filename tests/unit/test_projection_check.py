@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope
 from events.loops import SessionCreated, SessionEnded
 from projections.check import (
     AggregateTally,
@@ -93,3 +94,17 @@ def test_a_read_model_equal_to_the_log_has_no_mismatch() -> None:
     # Events only the read model has are a mismatch too.
     (extra,) = compare_tallies({}, tally(*records))
     assert extra.missing == -2
+
+
+def test_a_workspace_check_tallies_that_workspaces_events_only() -> None:
+    """`projections check --workspace`: events of other workspaces, and records that name none
+    (not an envelope), are left out; events from before tenancy are the default workspace's."""
+    theirs = EventEnvelope.from_bytes(created("ses-2"))
+    theirs = theirs.model_copy(update={"workspace_id": "team-a"})
+    log = LogTally(workspace="team-a")
+    for r in (record(created(), 0), record(theirs.to_bytes(), 1, key=b"ses-2"), record(b"x", 2)):
+        log.add(r)
+    assert set(log.tallies()) == {"ses-2"} and log.records == 3
+    default = LogTally(workspace=DEFAULT_WORKSPACE)
+    default.add(record(created(), 0))
+    assert set(default.tallies()) == {"ses-1"}
