@@ -193,6 +193,32 @@ class SamplerWorker(WorkerService):
         for sampler_id in aggregate_ids:
             self.samplers.pop(sampler_id, None)
 
+    def took_over(self, partitions: list[int]) -> None:
+        """Host now, not at their first request, the active samplers of these partitions that
+        have a sync no host has handled (recorded while this worker restarted, or while the
+        partition moved): it is applied at once, so the sampler's weights and `WeightSyncer`
+        waits move on. The others are hosted when first asked for (an idle sampler costs no
+        engine)."""
+        if not partitions:
+            return
+        topic = self.settings.topic(self.requests_topic)
+        count = len(self.loop.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        schema = self.settings.read_schema
+        rows = self.db.execute(
+            f"select s.sampler_id from {schema}.samplers s "
+            f"left join {schema}.sampler_weights w using (sampler_id) "
+            "where s.status = 'active' and exists (select 1 from "
+            f"{schema}.weight_syncs ws where ws.sampler_id = s.sampler_id and ws.weights_version "
+            "> greatest(coalesce(w.serving_version, 0), coalesce(w.last_hotload_version, 0)))"
+        ).fetchall()
+        give_up_at = time.monotonic() + HOSTING_GRACE_S
+        for row in rows:
+            sampler_id = row["sampler_id"]
+            if sampler_id not in self.samplers and (
+                partition_for(sampler_id.encode(), count) in partitions
+            ):
+                self.to_host.setdefault(sampler_id, give_up_at)
+
     # --- weight sync ---------------------------------------------------------------------------
 
     def _subscribe_to_weights(self) -> Consumer:

@@ -114,6 +114,9 @@ class WorkerService:
     def between_batches(self) -> None:
         """Periodic work outside requests (the sampler picks up new weights here)."""
 
+    def took_over(self, partitions: list[int]) -> None:
+        """These partitions of the requests topic are now this worker's (state rebuilt)."""
+
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -212,6 +215,10 @@ class WorkerService:
     def _on_assign(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
             self._rebuild(tp.partition)
+        try:
+            self.took_over([tp.partition for tp in assigned])
+        except Exception:  # inside librdkafka's callback: an exception here would end the poll
+            log.error("taking over partitions failed", extra={"trace": traceback.format_exc()})
 
     def _rebuild(self, partition: int) -> None:
         events = self.settings.topic("events")

@@ -83,6 +83,12 @@ def test_sampler_worker_killed_mid_sync_serves_the_newest_weights_once_back(
         timeout_s=60,
     )
 
+    # With no request: the worker back hosts a sampler that has a sync pending and applies it.
+    until(
+        lambda: calls.get(weights_path)["serving_version"] == target,
+        "the pending sync applied with no request",
+        timeout_s=120,
+    )
     # The next rollouts ask for that sync, as the demo does: served from the mid-sync weights.
     sample = calls.call(
         f"/v1/loops/samplers/{loop.sampler_id}/sample",
