@@ -68,6 +68,9 @@ class RunnerConfig:
     session_timeout_s: float = 10.0
     # Fault injection for the crash tests: sleep inside each open transaction, before COMMIT.
     pause_before_commit_s: float = 0.0
+    # Behind its topics with stored positions that have not moved for this long: the process
+    # ends (EXIT_RESYNC) and its successor resumes from PostgreSQL (see StallWatchdog).
+    stall_s: float = 60.0
 
 
 class ProjectionProcessor:
@@ -250,8 +253,53 @@ def _fmt(positions: Mapping[TopicPartition, int]) -> str:
     return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(positions.items()))
 
 
+class StallWatchdog(threading.Thread):
+    """Ends the process when the projection is behind its topics and its stored positions
+    have not moved for `stall_s`.
+
+    After a broker restart faust/aiokafka can stay up, connected and silent, consuming nothing
+    (faust #596): the read models would freeze with nothing in the log. A new process resumes
+    from the positions in PostgreSQL, so ending this one loses nothing. A thread, not a faust
+    timer: a stuck event loop must not silence its own watchdog.
+    """
+
+    def __init__(self, settings: Settings, config: RunnerConfig, *, check_s: float = 5.0) -> None:
+        super().__init__(name="stall-watchdog", daemon=True)
+        self.settings = settings
+        self.config = config
+        self.check_s = check_s
+
+    def run(self) -> None:
+        from projections.health import end_offsets, total_lag
+        from projections.store import positions_of
+
+        engine = get_engine(self.settings)
+        last: dict[TopicPartition, int] | None = None
+        moved_at = time.monotonic()
+        while True:
+            time.sleep(self.check_s)
+            try:
+                positions = positions_of(engine, self.config.projection)
+                lag = total_lag(end_offsets(self.settings), positions)
+            except Exception:  # Kafka or PostgreSQL away: nothing to judge by
+                continue
+            if lag == 0 or positions != last:
+                last, moved_at = positions, time.monotonic()
+                continue
+            stalled_s = time.monotonic() - moved_at
+            if stalled_s >= self.config.stall_s:
+                log.error(
+                    "projection stalled: behind its topics and no progress; exiting to resume "
+                    "from PostgreSQL",
+                    extra={"lag": lag, "stalled_s": round(stalled_s, 1)},
+                )
+                logging.shutdown()
+                os._exit(EXIT_RESYNC)
+
+
 def run(settings: Settings, config: RunnerConfig, *, loglevel: str = "info") -> None:
     relax_gc()
+    StallWatchdog(settings, config).start()
     app = build_app(settings, config)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=True)
     worker.execute_from_commandline()
@@ -264,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--within", type=float, default=RunnerConfig.within_s)
     parser.add_argument("--session-timeout", type=float, default=RunnerConfig.session_timeout_s)
     parser.add_argument("--pause-before-commit", type=float, default=0.0)
+    parser.add_argument("--stall", type=float, default=RunnerConfig.stall_s)
     parser.add_argument("--loglevel", default="info")
     args = parser.parse_args(argv)
     config = RunnerConfig(
@@ -272,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         within_s=args.within,
         session_timeout_s=args.session_timeout,
         pause_before_commit_s=args.pause_before_commit,
+        stall_s=args.stall,
     )
     run(get_settings(), config, loglevel=args.loglevel)
 
