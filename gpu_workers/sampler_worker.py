@@ -74,6 +74,9 @@ RECORD_GRACE_S = 10.0
 # How long a just-created sampler may take to appear in the read model before hosting gives up,
 # and how often it is looked for meanwhile (the loop itself runs every few ms).
 HOSTING_GRACE_S = 60.0
+# A sampler created this recently that no worker hosted yet is hosted by the worker taking its
+# partition over; older ones wait for their first request.
+UNHOSTED_RECENT_S = 600
 HOSTING_RETRY_S = 0.05
 # A sampler more than this many deltas behind reloads from the chain's base instead of walking on.
 MAX_CHAIN_FETCH = 1000
@@ -182,6 +185,9 @@ class SamplerWorker(WorkerService):
         self.latest_ready: dict[str, WeightsReady] = {}
         # Samplers created but not hosted yet -> give up hosting at this monotonic time.
         self.to_host: dict[str, float] = {}
+        # The same, seen before this worker had any partition (so whether they are its own is
+        # not known yet), oldest first.
+        self.unclaimed: OrderedDict[str, float] = OrderedDict()
         self.stopped: OrderedDict[str, str] = OrderedDict()  # sampler_id -> why, newest last
         self.next_hosting_try = 0.0
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
@@ -195,10 +201,10 @@ class SamplerWorker(WorkerService):
 
     def took_over(self, partitions: list[int]) -> None:
         """Host now, not at their first request, the active samplers of these partitions that
-        have a sync no host has handled (recorded while this worker restarted, or while the
-        partition moved): it is applied at once, so the sampler's weights and `WeightSyncer`
-        waits move on. The others are hosted when first asked for (an idle sampler costs no
-        engine)."""
+        were created or sent a sync while no worker hosted them (this one starting or
+        restarting, or the partition moving): a new sampler comes up, a pending sync is applied,
+        and `WeightSyncer` waits move on. Samplers idle since long before are hosted when first
+        asked for (an idle sampler costs no engine)."""
         if not partitions:
             return
         topic = self.settings.topic(self.requests_topic)
@@ -207,15 +213,21 @@ class SamplerWorker(WorkerService):
         rows = self.db.execute(
             f"select s.sampler_id from {schema}.samplers s "
             f"left join {schema}.sampler_weights w using (sampler_id) "
-            "where s.status = 'active' and exists (select 1 from "
-            f"{schema}.weight_syncs ws where ws.sampler_id = s.sampler_id and ws.weights_version "
-            "> greatest(coalesce(w.serving_version, 0), coalesce(w.last_hotload_version, 0)))"
+            "where s.status = 'active' and ("
+            f"(w.ready_at is null and s.created_at > now() - interval '{UNHOSTED_RECENT_S} "
+            "seconds') "
+            f"or exists (select 1 from {schema}.weight_syncs ws where ws.sampler_id = "
+            "s.sampler_id and ws.weights_version > greatest(coalesce(w.serving_version, 0), "
+            "coalesce(w.last_hotload_version, 0))))"
         ).fetchall()
-        give_up_at = time.monotonic() + HOSTING_GRACE_S
-        for row in rows:
-            sampler_id = row["sampler_id"]
-            if sampler_id not in self.samplers and (
-                partition_for(sampler_id.encode(), count) in partitions
+        candidates = {row["sampler_id"]: time.monotonic() + HOSTING_GRACE_S for row in rows}
+        candidates.update(self.unclaimed)
+        self.unclaimed.clear()
+        for sampler_id, give_up_at in candidates.items():
+            if (
+                sampler_id not in self.samplers
+                and sampler_id not in self.stopped
+                and (partition_for(sampler_id.encode(), count) in partitions)
             ):
                 self.to_host.setdefault(sampler_id, give_up_at)
 
@@ -250,11 +262,10 @@ class SamplerWorker(WorkerService):
                 seen = self.latest_ready.get(event.sampler_id)
                 if seen is None or event.weights_version > seen.weights_version:
                     self.latest_ready[event.sampler_id] = event
-                if event.sampler_id not in self.samplers and self._owns(event.sampler_id):
-                    self.to_host.setdefault(event.sampler_id, time.monotonic() + HOSTING_GRACE_S)
+                if event.sampler_id not in self.samplers:
+                    self._maybe_host(event.sampler_id)
             elif isinstance(event, SamplerCreated):
-                if self._owns(event.sampler_id):
-                    self.to_host[event.sampler_id] = time.monotonic() + HOSTING_GRACE_S
+                self._maybe_host(event.sampler_id)
             elif isinstance(event, SamplerStopped):
                 self._release(event.sampler_id, event.reason)
 
@@ -275,6 +286,17 @@ class SamplerWorker(WorkerService):
         self.workspaces.pop(sampler_id, None)
         extra = {"sampler_id": sampler_id, "reason": reason, "engines_held": held}
         log.info("sampler released", extra=extra)
+
+    def _maybe_host(self, sampler_id: str) -> None:
+        """Host it if it is this worker's; before the first assignment nobody can tell yet, so
+        it waits in `unclaimed` for `took_over` (it would be missed otherwise: the read model
+        may not show it by then)."""
+        if not self.loop.consumer.assignment():
+            self.unclaimed[sampler_id] = time.monotonic() + HOSTING_GRACE_S
+            while len(self.unclaimed) > REMEMBERED_STOPS:
+                self.unclaimed.popitem(last=False)
+        elif self._owns(sampler_id):
+            self.to_host.setdefault(sampler_id, time.monotonic() + HOSTING_GRACE_S)
 
     def _owns(self, sampler_id: str) -> bool:
         """Whether this worker serves the sampler's partition of the requests topic."""
