@@ -81,6 +81,29 @@ def dead_letter(producer: Producer, dlq_topic: str, message: Message, reason: st
     producer.produce(dlq_topic, key=message.key(), value=value, headers=headers)
 
 
+def is_fatal(error: KafkaError) -> bool:
+    """A fatal client error: the instance is done for. A consumer may hand one over as a
+    message error whose code is _FATAL without the fatal flag set (the fenced static member
+    after a broker restart, seen here)."""
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+
+
+def close_bounded(consumer: Consumer, timeout_s: float = 10.0) -> None:
+    """Close a consumer, waiting at most `timeout_s`: closing a fenced or fatally failed
+    consumer can block (it tries to leave its group), and a worker must not hang on the way
+    out or while replacing it. A close that outlasts the wait goes on in its daemon thread."""
+
+    def close() -> None:
+        with contextlib.suppress(Exception):  # a fatal consumer may refuse to close cleanly
+            consumer.close()
+
+    closing = threading.Thread(target=close, name="consumer-close", daemon=True)
+    closing.start()
+    closing.join(timeout_s)
+    if closing.is_alive():
+        log.warning("consumer close still blocked; going on without it")
+
+
 class TransactionalLoop:
     def __init__(
         self,
@@ -95,6 +118,9 @@ class TransactionalLoop:
         self.stop_requested = threading.Event()
         self.on_assign = on_assign
         self.on_revoke = on_revoke
+        # A fatal consumer error reported by librdkafka's error callback: poll() itself then
+        # just returns nothing, forever (a fenced static member, librdkafka #3437).
+        self._fatal_consumer_error: KafkaError | None = None
         self.producer = self._new_producer()
         self.consumer = self._new_consumer()
         self.consumers_replaced = 0
@@ -119,13 +145,16 @@ class TransactionalLoop:
             self.close()
 
     def next_batch(self) -> list[Message]:
+        if self._fatal_consumer_error is not None:
+            self._replace_consumer(self._fatal_consumer_error)
+            return []
         try:
             first = self.consumer.poll(self.config.poll_timeout_s)
             if first is None:
                 return []
             rest = self.consumer.consume(num_messages=self.config.batch_size - 1, timeout=0)
         except KafkaException as exc:
-            if not exc.args[0].fatal():
+            if not is_fatal(exc.args[0]):
                 raise
             self._replace_consumer(exc.args[0])
             return []
@@ -134,7 +163,7 @@ class TransactionalLoop:
             error = message.error()
             if error is None:
                 batch.append(message)
-            elif error.fatal():
+            elif is_fatal(error):
                 self._replace_consumer(error)
                 return []  # uncommitted offsets are read again by the new consumer
             elif error.code() != KafkaError._PARTITION_EOF:
@@ -148,7 +177,11 @@ class TransactionalLoop:
                 group_id=self.group_id,
                 # Static membership: a restarted instance takes its partitions straight back
                 # instead of waiting out the dead member's session.
-                **{"group.instance.id": self.transactional_id, "session.timeout.ms": 10_000},
+                **{
+                    "group.instance.id": self.transactional_id,
+                    "session.timeout.ms": 10_000,
+                    "error_cb": self._note_consumer_error,
+                },
             )
         )
         consumer.subscribe(
@@ -158,14 +191,18 @@ class TransactionalLoop:
         )
         return consumer
 
+    def _note_consumer_error(self, error: KafkaError) -> None:
+        if is_fatal(error):
+            self._fatal_consumer_error = error
+
     def _replace_consumer(self, error: KafkaError) -> None:
         """A fatal consumer error leaves a consumer that never delivers again: e.g. a static
         member whose session ran out while the broker was away is fenced by its own rejoin
         (librdkafka #3437). Start a new one; it resumes from the committed offsets, and its
         assignment rebuilds whatever the old one owned."""
         log.error("fatal consumer error: replacing the consumer", extra={"error": str(error)})
-        with contextlib.suppress(Exception):  # a fatal consumer may refuse to close cleanly
-            self.consumer.close()
+        self._fatal_consumer_error = None
+        close_bounded(self.consumer)
         self.consumer = self._new_consumer()
         self.consumers_replaced += 1
 
@@ -177,13 +214,7 @@ class TransactionalLoop:
             if self.config.commit_delay_ms:
                 self.producer.flush(30)
                 time.sleep(self.config.commit_delay_ms / 1000)
-            # Bounded: its default waits forever, and a broker that restarts under an open
-            # transaction can leave it waiting; a timeout goes to _recover like any failure.
-            self.producer.send_offsets_to_transaction(
-                self.consumer.position(self.consumer.assignment()),
-                self.consumer.consumer_group_metadata(),
-                30,
-            )
+            self._send_offsets()
             self._commit()
         except KafkaException as exc:
             self._recover(exc)
@@ -216,7 +247,7 @@ class TransactionalLoop:
         return True
 
     def close(self) -> None:
-        self.consumer.close()
+        close_bounded(self.consumer)
         self.producer.flush(10)
         log.info("loop stopped", extra={"loop": self.transactional_id})
 
@@ -235,6 +266,37 @@ class TransactionalLoop:
                 if self.stop_requested.is_set() or not exc.args[0].retriable():
                     raise
                 log.warning("init_transactions failed, retrying", extra={"error": str(exc)})
+
+    def _send_offsets(self, timeout_s: float = 30.0) -> None:
+        """The batch's offsets into the transaction, waiting at most `timeout_s`.
+
+        librdkafka does not honour this call's own timeout when the group coordinator it cached
+        went away (librdkafka #5456, #5511): after a single broker restarts it blocks for
+        good, with nothing logged. So the call runs in a thread of its own and the loop stops
+        waiting for it; the timeout goes to _recover like any failure, whose new producer
+        fences the stuck one and aborts its transaction (the stuck thread is left behind)."""
+        offsets = self.consumer.position(self.consumer.assignment())
+        metadata = self.consumer.consumer_group_metadata()
+        producer = self.producer
+        failure: list[KafkaException] = []
+
+        def send() -> None:
+            try:
+                producer.send_offsets_to_transaction(offsets, metadata, timeout_s)
+            except KafkaException as exc:
+                failure.append(exc)
+
+        sending = threading.Thread(target=send, name="send-offsets", daemon=True)
+        sending.start()
+        sending.join(timeout_s + 5)
+        if sending.is_alive():
+            log.error("send_offsets_to_transaction did not return; starting over",
+                      extra={"waited_s": timeout_s + 5})  # fmt: skip
+            raise KafkaException(
+                KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction did not return")
+            )
+        if failure:
+            raise failure[0]
 
     def _commit(self) -> None:
         for attempt in range(1, COMMIT_ATTEMPTS + 1):

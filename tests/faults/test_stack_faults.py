@@ -78,13 +78,6 @@ def test_save_during_an_s3_outage_completes_once_the_store_is_back(
     record(figures, loop, calls, settings)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 10): after a ~15 s broker outage a worker can stop answering with nothing "
-    "in its log; fenced consumers are now replaced and commits bounded, so the likely cause is "
-    "a transaction left open across the restart that holds read_committed readers back until "
-    "transaction.timeout.ms (300 s for workers), longer than this test waits",
-)
 @pytest.mark.timeout(480)
 def test_rl_loop_finishes_through_a_kafka_broker_restart(
     fault_stack: IsolatedStack,
