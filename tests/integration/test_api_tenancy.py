@@ -23,6 +23,7 @@ from api.submit import command_id_for
 from events.audit import history
 from events.envelope import DEFAULT_WORKSPACE
 from infra.settings import Settings
+from projections.check import check_against_log
 from tests.integration.kafka_helpers import create_workspace, until
 
 WAIT_S = 120.0  # the trainer worker may be restarting (shared services)
@@ -321,3 +322,15 @@ def test_events_the_workers_emit_on_their_own_are_in_the_resources_workspace(
     emitted = [e for e in [*run_events, *sampler_events] if e.actor.endswith("-worker")]
     assert {"TrainerReleased", "SamplerReleased", "HotloadSucceeded"} <= {e.type for e in emitted}
     assert {e.workspace for e in emitted} == {other_workspace}
+
+
+def test_a_log_check_scoped_to_a_workspace_counts_only_that_workspaces_events(
+    settings: Settings, other_workspace: str, owned: Json
+) -> None:
+    """`projections check --workspace` (and `replay --check --workspace`): the other workspace's
+    session (made by the test above) is all it tallies; a workspace with no events, nothing."""
+    scoped = check_against_log(settings, workspace=other_workspace)
+    everything = check_against_log(settings)
+    nobody = check_against_log(settings, workspace="nobody-here")
+    assert scoped.matches and 1 <= scoped.aggregates < everything.aggregates
+    assert nobody.aggregates == 0 and nobody.matches
