@@ -427,15 +427,17 @@ def create_model(
     data = body.model_dump()
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
-    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
-    model_id = ids.model_id_for(session, _field(data, "model_seq_id", int))
+    # The body first (400 naming the field), then whether its session exists (404).
+    session_id, seq_id = _field(data, "session_id", str), _field(data, "model_seq_id", int)
     lora = _object(data, "lora_config")
+    lora_rank = _field(lora, "rank", int, 0)
+    model_id = ids.model_id_for(_check_session(engine, settings, session_id, caller), seq_id)
     request_id = _create_run(
         caller=caller,
         submitter=submitter,
         model_id=model_id,
         base_model=base_model,
-        lora_rank=_field(lora, "rank", int, 0),
+        lora_rank=lora_rank,
         from_checkpoint=None,
         max_seq_len=_max_seq_len(settings, base_model),
     )
@@ -639,8 +641,8 @@ def load_weights(
         raise bad_request(f"no run holds {data.get('path')}", "path")
     base_model = str(data.get("base_model") or source["base_model"])
     _check_model(settings, base_model)
-    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
-    model_id = ids.model_id_for(session, _field(data, "model_seq_id", int))
+    session_id, seq_id = _field(data, "session_id", str), _field(data, "model_seq_id", int)
+    model_id = ids.model_id_for(_check_session(engine, settings, session_id, caller), seq_id)
     request_id = _create_run(
         caller=caller,
         submitter=submitter,
@@ -714,8 +716,10 @@ def create_sampling_session(
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
     # Sampling a bare base model: a run of its own whose sampler serves the base weights.
-    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
-    model_id = ids.model_id_for(f"{session}-smp{_field(data, 'sampling_session_seq_id', int)}", 0)
+    session_id = _field(data, "session_id", str)
+    seq_id = _field(data, "sampling_session_seq_id", int)
+    session = _check_session(engine, settings, session_id, caller)
+    model_id = ids.model_id_for(f"{session}-smp{seq_id}", 0)
     _create_run(
         caller=caller,
         submitter=submitter,
