@@ -73,6 +73,16 @@ def _accepted(app: TestClient, key: str, request_id: str) -> Json:
     return response.json()  # type: ignore[no-any-return]
 
 
+def _history_with(settings: Settings, aggregate_id: str, event_type: str) -> list[Any]:
+    """The aggregate's history once it holds an event of `event_type`."""
+
+    def check() -> list[Any] | None:
+        events = history(settings, aggregate_id)
+        return events if any(e.type == event_type for e in events) else None
+
+    return _until(check, f"{event_type} of {aggregate_id}")  # type: ignore[no-any-return]
+
+
 def _get(app: TestClient, key: str, path: str, predicate: Callable[[Json], bool]) -> Json:
     def check() -> Json | None:
         response = app.get(path, headers=auth(key))
@@ -296,29 +306,11 @@ def test_events_the_workers_emit_on_their_own_are_in_the_resources_workspace(
         headers=auth(key),
     )
     _accepted(app, key, saved.json()["request_id"])
-    sampler_events = _until(
-        lambda: (
-            [e for e in history(settings, run["sampler_id"]) if e.type == "HotloadSucceeded"]
-            and history(settings, run["sampler_id"])
-        ),
-        "the sampler's hotload",
-    )
+    _history_with(settings, run["sampler_id"], "HotloadSucceeded")
     ended = app.delete(f"/v1/loops/sessions/{session_id}", headers=auth(key))
     _accepted(app, key, ended.json()["request_id"])
-    run_events = _until(
-        lambda: (
-            [e for e in history(settings, run["run_id"]) if e.type == "TrainerReleased"]
-            and history(settings, run["run_id"])
-        ),
-        "the trainer's release",
-    )
-    sampler_events = _until(
-        lambda: (
-            [e for e in history(settings, run["sampler_id"]) if e.type == "SamplerReleased"]
-            and history(settings, run["sampler_id"])
-        ),
-        "the sampler's release",
-    )
+    run_events = _history_with(settings, run["run_id"], "TrainerReleased")
+    sampler_events = _history_with(settings, run["sampler_id"], "SamplerReleased")
     emitted = [e for e in [*run_events, *sampler_events] if e.actor.endswith("-worker")]
     assert {"TrainerReleased", "SamplerReleased", "HotloadSucceeded"} <= {e.type for e in emitted}
     assert {e.workspace for e in emitted} == {other_workspace}
