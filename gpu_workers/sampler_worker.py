@@ -43,7 +43,7 @@ from commands.work import SAMPLER_REQUESTS, Sample
 from events.audit import history
 from events.catalog import decode_payload
 from events.envelope import EventEnvelope, utc_now
-from events.kafka_log import assign_all, consumer_config, partition_for
+from events.kafka_log import assign_all, consumer_config
 from events.loops import SamplerCreated, SamplerStopped, WeightsReady
 from events.work import (
     HotloadFailed,
@@ -192,7 +192,6 @@ class SamplerWorker(WorkerService):
         self.next_hosting_try = 0.0
         self.checkpoints = CheckpointStore(ObjectStore.from_settings(settings))
         self.db = ReadModelConnection(settings.pg_conninfo)  # reconnects after a restart
-        self.requests_partitions = 0
         self.weights_feed = self._subscribe_to_weights()
 
     def forget(self, aggregate_ids: set[str]) -> None:
@@ -207,8 +206,6 @@ class SamplerWorker(WorkerService):
         asked for (an idle sampler costs no engine)."""
         if not partitions:
             return
-        topic = self.settings.topic(self.requests_topic)
-        count = len(self.loop.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         schema = self.settings.read_schema
         rows = self.db.execute(
             f"select s.sampler_id from {schema}.samplers s "
@@ -227,7 +224,7 @@ class SamplerWorker(WorkerService):
             if (
                 sampler_id not in self.samplers
                 and sampler_id not in self.stopped
-                and (partition_for(sampler_id.encode(), count) in partitions)
+                and self._partition_of(sampler_id) in partitions
             ):
                 self.to_host.setdefault(sampler_id, give_up_at)
 
@@ -303,12 +300,7 @@ class SamplerWorker(WorkerService):
         assignment = self.loop.consumer.assignment()
         if not assignment:
             return False
-        if not self.requests_partitions:
-            topic = self.settings.topic(self.requests_topic)
-            self.requests_partitions = len(
-                self.loop.consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            )
-        partition = partition_for(sampler_id.encode(), self.requests_partitions)
+        partition = self._partition_of(sampler_id)
         return any(tp.partition == partition for tp in assignment)
 
     def between_batches(self) -> None:

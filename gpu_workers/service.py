@@ -206,6 +206,7 @@ class WorkerService:
         return encoded
 
     def _partition_of(self, aggregate_id: str) -> int:
+        """The aggregate's partition of the requests topic (its count read once)."""
         topic = self.settings.topic(self.requests_topic)
         if not self._partitions:
             metadata = self.loop.consumer.list_topics(topic, timeout=10)
