@@ -28,7 +28,9 @@ from events.limits import (
     TtlSeconds,
 )
 
-LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LossFn = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
+]
 # The loss_fn_config keys each loss takes (gpu_workers.engine.types has their defaults).
 LOSS_FN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "cross_entropy": (),
@@ -36,7 +38,14 @@ LOSS_FN_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "ppo": ("clip_low_threshold", "clip_high_threshold"),
     "cispo": ("clip_low_threshold", "clip_high_threshold"),
     "dro": ("beta",),
+    "gspo": ("clip_low_threshold", "clip_high_threshold"),
+    "stable_reinforce": ("clip_high_threshold", "kl_coeff"),
 }
+# Losses that train on what a sampler recorded: each datum names the sampled sequences behind
+# its targets (provenance spans) and the API fills `logprobs` in from the sampler's record.
+RECORDED_LOSSES = ("stable_reinforce",)
+MAX_SPANS = 4096
+MAX_TOPK = 64  # top-k logprobs per position (gpu_workers.engine.types.MAX_TOPK)
 IGNORE_INDEX = -100  # cross_entropy ignores target positions marked with it
 TargetToken = Annotated[int, Field(ge=IGNORE_INDEX, le=MAX_TOKEN_ID)]
 # How a delta checkpoint is encoded (gpu_workers/deltas.py): lossless all three.
@@ -56,6 +65,20 @@ class LossFnInputs(BaseModel):
     weights: list[FiniteFloat] | None = None  # cross_entropy
     logprobs: list[FiniteFloat] | None = None  # policy-gradient losses: the sampler's logprobs
     advantages: list[FiniteFloat] | None = None  # policy-gradient losses
+    # gspo: the positions its sequence-level ratio averages over (default: where advantages != 0)
+    sequence_ratio_mask: list[FiniteFloat] | None = None
+
+
+class ProvenanceSpan(BaseModel):
+    """`length` consecutive positions that come from a sampled sequence (Tinker's provenance
+    spans): its prompt (`prompt`) or its generated tokens (`sampled`), from `offset` on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["prompt", "sampled"]
+    sequence_id: Text = Field(min_length=1)
+    offset: int = Field(default=0, ge=0, le=MAX_NEW_TOKENS * 64)
+    length: int = Field(ge=0, le=MAX_NEW_TOKENS * 64)
 
 
 class Datum(BaseModel):
@@ -65,17 +88,25 @@ class Datum(BaseModel):
 
     model_input: list[TokenId] = Field(min_length=1, description="input token ids")
     loss_fn_inputs: LossFnInputs
+    # Where each target position came from, in order, covering every position (stable_reinforce).
+    loss_fn_input_spans: list[ProvenanceSpan] | None = Field(default=None, max_length=MAX_SPANS)
 
     @model_validator(mode="after")
     def _same_lengths(self) -> Datum:
         n = len(self.model_input)
         inputs = self.loss_fn_inputs
-        for name in ("target_tokens", "weights", "logprobs", "advantages"):
+        for name in ("target_tokens", "weights", "logprobs", "advantages", "sequence_ratio_mask"):
             values = getattr(inputs, name)
             if values is not None and len(values) != n:
                 raise ValueError(
                     f"loss_fn_inputs.{name} has {len(values)} entries, model_input has {n}"
                 )
+        spans = self.loss_fn_input_spans
+        if spans is not None and sum(span.length for span in spans) != n:
+            raise ValueError(
+                f"loss_fn_input_spans cover {sum(span.length for span in spans)} positions, "
+                f"model_input has {n}"
+            )
         return self
 
 
@@ -96,12 +127,22 @@ class ForwardBackward(WorkRequest):
         # cross_entropy without weights would be a silent weight of 1 everywhere in Tinker; the
         # loops API asks for them explicitly (the Tinker front door fills in ones).
         needed = ("weights",) if self.loss_fn == "cross_entropy" else ("logprobs", "advantages")
+        if self.loss_fn in RECORDED_LOSSES:
+            needed = ("advantages",)  # logprobs: the sampler's record, filled in by the API
         for i, datum in enumerate(self.data):
             for name in needed:
                 if getattr(datum.loss_fn_inputs, name) is None:
                     raise ValueError(
                         f"data.{i}.loss_fn_inputs.{name} is required by {self.loss_fn}"
                     )
+            if self.loss_fn in RECORDED_LOSSES and datum.loss_fn_input_spans is None:
+                raise ValueError(
+                    f"data.{i}.loss_fn_input_spans is required by {self.loss_fn}: name the "
+                    "sampled sequence (sequence_id, sampled with record_stability_info) behind "
+                    "the targets"
+                )
+            if self.loss_fn != "gspo" and datum.loss_fn_inputs.sequence_ratio_mask is not None:
+                raise ValueError(f"data.{i}.loss_fn_inputs.sequence_ratio_mask is for gspo only")
         return self
 
 
@@ -171,6 +212,14 @@ class Sample(WorkRequest):
     stop: list[Text] | None = Field(default=None, max_length=64)
     # Also answer logp(prompt[t] | prompt[:t]) for every prompt position (None for the first).
     prompt_logprobs: bool = False
+    # ... only for the last N prompt tokens (earlier entries None); needs prompt_logprobs.
+    prompt_logprobs_last_n: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS * 64)
+    # The k most likely tokens (temperature-1 logprobs) at every prompt / generated position.
+    topk_prompt_logprobs: int = Field(default=0, ge=0, le=MAX_TOPK)
+    topk_sample_logprobs: int = Field(default=0, ge=0, le=MAX_TOPK)
+    # Keep what stable_reinforce trains on: each sequence is then named by
+    # `<request id>:<index>` (its sequence_id) in training requests.
+    record_stability_info: bool = False
     # Pinned to one checkpoint, or None to follow the latest weights the sampler has.
     checkpoint_uri: Text | None = None
     # Serve only with weights from sync N or later (`weights_version` in every answer); the
@@ -182,6 +231,16 @@ class Sample(WorkRequest):
     def _one_prompt(self) -> Sample:
         if self.top_k == 0:
             raise ValueError("top_k must be -1 (off) or >= 1")
+        if self.prompt_logprobs_last_n is not None:
+            if not self.prompt_logprobs:
+                raise ValueError("prompt_logprobs_last_n needs prompt_logprobs")
+            if self.prompt_tokens is not None and self.prompt_logprobs_last_n >= len(
+                self.prompt_tokens
+            ):
+                raise ValueError(
+                    f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 "
+                    f"({len(self.prompt_tokens) - 1})"
+                )
         if self.min_weights_version is not None and self.checkpoint_uri is not None:
             raise ValueError("give checkpoint_uri or min_weights_version, not both")
         if (self.prompt_tokens is None) == (self.prompt is None):

@@ -539,6 +539,12 @@ class SamplerWorker(WorkerService):
             prompt = request.prompt_tokens
         else:
             prompt = engine.tokenizer.encode(request.prompt, add_special_tokens=False)
+        first = len(prompt) - (request.prompt_logprobs_last_n or 0)
+        if request.prompt_logprobs_last_n is not None and first < 1:  # known only now for text
+            raise WorkRejected(
+                f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 ({len(prompt) - 1})",
+                field="prompt_logprobs_last_n",
+            )
         version = engine.weights_version  # stamped at dispatch, before any token exists
         params = SamplingParams(
             max_tokens=request.max_tokens,
@@ -547,10 +553,22 @@ class SamplerWorker(WorkerService):
             top_k=request.top_k,
             seed=request.seed,
             stop=request.stop,
+            topk_logprobs=request.topk_sample_logprobs,
         )
         sequences = engine.sample(prompt, request.num_samples, params)
         # Scored by the same weights, before any new ones can be picked up between requests.
-        prompt_logprobs = engine.compute_logprobs(prompt) if request.prompt_logprobs else None
+        scores = (
+            engine.score_prompt(prompt, top_k=request.topk_prompt_logprobs)
+            if request.prompt_logprobs or request.topk_prompt_logprobs
+            else None
+        )
+        prompt_logprobs = scores.logprobs if scores and request.prompt_logprobs else None
+        topk_prompt = scores.topk if scores else None
+        if request.prompt_logprobs_last_n is not None:
+            if prompt_logprobs is not None:
+                prompt_logprobs = [None] * first + prompt_logprobs[first:]
+            if topk_prompt is not None:
+                topk_prompt = [None] * first + topk_prompt[first:]
         weights = {"checkpoint_id": version.checkpoint_id, "uri": hosted.uri,
                    "digest": version.digest, "version": hosted.weights_version}  # fmt: skip
         events.append(
@@ -572,11 +590,16 @@ class SamplerWorker(WorkerService):
                         "text": s.text,
                         "logprobs": s.logprobs,
                         "stop_reason": s.stop_reason,
+                        **({"topk_logprobs": s.topk_logprobs} if s.topk_logprobs else {}),
                     }
                     for s in sequences
                 ],
                 "weights_version": weights,
                 "prompt_logprobs": prompt_logprobs,
+                **({"topk_prompt_logprobs": topk_prompt} if topk_prompt is not None else {}),
+                "prompt_cache_hit_tokens": sequences[0].prompt_cache_hit_tokens,
+                # What stable_reinforce trains on (api/recorded.py): tokens and logprobs above.
+                **({"stability_recorded": True} if request.record_stability_info else {}),
             },
             events=list(events),
         )

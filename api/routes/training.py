@@ -25,8 +25,9 @@ from api.models import (
     SaveWeightsCreate,
 )
 from api.queries import ReadModels
+from api.recorded import RecordError, table_lookup, with_recorded_logprobs
 from api.routes._common import active_run, envelope
-from api.submit import Submitter, resolve_request_id
+from api.submit import Submitter, command_id_for, resolve_request_id
 from commands.handling import first_validation_error
 from commands.work import (
     ComputeLogprobs,
@@ -52,6 +53,17 @@ def _check_lengths(sequences: list[list[int]], *, max_seq_len: int, field: str) 
                 f"max_seq_len {max_seq_len}",
                 field=field.format(i=i),
             )
+
+
+def _recorded(request: ForwardBackward, reads: ReadModels, caller: Caller) -> ForwardBackward:
+    """The sampler's recorded logprobs in a stable_reinforce request (api/recorded.py)."""
+    ws = caller.workspace_id
+    try:
+        return with_recorded_logprobs(
+            request, table_lookup(reads, ws, lambda key: command_id_for(ws, key))
+        )
+    except RecordError as exc:
+        raise unprocessable(str(exc), field=exc.field) from exc
 
 
 def _submit(
@@ -95,8 +107,11 @@ def forward_backward(
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
     """Forward and backward pass on a batch; gradients accumulate until optim_step.
-    `loss_fn_config` sets the loss's parameters (ppo/cispo clip thresholds, dro beta)."""
-    request = ForwardBackward.model_validate(body.model_dump(exclude={"request_id"}))
+    `loss_fn_config` sets the loss's parameters (ppo/cispo/gspo clip thresholds, dro beta,
+    stable_reinforce kl_coeff). stable_reinforce trains on what the sampler recorded: each datum
+    names its sampled sequence (`<sample request id>:<index>`) in `loss_fn_input_spans`."""
+    request = _recorded(ForwardBackward.model_validate(body.model_dump(exclude={"request_id"})),
+                        reads, caller)  # fmt: skip
     return _submit(
         run_id=run_id, request=request, body=body, caller=caller, reads=reads,
         submitter=submitter,
@@ -116,7 +131,8 @@ def forward(
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
     """The loss and per-token logprobs of a batch, gradients untouched (evaluation)."""
-    request = Forward.model_validate(body.model_dump(exclude={"request_id"}))
+    request = _recorded(Forward.model_validate(body.model_dump(exclude={"request_id"})),
+                        reads, caller)  # fmt: skip
     return _submit(
         run_id=run_id, request=request, body=body, caller=caller, reads=reads,
         submitter=submitter,

@@ -179,7 +179,13 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
         }
         if "target_tokens" in inputs:
             inputs["target_tokens"] = [int(t) for t in inputs["target_tokens"]]
-        data.append({"model_input": tokens, "loss_fn_inputs": inputs})
+        decoded: dict[str, Any] = {"model_input": tokens, "loss_fn_inputs": inputs}
+        if len(datum.loss_fn_input_spans):
+            decoded["loss_fn_input_spans"] = [
+                _span(span, f"data.{i}.loss_fn_input_spans.{j}")
+                for j, span in enumerate(datum.loss_fn_input_spans)
+            ]
+        data.append(decoded)
     return ForwardBackwardCall(
         model_id=msg.model_id,
         seq_id=int(msg.seq_id),
@@ -188,6 +194,19 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
         forward_only=bool(msg.forward_only),
         data=data,
     )
+
+
+def _span(msg: Any, where: str) -> dict[str, Any]:
+    """A ProvenanceSpan as a commands.work.ProvenanceSpan payload."""
+    which = msg.WhichOneof("span")
+    if which is None:
+        raise WireError(where, "a provenance span needs prompt_tokens or sampled_tokens")
+    span = getattr(msg, which)
+    if (problem := text_problem(span.sequence_id)) is not None:
+        raise WireError(f"{where}.sequence_id", problem)
+    kind = "prompt" if which == "prompt_tokens" else "sampled"
+    return {"kind": kind, "sequence_id": span.sequence_id, "offset": span.offset,
+            "length": span.length}  # fmt: skip
 
 
 def encode_forward_backward_output(output: dict[str, Any]) -> bytes:
@@ -215,6 +234,20 @@ def encode_forward_backward_output(output: dict[str, Any]) -> bytes:
 # ------------------------------------------------------------------ sample
 
 
+# TopkLogprobs pads a position with fewer than k entries (or none: None) with this sentinel.
+_TOPK_PAD = (0, -99999.0)
+
+
+def _fill_topk(msg: Any, positions: list[list[list[float]] | None]) -> None:
+    """(length, k) matrices of [token id, logprob] pairs, most likely first."""
+    k = max((len(p) for p in positions if p), default=0)
+    rows = [[tuple(e) for e in (p or [])] + [_TOPK_PAD] * (k - len(p or [])) for p in positions]
+    msg.k = k
+    msg.length = len(positions)
+    msg.token_ids = np.asarray([[int(t) for t, _ in r] for r in rows], dtype=np.int32).tobytes()
+    msg.logprobs = np.asarray([[lp for _, lp in r] for r in rows], dtype=np.float32).tobytes()
+
+
 def encode_sample_response(output: dict[str, Any]) -> bytes:
     msg: Any = SampleResponsePb()
     for sequence in output.get("sequences") or []:
@@ -222,10 +255,15 @@ def encode_sample_response(output: dict[str, Any]) -> bytes:
         seq.stop_reason = _STOP_REASON[sequence["stop_reason"]]
         seq.tokens = np.asarray(sequence["tokens"], dtype=np.int32).tobytes()
         seq.logprobs = np.asarray(sequence["logprobs"], dtype=np.float32).tobytes()
+        if sequence.get("topk_logprobs") is not None:
+            _fill_topk(seq.topk_sampled_logprobs, sequence["topk_logprobs"])
     prompt_logprobs = output.get("prompt_logprobs")
     if prompt_logprobs is not None:
         # The SDK reads NaN as None (the first prompt token has no context).
         msg.prompt_logprobs = np.asarray(
             [math.nan if v is None else v for v in prompt_logprobs], dtype=np.float32
         ).tobytes()
+    if output.get("topk_prompt_logprobs") is not None:
+        _fill_topk(msg.topk_prompt_logprobs, output["topk_prompt_logprobs"])
+    msg.prompt_cache_hit_tokens = int(output.get("prompt_cache_hit_tokens") or 0)
     return msg.SerializeToString()

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from gpu_workers.engine.types import InvalidInputError
+from gpu_workers.engine.types import InvalidInputError, PromptScores, TopK
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -118,6 +118,25 @@ def copy_state_into(
         for name, tensor in state.items():
             if tensor.data_ptr() != params[name].data_ptr():  # unchanged views: nothing to copy
                 params[name].copy_(tensor)
+
+
+@torch.no_grad()
+def prompt_scores(model: PreTrainedModel, tokens: list[int], top_k: int = 0) -> PromptScores:
+    """logp(tokens[t] | tokens[:t]) under `model`, and the `top_k` most likely tokens at each
+    position (none for the first token: it has no context)."""
+    device = next(model.parameters()).device
+    input_1_T = torch.tensor([tokens], device=device)
+    logits_T_V = model(input_ids=input_1_T, use_cache=False).logits[0].float()
+    logp_T_V = torch.log_softmax(logits_T_V[:-1], dim=-1)  # position t predicts token t + 1
+    logp_T = logp_T_V.gather(1, input_1_T[0, 1:, None]).squeeze(1)
+    topk: list[TopK | None] | None = None
+    if top_k > 0:
+        values_T_K, ids_T_K = logp_T_V.topk(min(top_k, logp_T_V.shape[-1]), dim=-1)
+        topk = [None] + [
+            list(zip(ids, values, strict=True))
+            for ids, values in zip(ids_T_K.tolist(), values_T_K.tolist(), strict=True)
+        ]
+    return PromptScores(logprobs=[None, *logp_T.tolist()], topk=topk)
 
 
 @torch.no_grad()

@@ -31,13 +31,17 @@ from gpu_workers.engine.model_io import (
     copy_state_into,
     full_state_dict,
     load_causal_lm,
+    prompt_scores,
     sequence_logprobs,
 )
 from gpu_workers.engine.types import (
+    MAX_TOPK,
     InvalidInputError,
+    PromptScores,
     SampledSequence,
     SamplingParams,
     StopReason,
+    TopK,
     WeightsVersion,
     check_sample_request,
     check_token_range,
@@ -62,6 +66,8 @@ class SamplerEngineProtocol(Protocol):
     ) -> list[SampledSequence]: ...
 
     def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]: ...
+
+    def score_prompt(self, tokens: Sequence[int], *, top_k: int = 0) -> PromptScores: ...
 
     def load_weights(
         self, folder: str | os.PathLike[str], *, checkpoint_id: str
@@ -149,22 +155,32 @@ class SamplerEngine:
                 stop_ids |= self.eos_token_ids
             tokens_N: list[list[int]] = [[] for _ in range(num_samples)]
             logprobs_N: list[list[float]] = [[] for _ in range(num_samples)]
+            topk_N: list[list[TopK]] = [[] for _ in range(num_samples)]
             reasons: list[StopReason | None] = [None] * num_samples
             cut_at: list[int | None] = [None] * num_samples  # text length before a stop string
 
             # Prefill once (or not at all, on a cache hit), then one row per sample.
-            past, last_logits_1_V = self._prefill(prompt)
+            past, last_logits_1_V, hit = self._prefill(prompt)
             past.batch_repeat_interleave(num_samples)  # type: ignore[attr-defined]
             logits_N_V = last_logits_1_V.expand(num_samples, -1)
             for _ in range(params.max_tokens):
                 logp_N_V = torch.log_softmax(logits_N_V, dim=-1)  # temperature-1 policy
                 next_N = _choose(logits_N_V, params, gens)
                 logp_N = logp_N_V.gather(1, next_N[:, None]).squeeze(1)
+                if params.topk_logprobs > 0:
+                    k = min(params.topk_logprobs, logp_N_V.shape[-1])
+                    top_values, top_ids = logp_N_V.topk(k, dim=-1)
+                    step_topk = [
+                        list(zip(ids, values, strict=True))
+                        for ids, values in zip(top_ids.tolist(), top_values.tolist(), strict=True)
+                    ]
                 for i, (token, lp) in enumerate(zip(next_N.tolist(), logp_N.tolist(), strict=True)):
                     if reasons[i] is not None:
                         continue  # finished rows ride along in the batch; their draws are dropped
                     tokens_N[i].append(token)
                     logprobs_N[i].append(lp)
+                    if params.topk_logprobs > 0:
+                        topk_N[i].append(step_topk[i])
                     if token in stop_ids:
                         reasons[i] = "stop"
                     elif params.stop_strings:
@@ -183,6 +199,8 @@ class SamplerEngine:
                 logprobs=logprobs_N[i],
                 stop_reason=reasons[i] or "length",
                 weights_version=version,
+                topk_logprobs=topk_N[i] if params.topk_logprobs > 0 else None,
+                prompt_cache_hit_tokens=len(prompt) if hit else 0,
             )
             for i in range(num_samples)
         ]
@@ -198,6 +216,22 @@ class SamplerEngine:
         check_token_range(tokens, "tokens", self.vocab_size)
         with self._lock:
             return sequence_logprobs(self.model, tokens)
+
+    def score_prompt(self, tokens: Sequence[int], *, top_k: int = 0) -> PromptScores:
+        """Each prompt token's logprob and, with `top_k`, the k most likely tokens at each
+        position (temperature 1, like the sampled logprobs)."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidInputError("tokens", "must hold at least one token")
+        if len(tokens) > self.max_seq_len:
+            raise InvalidInputError(
+                "tokens", f"{len(tokens)} tokens exceed max_seq_len {self.max_seq_len}"
+            )
+        if not 0 <= top_k <= MAX_TOPK:
+            raise InvalidInputError("top_k", f"must be in [0, {MAX_TOPK}], got {top_k}")
+        check_token_range(tokens, "tokens", self.vocab_size)
+        with self._lock:
+            return prompt_scores(self.model, tokens, top_k)
 
     # ------------------------------------------------------------------ weight sync
 
@@ -250,9 +284,9 @@ class SamplerEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _prefill(self, prompt: list[int]) -> tuple[object, torch.Tensor]:
+    def _prefill(self, prompt: list[int]) -> tuple[object, torch.Tensor, bool]:
         """A private copy of the prompt's KV cache and its last logits (1 x V), from the cache
-        when this prompt was seen since the last reset. Call with the lock held."""
+        when this prompt was seen since the last reset (then True). Call with the lock held."""
         key = tuple(prompt)
         cached = self._prompt_cache.get(key)
         if cached is None:
@@ -264,12 +298,14 @@ class SamplerEngine:
                 while len(self._prompt_cache) > self.config.prompt_cache_size:
                     self._prompt_cache.popitem(last=False)
             else:
-                return cached
+                return cached[0], cached[1], False
+            hit = False
         else:
             self.prompt_cache_hits += 1
             self._prompt_cache.move_to_end(key)
+            hit = True
         # Decoding appends to the cache in place: each call works on its own copy.
-        return copy.deepcopy(cached[0]), cached[1]
+        return copy.deepcopy(cached[0]), cached[1], hit
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -356,9 +356,20 @@ class TrainerEngine:
                 sampler_logp_B_T = self._pad_input(data, "logprobs", T)
                 advantages_B_T = self._pad_input(data, "advantages", T)
                 ratio_B_T = torch.exp(logp_B_T - sampler_logp_B_T)
-                objective_B_T = _policy_objective(
-                    loss_fn, config, logp_B_T, sampler_logp_B_T, ratio_B_T, advantages_B_T
-                )
+                if loss_fn == "gspo":
+                    # The sequence's ratio is taken over sequence_ratio_mask, by default over
+                    # the positions with an advantage (the sampled tokens).
+                    default_B_T = (advantages_B_T != 0).float()
+                    ratio_mask_B_T = self._pad_input(data, "sequence_ratio_mask", T, fill=-1.0)
+                    ratio_mask_B_T = torch.where(ratio_mask_B_T < 0, default_B_T, ratio_mask_B_T)
+                    objective_B_T = _gspo_objective(
+                        config, logp_B_T, sampler_logp_B_T, advantages_B_T,
+                        ratio_mask_B_T * mask_B_T,
+                    )  # fmt: skip
+                else:
+                    objective_B_T = _policy_objective(
+                        loss_fn, config, logp_B_T, sampler_logp_B_T, ratio_B_T, advantages_B_T
+                    )
                 loss = -(objective_B_T * mask_B_T).sum()
                 n = mask_B_T.sum().clamp(min=1)
                 gap = ((sampler_logp_B_T - logp_B_T.detach()).abs() * mask_B_T).sum() / n
@@ -543,7 +554,33 @@ def _policy_objective(
         return clipped_B_T.detach() * logp_B_T * advantages_B_T
     if loss_fn == "dro":  # logp * A - beta / 2 * (logp - q)^2: a quadratic pull towards q
         return logp_B_T * advantages_B_T - 0.5 * config["beta"] * (logp_B_T - sampler_logp_B_T) ** 2
+    if loss_fn == "stable_reinforce":
+        # REINFORCE with a truncated importance weight sg(min(ratio, c)) * logp * A, which keeps
+        # stale or numerically different sampler data from blowing up a step, minus kl_coeff
+        # times the k3 estimate of KL(q || p_theta) on the sampled tokens:
+        # exp(q - logp) - (q - logp) - 1 >= 0, zero where the two policies agree.
+        weight_B_T = ratio_B_T.clamp(max=config["clip_high_threshold"]).detach()
+        log_q_over_p_B_T = sampler_logp_B_T - logp_B_T
+        kl_B_T = torch.exp(log_q_over_p_B_T) - log_q_over_p_B_T - 1
+        return weight_B_T * logp_B_T * advantages_B_T - config["kl_coeff"] * kl_B_T
     raise InvalidInputError("loss_fn", f"not a policy-gradient loss: {loss_fn!r}")
+
+
+def _gspo_objective(
+    config: Mapping[str, float],
+    logp_B_T: torch.Tensor,
+    sampler_logp_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+    ratio_mask_B_T: torch.Tensor,
+) -> torch.Tensor:
+    """GSPO (Zheng et al. 2025), token form: every token of a sequence shares the sequence's
+    ratio s = exp(mean over the ratio mask of logp - q), and its gradient flows through the
+    token's own logp: s_t = sg(s) * p_theta / sg(p_theta). Then min(s_t * A, clip(s_t) * A)."""
+    n_B = ratio_mask_B_T.sum(dim=1).clamp(min=1)
+    log_s_B = ((logp_B_T - sampler_logp_B_T) * ratio_mask_B_T).sum(dim=1) / n_B
+    s_B_T = torch.exp(log_s_B.detach()[:, None] + logp_B_T - logp_B_T.detach())
+    clipped_B_T = s_B_T.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return torch.minimum(s_B_T * advantages_B_T, clipped_B_T * advantages_B_T)
 
 
 def _torch_adam(params: AdamParams) -> dict[str, object]:

@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LossFn = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
+]
 LOSS_FNS: tuple[str, ...] = get_args(LossFn)
 _POLICY_INPUTS = ("target_tokens", "logprobs", "advantages")
 # Which loss_fn_inputs each loss needs, and which it may take. In importance_sampling `weights`
@@ -28,17 +30,28 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": _POLICY_INPUTS,
     "cispo": _POLICY_INPUTS,
     "dro": _POLICY_INPUTS,
+    "gspo": _POLICY_INPUTS,
+    # The API fills `logprobs` in from what the sampler recorded (the datum's provenance spans).
+    "stable_reinforce": _POLICY_INPUTS,
 }
-OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {name: ("weights",) for name in LOSS_FNS}
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
+    name: ("weights", "sequence_ratio_mask") if name == "gspo" else ("weights",)
+    for name in LOSS_FNS
+}
 # loss_fn_config keys each loss takes, with their defaults (Tinker's names). PPO and CISPO clip
 # the ratio p_theta / q to [clip_low_threshold, clip_high_threshold] (Tinker: 1 -/+ 0.2); DRO's
 # quadratic penalty has weight beta (0.05 is loopstream's default: Tinker's docs name no default).
+# GSPO clips its sequence-level ratio to the paper's band (1 - 3e-4, 1 + 4e-4; Zheng et al. 2025).
+# StableReinforce caps its importance weight at clip_high_threshold and pulls towards the
+# sampler by kl_coeff (loopstream's definition, docs/tinker.md: Tinker publishes no formula).
 LOSS_FN_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
     "importance_sampling": {},
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "dro": {"beta": 0.05},
+    "gspo": {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4},
+    "stable_reinforce": {"clip_high_threshold": 2.0, "kl_coeff": 0.0},
 }
 IGNORE_INDEX = -100  # a target token of -100 contributes nothing (PyTorch's convention)
 StopReason = Literal["stop", "length"]
@@ -133,8 +146,13 @@ class SamplingParams:
     seed: int | None = None  # same seed + same weights + same prompt -> same tokens
     stop: list[str] | list[int] | None = None  # stop strings or stop token ids
     stop_at_eos: bool = True  # the model's eos token ends a sequence (it is kept in `tokens`)
+    topk_logprobs: int = 0  # also answer the k most likely tokens at each generated position
 
     def __post_init__(self) -> None:
+        if isinstance(self.topk_logprobs, bool) or not isinstance(self.topk_logprobs, int):
+            raise InvalidInputError("topk_logprobs", f"must be an int, got {self.topk_logprobs!r}")
+        if not 0 <= self.topk_logprobs <= MAX_TOPK:
+            raise InvalidInputError("topk_logprobs", f"must be in [0, {MAX_TOPK}]")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise InvalidInputError("max_tokens", f"must be an int, got {self.max_tokens!r}")
         if self.max_tokens < 1:
@@ -178,6 +196,9 @@ class WeightsVersion:
         return f"{self.checkpoint_id}@{self.digest[:12]}"
 
 
+TopK = list[tuple[int, float]]  # (token id, temperature-1 logprob), most likely first
+
+
 @dataclass(frozen=True)
 class SampledSequence:
     tokens: list[int]  # (N,) generated tokens, the stop token included when there is one
@@ -185,6 +206,16 @@ class SampledSequence:
     logprobs: list[float]  # (N,) temperature-1 policy logprob of each generated token
     stop_reason: StopReason  # "stop": eos/stop token/stop string; "length": hit max_tokens
     weights_version: WeightsVersion | None = None  # the weights that produced it
+    topk_logprobs: list[TopK] | None = None  # (N,) when SamplingParams.topk_logprobs > 0
+    # Prompt tokens whose prefill came from the prompt cache (the same for every sequence of a
+    # request; Tinker's SampleResponse.prompt_cache_hit_tokens).
+    prompt_cache_hit_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    logprobs: list[float | None]  # (T,) logp(tokens[t] | tokens[:t]); None for t = 0
+    topk: list[TopK | None] | None = None  # (T,) the k most likely tokens there; None for t = 0
 
 
 @dataclass(frozen=True)
@@ -227,6 +258,10 @@ def check_loss_fn_config(loss_fn: str, config: Mapping[str, float] | None) -> di
         raise InvalidInputError(
             "loss_fn_config", "needs 0 <= clip_low_threshold <= 1 <= clip_high_threshold"
         )
+    if resolved.get("clip_high_threshold", 1.0) < 1:
+        raise InvalidInputError("loss_fn_config.clip_high_threshold", "must be >= 1")
+    if resolved.get("kl_coeff", 0.0) < 0:
+        raise InvalidInputError("loss_fn_config.kl_coeff", "must be >= 0")
     return resolved
 
 
@@ -265,6 +300,7 @@ def check_batch(
     return loss_fn
 
 
+MAX_TOPK = 64  # top-k logprobs per position at most (a request is k x tokens numbers)
 MAX_SAMPLES_PER_CALL = 1024  # a guard against a typo turning into an out-of-memory
 
 

@@ -72,10 +72,13 @@ from gpu_workers.deltas import apply_chain
 from gpu_workers.engine.chain import open_chain
 from gpu_workers.engine.model_io import WEIGHTS_NAME, weight_files
 from gpu_workers.engine.types import (
+    MAX_TOPK,
     InvalidInputError,
+    PromptScores,
     SampledSequence,
     SamplingParams,
     StopReason,
+    TopK,
     WeightsVersion,
     check_sample_request,
     check_token_range,
@@ -188,7 +191,8 @@ def vllm_sampling_kwargs(params: SamplingParams, *, n: int) -> dict[str, Any]:
         "stop": params.stop_strings or None,
         "stop_token_ids": params.stop_token_ids or None,
         "ignore_eos": not params.stop_at_eos,
-        "logprobs": 0,  # 0 = the sampled token's logprob only
+        # 0 = the sampled token's logprob only; k = also the k most likely tokens at each step
+        "logprobs": params.topk_logprobs,
         # The text leaves a matched stop string out, as the torch engine's does; token ids keep
         # the token that completed it.
         "include_stop_str_in_output": False,
@@ -224,6 +228,15 @@ def prompt_token_logprobs(
             raise RuntimeError(f"vLLM returned no logprob for prompt token {t} ({tokens[t]})")
         out.append(float(step[tokens[t]].logprob))
     return out
+
+
+def topk_of(step: Mapping[int, Any] | None, k: int) -> TopK | None:
+    """The k most likely (token id, logprob) of one vLLM {token_id: Logprob} entry, which also
+    holds the sampled (or prompt) token whether it ranks in the top k or not."""
+    if step is None:
+        return None
+    ranked = sorted(((int(t), float(lp.logprob)) for t, lp in step.items()), key=lambda e: -e[1])
+    return ranked[:k]
 
 
 def stop_reason_of(finish_reason: str | None) -> StopReason:
@@ -340,7 +353,7 @@ class VllmSamplerEngine:
         with self._lock:
             version = self._version
             requests = self.llm.generate(prompts, vllm_params, use_tqdm=False)
-        completions = [c for request in requests for c in request.outputs]
+        k = params.topk_logprobs
         return [
             SampledSequence(
                 tokens=list(c.token_ids),
@@ -348,8 +361,11 @@ class VllmSamplerEngine:
                 logprobs=sampled_logprobs(c.token_ids, c.logprobs),
                 stop_reason=stop_reason_of(c.finish_reason),
                 weights_version=version,
+                topk_logprobs=[topk_of(step, k) or [] for step in c.logprobs] if k else None,
+                prompt_cache_hit_tokens=int(getattr(request, "num_cached_tokens", 0) or 0),
             )
-            for c in completions
+            for request in requests
+            for c in request.outputs
         ]
 
     def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]:
@@ -371,6 +387,28 @@ class VllmSamplerEngine:
                 [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
             )
         return prompt_token_logprobs(tokens, request.prompt_logprobs)
+
+    def score_prompt(self, tokens: Sequence[int], *, top_k: int = 0) -> PromptScores:
+        from vllm.inputs import TokensPrompt
+
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidInputError("tokens", "must hold at least one token")
+        if len(tokens) >= self.max_seq_len:
+            raise InvalidInputError(
+                "tokens", f"{len(tokens)} tokens + 1 exceed max_seq_len {self.max_seq_len}"
+            )
+        if not 0 <= top_k <= MAX_TOPK:
+            raise InvalidInputError("top_k", f"must be in [0, {MAX_TOPK}], got {top_k}")
+        check_token_range(tokens, "tokens", self.vocab_size)
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0.0)
+        with self._lock:
+            (request,) = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
+            )
+        steps = request.prompt_logprobs
+        topk = [topk_of(step, top_k) for step in steps] if top_k else None
+        return PromptScores(logprobs=prompt_token_logprobs(tokens, steps), topk=topk)
 
     # ------------------------------------------------------------------ weight sync
 
