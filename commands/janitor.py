@@ -9,6 +9,10 @@ It reacts to events and acts on the world:
   of a live delta chain or what a sampler serves; such a checkpoint is asked again (a new
   command id, derived from the event) only when its session's chains change: a new base, a
   deletion, a run stopping. Never in a loop;
+- `CheckpointTtlChanged`: the checkpoint now expires at the new time (or never), under a new
+  command id derived from the change, so an expiry sent or refused before it does not stand in
+  for the new one. The session refuses an expiry that is not due (yet, or any more), so one
+  decided just before a change deletes nothing;
 - `CheckpointDeleted` (by a user, by expiry, by keep-last retention): it removes the
   checkpoint's objects from the S3 store. Deleting a prefix twice is harmless.
 
@@ -33,7 +37,13 @@ from commands.tinker_sessions import TinkerSessionReaper
 from events.catalog import decode_payload
 from events.envelope import DEFAULT_WORKSPACE, EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
-from events.loops import CheckpointDeleted, CheckpointSaved, RunStopped, SessionEnded
+from events.loops import (
+    CheckpointDeleted,
+    CheckpointSaved,
+    CheckpointTtlChanged,
+    RunStopped,
+    SessionEnded,
+)
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.s3 import ObjectStore
 from infra.settings import Settings
@@ -43,6 +53,7 @@ log = logging.getLogger("loopstream.janitor")
 WATCHED = {
     b"CheckpointSaved",
     b"CheckpointDeleted",
+    b"CheckpointTtlChanged",
     b"RunStopped",
     b"SessionEnded",
     b"SessionCreated",  # Tinker sessions (commands/tinker_sessions.py)
@@ -108,6 +119,16 @@ class CheckpointJanitor:
                 event.expires_at,
                 workspace_id=envelope.workspace,
             )
+        if isinstance(event, CheckpointTtlChanged):
+            self.expiring.pop(event.checkpoint_id, None)
+            if event.expires_at is not None:
+                self.expiring[event.checkpoint_id] = Expiring(
+                    event.checkpoint_id,
+                    event.session_id,
+                    event.expires_at,
+                    retry_after=envelope.event_id,
+                    workspace_id=envelope.workspace,
+                )
         if isinstance(event, CheckpointDeleted):
             self.expiring.pop(event.checkpoint_id, None)
             removed = self.checkpoints.delete(CheckpointRef.from_uri(event.uri))

@@ -27,14 +27,18 @@ from events.limits import (
     ShortText,
     Text,
     TtlSeconds,
+    UserMetadata,
 )
 from events.loops import (
     CheckpointDeleted,
     CheckpointFile,
     CheckpointKind,
     CheckpointPromoted,
+    CheckpointPublished,
     CheckpointSaved,
+    CheckpointTtlChanged,
     CheckpointType,
+    CheckpointUnpublished,
     DomainEvent,
     RunCreated,
     RunStopped,
@@ -54,6 +58,9 @@ CHECKPOINT_URI = re.compile(
     r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
 )
 MAX_SEQ_LEN_LIMIT = 1_048_576
+# How far the janitor's clock may run ahead of the processor's: an expiry this early is still
+# due. A later one is refused, so an expiry decided before a TTL change (a race) deletes nothing.
+EXPIRY_CLOCK_SKEW = timedelta(seconds=60)
 
 
 MANIFEST_FILE = "manifest.json"
@@ -137,6 +144,7 @@ class CreateRun(Command):
         le=MAX_COUNT,
         description="per kind, older checkpoints are deleted (retention)",
     )
+    user_metadata: UserMetadata | None = None
 
 
 class HotloadOptions(BaseModel):
@@ -190,6 +198,25 @@ class DeleteCheckpoint(Command):
     reason: Literal["deleted", "expired", "retention"] = "deleted"
 
 
+class SetCheckpointTtl(Command):
+    """Set a checkpoint's expiry anew, counted from now; None: it never expires."""
+
+    checkpoint_id: str = Field(pattern=RESOURCE_ID)
+    ttl_seconds: TtlSeconds | None = Field(description="seconds from now; null: never expires")
+
+
+class PublishCheckpoint(Command):
+    """Make a checkpoint public: any workspace may start a run from its path."""
+
+    checkpoint_id: str = Field(pattern=RESOURCE_ID)
+
+
+class UnpublishCheckpoint(Command):
+    """Make a published checkpoint private again."""
+
+    checkpoint_id: str = Field(pattern=RESOURCE_ID)
+
+
 COMMANDS: tuple[type[Command], ...] = (
     CreateSession,
     EndSession,
@@ -198,7 +225,14 @@ COMMANDS: tuple[type[Command], ...] = (
     HotloadWeights,
     PromoteCheckpoint,
     DeleteCheckpoint,
+    SetCheckpointTtl,
+    PublishCheckpoint,
+    UnpublishCheckpoint,
 )
+
+# What a user may still do to the checkpoints of an ended session: clean up, keep them longer,
+# share them. (Tinker sessions end when their client goes away; their checkpoints stay.)
+AFTER_END = (DeleteCheckpoint, SetCheckpointTtl, PublishCheckpoint, UnpublishCheckpoint)
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -233,6 +267,7 @@ class CheckpointState:
     chain_position: int | None = None
     content_digest: str = ""
     promoted_to: frozenset[str] = frozenset()  # environments
+    public: bool = False  # published: any workspace may start a run from it
 
 
 def _frozen_map() -> MappingProxyType:
@@ -302,7 +337,7 @@ def decide(state: SessionState, command: Command, *, now: datetime) -> list[Doma
     if state.status == "absent":
         raise Rejected(f"session {state.session_id} does not exist", field="aggregate_id")
     # Cleaning up stays possible after the end: expiry and users may still delete checkpoints.
-    if state.status == "ended" and not isinstance(command, DeleteCheckpoint):
+    if state.status == "ended" and not isinstance(command, AFTER_END):
         raise Rejected(f"session {state.session_id} has ended", field="aggregate_id")
     return _decide_in_active_session(command, state, now)
 
@@ -372,6 +407,7 @@ def _(command: CreateRun, state: SessionState, now: datetime) -> list[DomainEven
             lora_rank=command.lora_rank,
             from_checkpoint=command.from_checkpoint,
             keep_last_checkpoints=command.keep_last_checkpoints,
+            user_metadata=command.user_metadata,
         ),
         SamplerCreated(
             sampler_id=command.sampler_id,
@@ -626,6 +662,18 @@ def _(command: DeleteCheckpoint, state: SessionState, now: datetime) -> list[Dom
             f"{', '.join(sorted(checkpoint.promoted_to))}: kept until deleted by a user",
             field="checkpoint_id",
         )
+    if command.reason == "expired" and (
+        checkpoint.expires_at is None or checkpoint.expires_at > now + EXPIRY_CLOCK_SKEW
+    ):
+        # The TTL changed after the janitor decided: the expiry it sent is no longer due.
+        due = (
+            "never expires"
+            if checkpoint.expires_at is None
+            else (f"expires at {checkpoint.expires_at.isoformat()}")
+        )
+        raise Rejected(
+            f"checkpoint {command.checkpoint_id} is not expired: it {due}", field="checkpoint_id"
+        )
     if command.reason != "deleted":
         why = _still_needed(state, checkpoint)
         if why is not None:
@@ -652,6 +700,66 @@ def _(command: DeleteCheckpoint, state: SessionState, now: datetime) -> list[Dom
             session_id=state.session_id,
             uri=checkpoint.uri,
             reason=command.reason,
+        )
+    ]
+
+
+def _live_checkpoint(state: SessionState, checkpoint_id: str) -> CheckpointState:
+    checkpoint = state.checkpoints.get(checkpoint_id)
+    if checkpoint is None or checkpoint.deleted:
+        state_word = "is deleted" if checkpoint is not None else "does not exist"
+        raise Rejected(f"checkpoint {checkpoint_id} {state_word}", field="checkpoint_id")
+    return checkpoint
+
+
+@_decide_in_active_session.register
+def _(command: SetCheckpointTtl, state: SessionState, now: datetime) -> list[DomainEvent]:
+    checkpoint = _live_checkpoint(state, command.checkpoint_id)
+    if checkpoint.promoted_to and command.ttl_seconds is not None:
+        raise Rejected(
+            f"checkpoint {command.checkpoint_id} is promoted to "
+            f"{', '.join(sorted(checkpoint.promoted_to))}: it never expires",
+            field="ttl_seconds",
+        )
+    ttl = command.ttl_seconds
+    return [
+        CheckpointTtlChanged(
+            checkpoint_id=checkpoint.checkpoint_id,
+            run_id=checkpoint.run_id,
+            session_id=state.session_id,
+            uri=checkpoint.uri,
+            ttl_seconds=ttl,
+            expires_at=now + timedelta(seconds=ttl) if ttl is not None else None,
+        )
+    ]
+
+
+@_decide_in_active_session.register
+def _(command: PublishCheckpoint, state: SessionState, now: datetime) -> list[DomainEvent]:
+    checkpoint = _live_checkpoint(state, command.checkpoint_id)
+    if checkpoint.public:
+        raise Rejected(f"checkpoint {command.checkpoint_id} is already public", field="public")
+    return [
+        CheckpointPublished(
+            checkpoint_id=checkpoint.checkpoint_id,
+            run_id=checkpoint.run_id,
+            session_id=state.session_id,
+            uri=checkpoint.uri,
+        )
+    ]
+
+
+@_decide_in_active_session.register
+def _(command: UnpublishCheckpoint, state: SessionState, now: datetime) -> list[DomainEvent]:
+    checkpoint = _live_checkpoint(state, command.checkpoint_id)
+    if not checkpoint.public:
+        raise Rejected(f"checkpoint {command.checkpoint_id} is not public", field="public")
+    return [
+        CheckpointUnpublished(
+            checkpoint_id=checkpoint.checkpoint_id,
+            run_id=checkpoint.run_id,
+            session_id=state.session_id,
+            uri=checkpoint.uri,
         )
     ]
 
@@ -762,3 +870,26 @@ def _(event: CheckpointDeleted, state: SessionState) -> SessionState:
         state,
         checkpoints=MappingProxyType({**state.checkpoints, checkpoint.checkpoint_id: checkpoint}),
     )
+
+
+def _with_checkpoint(state: SessionState, checkpoint: CheckpointState) -> SessionState:
+    return replace(
+        state,
+        checkpoints=MappingProxyType({**state.checkpoints, checkpoint.checkpoint_id: checkpoint}),
+    )
+
+
+@_evolve.register
+def _(event: CheckpointTtlChanged, state: SessionState) -> SessionState:
+    checkpoint = replace(state.checkpoints[event.checkpoint_id], expires_at=event.expires_at)
+    return _with_checkpoint(state, checkpoint)
+
+
+@_evolve.register
+def _(event: CheckpointPublished, state: SessionState) -> SessionState:
+    return _with_checkpoint(state, replace(state.checkpoints[event.checkpoint_id], public=True))
+
+
+@_evolve.register
+def _(event: CheckpointUnpublished, state: SessionState) -> SessionState:
+    return _with_checkpoint(state, replace(state.checkpoints[event.checkpoint_id], public=False))

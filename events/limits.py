@@ -36,6 +36,7 @@ MAX_TEXT_LENGTH = 1000  # reasons, descriptions
 MAX_NAME_LENGTH = 200  # names, ids, idempotency keys
 MAX_PROMPT_LENGTH = 1_000_000  # a prompt as text (characters)
 MAX_JSON_DEPTH = 32  # nesting of free-form JSON (loader_state)
+MAX_METADATA_ENTRIES = 32  # keys of a user_metadata object (a run's labels, not a data store)
 # What a stored string may not hold, as a JSON Schema pattern: no NUL. (A lone surrogate is
 # refused too, but only ECMA-262 engines take a surrogate range; Rust's and Go's refuse the
 # pattern, and valid UTF-8 cannot carry one anyway: only a JSON \ud800 escape can.)
@@ -118,6 +119,13 @@ def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
 
 # Free-form JSON (e.g. a loader_state): storable strings and keys, finite numbers, bounded depth.
 JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+
+# A user's labels on a resource (Tinker's `user_metadata`): a flat object of strings, at most
+# MAX_METADATA_ENTRIES keys of a name's length, each value a free text's length.
+UserMetadata = Annotated[
+    dict[RequestKey, Text],
+    Field(max_length=MAX_METADATA_ENTRIES, description="string keys to string values"),
+]
 
 TtlSeconds = Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS, description="at most 10 years")]
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]

@@ -48,6 +48,9 @@ class RunCreated(DomainEvent):
     lora_rank: int = Field(description="0 means full-parameter training")
     from_checkpoint: str | None = None
     keep_last_checkpoints: int | None = None
+    user_metadata: dict[str, str] | None = Field(
+        default=None, description="the user's labels on the run (Tinker's user_metadata)"
+    )
 
 
 class SamplerCreated(DomainEvent):
@@ -125,6 +128,37 @@ class CheckpointPromoted(DomainEvent):
     environment: str
 
 
+class CheckpointTtlChanged(DomainEvent):
+    """A checkpoint's expiry was set anew: `ttl_seconds` from the change (None: it never
+    expires). The janitor expires it at the new `expires_at`, not the one of its save."""
+
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    uri: str
+    ttl_seconds: int | None
+    expires_at: datetime | None
+
+
+class CheckpointPublished(DomainEvent):
+    """The checkpoint is public: any workspace may start a training run from its path (it is
+    still listed, changed and deleted by its own workspace alone)."""
+
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    uri: str
+
+
+class CheckpointUnpublished(DomainEvent):
+    """The checkpoint is private again: only its workspace may use it."""
+
+    checkpoint_id: str
+    run_id: str
+    session_id: str
+    uri: str
+
+
 class CheckpointDeleted(DomainEvent):
     checkpoint_id: str
     run_id: str
@@ -144,4 +178,7 @@ LOOPS_EVENTS: tuple[type[DomainEvent], ...] = (
     WeightsReady,
     CheckpointDeleted,
     CheckpointPromoted,
+    CheckpointTtlChanged,
+    CheckpointPublished,
+    CheckpointUnpublished,
 )

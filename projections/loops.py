@@ -2,7 +2,8 @@
 
 Pure functions, no I/O: `project_event(envelope, event)` and `project_result(result)` return the
 row changes; `projections/store.py` writes them. Columns match migration 0002 and later ones;
-`workspace_id` (0008) is set when a row is created, from the envelope (None -> "default").
+`workspace_id` (0008) is set when a row is created, from the envelope (None -> "default");
+a run's `user_metadata` and a checkpoint's `public` flag come with 0009.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from events.envelope import DEFAULT_WORKSPACE, EventEnvelope
 from events.loops import (
     CheckpointDeleted,
     CheckpointPromoted,
+    CheckpointPublished,
     CheckpointSaved,
+    CheckpointTtlChanged,
+    CheckpointUnpublished,
     DomainEvent,
     RunCreated,
     RunStopped,
@@ -55,8 +59,9 @@ TABLES: dict[str, TableSpec] = {
             columns=(
                 "run_id", "session_id", "sampler_id", "base_model", "max_seq_len", "lora_rank",
                 "from_checkpoint", "status", "stop_reason", "created_at", "stopped_at", *_ENTITY,
-                "workspace_id",
+                "workspace_id", "user_metadata",
             ),
+            json_columns=frozenset({"user_metadata"}),
         ),
         TableSpec(
             "samplers",
@@ -73,7 +78,7 @@ TABLES: dict[str, TableSpec] = {
                 "checkpoint_id", "run_id", "session_id", "name", "kind", "uri", "files",
                 "total_size_bytes", "step", "expires_at", "status", "delete_reason",
                 "created_at", "deleted_at", *_ENTITY, "checkpoint_type", "chain_position",
-                "workspace_id",
+                "workspace_id", "public",
             ),
             json_columns=frozenset({"files"}),
         ),
@@ -258,6 +263,7 @@ def _(event: RunCreated, envelope: EventEnvelope) -> list[RowChange]:
         "created_at": envelope.occurred_at,
         "stopped_at": None,
         "workspace_id": envelope.workspace,
+        "user_metadata": event.user_metadata,
     }
     return [entity_change("runs", event.run_id, envelope, values, creates=True)]
 
@@ -320,6 +326,7 @@ def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
         "checkpoint_type": event.checkpoint_type,
         "chain_position": event.chain_position,
         "workspace_id": envelope.workspace,
+        "public": False,
     }
     return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
 
@@ -332,6 +339,24 @@ def _(event: CheckpointDeleted, envelope: EventEnvelope) -> list[RowChange]:
         "delete_reason": event.reason,
         "deleted_at": envelope.occurred_at,
     }
+    return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: CheckpointTtlChanged, envelope: EventEnvelope) -> list[RowChange]:
+    values = {"checkpoint_id": event.checkpoint_id, "expires_at": event.expires_at}
+    return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: CheckpointPublished, envelope: EventEnvelope) -> list[RowChange]:
+    values = {"checkpoint_id": event.checkpoint_id, "public": True}
+    return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
+
+
+@_project.register
+def _(event: CheckpointUnpublished, envelope: EventEnvelope) -> list[RowChange]:
+    values = {"checkpoint_id": event.checkpoint_id, "public": False}
     return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=False)]
 
 

@@ -41,7 +41,12 @@ SHA = "ab" * 32
 VALID: dict[str, dict[str, Any]] = {
     "CreateSession": {"base_model": "m"},
     "EndSession": {},
-    "CreateRun": {"run_id": "r1", "sampler_id": "p1", "max_seq_len": 8},
+    "CreateRun": {
+        "run_id": "r1",
+        "sampler_id": "p1",
+        "max_seq_len": 8,
+        "user_metadata": {"k": "v"},
+    },
     "RecordCheckpoint": {
         "run_id": "r1",
         "checkpoint_id": "k1",
@@ -55,6 +60,9 @@ VALID: dict[str, dict[str, Any]] = {
     "HotloadWeights": {"run_id": "r1", "name": "step-1"},
     "PromoteCheckpoint": {"checkpoint_id": "k1", "environment": "prod"},
     "DeleteCheckpoint": {"checkpoint_id": "k1", "reason": "deleted"},
+    "SetCheckpointTtl": {"checkpoint_id": "k1", "ttl_seconds": 3600},
+    "PublishCheckpoint": {"checkpoint_id": "k1"},
+    "UnpublishCheckpoint": {"checkpoint_id": "k1"},
     "CreateWorkspace": {"name": "w"},
     "CreateApiKey": {
         "key_id": "0123456789abcdef",
