@@ -621,10 +621,17 @@ class SamplingClient:
         min_weights_version: int | None = None,
         min_weights_wait_s: float = 60.0,
         prompt_logprobs: bool = False,
+        prompt_logprobs_last_n: int | None = None,
+        topk_prompt_logprobs: int = 0,
+        topk_sample_logprobs: int = 0,
+        record_stability_info: bool = False,
     ) -> APIFuture[Json]:
         """Result: {prompt_tokens, sequences: [{tokens, text, logprobs, stop_reason}], and the
-        weights version that produced them}. `min_weights_version`: only weights of that sync
-        or later (the sampler waits up to `min_weights_wait_s`, then the request is rejected)."""
+        weights version that produced them, prompt_cache_hit_tokens}. `min_weights_version`:
+        only weights of that sync or later (the sampler waits up to `min_weights_wait_s`, then
+        the request is rejected). `topk_*_logprobs`: the k most likely tokens per position.
+        `record_stability_info`: each sequence gets a `sequence_id` to train on it with
+        stable_reinforce (name it in a datum's `loss_fn_input_spans`)."""
         body = {
             "prompt": prompt,
             "prompt_tokens": list(prompt_tokens) if prompt_tokens is not None else None,
@@ -638,6 +645,10 @@ class SamplingClient:
             "checkpoint_uri": self.checkpoint_uri,
             "affinity_key": affinity_key,
             "prompt_logprobs": prompt_logprobs,
+            "prompt_logprobs_last_n": prompt_logprobs_last_n,
+            "topk_prompt_logprobs": topk_prompt_logprobs,
+            "topk_sample_logprobs": topk_sample_logprobs,
+            "record_stability_info": record_stability_info,
         }
         if min_weights_version is not None:
             body["min_weights_version"] = min_weights_version

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
@@ -31,12 +32,25 @@ router = APIRouter(prefix="/v1/loops/futures", tags=["futures"])
 FAST_POLL_S, FAST_PHASE_S, POLL_INTERVAL_S = 0.001, 0.1, 0.02
 
 
+def _with_sequence_ids(result: CommandResult, request_id: str) -> dict[str, Any] | None:
+    """A recorded sample's sequences carry their sequence_id (`<request id>:<index>`, the
+    name a stable_reinforce datum gives them in loss_fn_input_spans)."""
+    output = result.output
+    if result.command_type != "Sample" or not output or not output.get("stability_recorded"):
+        return output
+    sequences = [
+        {**sequence, "sequence_id": f"{request_id}:{i}"}
+        for i, sequence in enumerate(output.get("sequences") or [])
+    ]
+    return {**output, "sequences": sequences}
+
+
 def _from_feed(result: CommandResult, request_id: str) -> FuturePublic:
     return FuturePublic(
         request_id=request_id,
         status=result.status,
         request_type=result.command_type,
-        result=result.output,
+        result=_with_sequence_ids(result, request_id),
         reason=result.reason,
         field=result.field,
         category=result.category or category_of(result.status),

@@ -241,3 +241,61 @@ def test_sampling_answers_top_k_logprobs_last_n_and_prompt_cache_hits(
         sampler.sample(
             prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=5
         ).result()
+
+
+def test_the_loops_door_takes_the_same_losses_and_sampling_options(settings: Settings) -> None:
+    """/v1/loops and its SDK: one implementation with the Tinker door (api/recorded.py)."""
+    from api.client import LoopsError, ServiceClient
+    from commands.work import Datum, LossFnInputs, ProvenanceSpan
+
+    with ServiceClient() as service:
+        session = service.create_session(settings.tiny_model_name, project="losses")
+        trainer = service.create_training_client(session, max_seq_len=64)
+        sampler = trainer.sampling_client()
+        prompt = [BOS, 97, 98]
+        out = sampler.sample(
+            prompt_tokens=prompt, max_tokens=5, seed=3, record_stability_info=True,
+            prompt_logprobs=True, topk_prompt_logprobs=2, topk_sample_logprobs=2,
+        ).result(120)  # fmt: skip
+        sequence = out["sequences"][0]
+        assert sequence["sequence_id"].endswith(":0") and len(sequence["topk_logprobs"]) == 5
+        assert len(out["topk_prompt_logprobs"]) == 3 and out["prompt_cache_hit_tokens"] == 0
+
+        sampled, sid = sequence["tokens"], sequence["sequence_id"]
+        n = len(prompt) - 1 + len(sampled)
+        datum = Datum(
+            model_input=prompt + sampled[:-1],
+            loss_fn_inputs=LossFnInputs(
+                target_tokens=prompt[1:] + sampled, advantages=[0.0] * 2 + [1.0] * len(sampled)
+            ),
+            loss_fn_input_spans=[
+                ProvenanceSpan(kind="prompt", sequence_id=sid, offset=1, length=len(prompt) - 1),
+                ProvenanceSpan(kind="sampled", sequence_id=sid, length=len(sampled)),
+            ],
+        )
+        result = trainer.forward([datum], "stable_reinforce", {"kl_coeff": 0.1}).result(120)
+        logp = torch.tensor(result["loss_fn_outputs"][0]["logprobs"][2:], dtype=torch.float64)
+        q = torch.tensor(sequence["logprobs"], dtype=torch.float64)
+        kl = torch.exp(q - logp) - (q - logp) - 1
+        expected = -(torch.exp(logp - q).clamp(max=2.0) * logp).sum() + 0.1 * kl.sum()
+        assert result["loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+        assert n == len(result["loss_fn_outputs"][0]["logprobs"])
+
+        gspo = Datum(
+            model_input=datum.model_input,
+            loss_fn_inputs=LossFnInputs(
+                target_tokens=datum.loss_fn_inputs.target_tokens,
+                logprobs=[0.0] * 2 + sequence["logprobs"],
+                advantages=datum.loss_fn_inputs.advantages,
+            ),
+        )
+        assert "loss" in trainer.forward_backward([gspo], "gspo").result(120)
+
+        unknown = datum.model_copy(
+            update={"loss_fn_input_spans": [
+                ProvenanceSpan(kind="prompt", sequence_id="nope:0", offset=1, length=2),
+                ProvenanceSpan(kind="sampled", sequence_id="nope:0", length=len(sampled)),
+            ]}
+        )  # fmt: skip
+        with pytest.raises(LoopsError, match=r"422: data\.0\.loss_fn_input_spans\.0\.sequence_id"):
+            trainer.forward([unknown], "stable_reinforce")
