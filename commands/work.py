@@ -217,6 +217,13 @@ class Sample(WorkRequest):
     # The k most likely tokens (temperature-1 logprobs) at every prompt / generated position.
     topk_prompt_logprobs: int = Field(default=0, ge=0, le=MAX_TOPK)
     topk_sample_logprobs: int = Field(default=0, ge=0, le=MAX_TOPK)
+    # Logprobs of chosen ids at every prompt position after the first: (len(prompt) - 1, K)
+    # token ids, -1 = nothing asked in that cell.
+    target_prompt_logprobs: list[list[Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)]]] | None = (
+        Field(default=None, max_length=MAX_NEW_TOKENS * 64)
+    )
+    # Tokens drawn (at `temperature`, with `seed`) at every prompt position after the first.
+    prompt_alt_tokens_k: int = Field(default=0, ge=0, le=MAX_TOPK)
     # Keep what stable_reinforce trains on: each sequence is then named by
     # `<request id>:<index>` (its sequence_id) in training requests.
     record_stability_info: bool = False
@@ -231,6 +238,17 @@ class Sample(WorkRequest):
     def _one_prompt(self) -> Sample:
         if self.top_k == 0:
             raise ValueError("top_k must be -1 (off) or >= 1")
+        targets = self.target_prompt_logprobs
+        if targets is not None and self.prompt_tokens is not None:
+            if len(targets) != len(self.prompt_tokens) - 1:
+                raise ValueError(
+                    f"target_prompt_logprobs has {len(targets)} rows; the prompt needs "
+                    f"len(prompt) - 1 = {len(self.prompt_tokens) - 1}"
+                )
+            if len({len(row) for row in targets}) > 1 or any(
+                not 1 <= len(row) <= MAX_TOPK for row in targets
+            ):
+                raise ValueError(f"target_prompt_logprobs rows must all hold K ids, 1..{MAX_TOPK}")
         if self.prompt_logprobs_last_n is not None:
             if not self.prompt_logprobs:
                 raise ValueError("prompt_logprobs_last_n needs prompt_logprobs")

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer
 from pydantic import BaseModel
@@ -58,7 +59,7 @@ from events.work import (
 from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointRef, CheckpointStore
 from gpu_workers.deltas import DeltaChainError, read_link
 from gpu_workers.engine.sampler import SamplerEngine, SamplerEngineProtocol
-from gpu_workers.engine.types import SamplingParams
+from gpu_workers.engine.types import PromptScores, PromptScoring, SamplingParams
 from gpu_workers.failures import Category, InfrastructureError, category_of, with_retries
 from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
@@ -539,8 +540,10 @@ class SamplerWorker(WorkerService):
             prompt = request.prompt_tokens
         else:
             prompt = engine.tokenizer.encode(request.prompt, add_special_tokens=False)
-        first = len(prompt) - (request.prompt_logprobs_last_n or 0)
-        if request.prompt_logprobs_last_n is not None and first < 1:  # known only now for text
+        # The first prompt position scored (prompt_logprobs_last_n leaves earlier ones None).
+        last_n = request.prompt_logprobs_last_n
+        first = 0 if last_n is None else len(prompt) - last_n
+        if last_n is not None and first < 1:  # a text prompt's length is known only here
             raise WorkRejected(
                 f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 ({len(prompt) - 1})",
                 field="prompt_logprobs_last_n",
@@ -557,18 +560,18 @@ class SamplerWorker(WorkerService):
         )
         sequences = engine.sample(prompt, request.num_samples, params)
         # Scored by the same weights, before any new ones can be picked up between requests.
+        scoring = PromptScoring(
+            top_k=request.topk_prompt_logprobs,
+            target_ids=request.target_prompt_logprobs,
+            alt_k=request.prompt_alt_tokens_k,
+            temperature=request.temperature,
+            seed=request.seed,
+        )
         scores = (
-            engine.score_prompt(prompt, top_k=request.topk_prompt_logprobs)
-            if request.prompt_logprobs or request.topk_prompt_logprobs
+            engine.score_prompt(prompt, scoring)
+            if request.prompt_logprobs or scoring.asks_more
             else None
         )
-        prompt_logprobs = scores.logprobs if scores and request.prompt_logprobs else None
-        topk_prompt = scores.topk if scores else None
-        if request.prompt_logprobs_last_n is not None:
-            if prompt_logprobs is not None:
-                prompt_logprobs = [None] * first + prompt_logprobs[first:]
-            if topk_prompt is not None:
-                topk_prompt = [None] * first + topk_prompt[first:]
         weights = {"checkpoint_id": version.checkpoint_id, "uri": hosted.uri,
                    "digest": version.digest, "version": hosted.weights_version}  # fmt: skip
         events.append(
@@ -581,28 +584,28 @@ class SamplerWorker(WorkerService):
                 weights_version=hosted.weights_version,
             )
         )
-        return WorkDone(
-            output={
-                "prompt_tokens": list(prompt),
-                "sequences": [
-                    {
-                        "tokens": s.tokens,
-                        "text": s.text,
-                        "logprobs": s.logprobs,
-                        "stop_reason": s.stop_reason,
-                        **({"topk_logprobs": s.topk_logprobs} if s.topk_logprobs else {}),
-                    }
-                    for s in sequences
-                ],
-                "weights_version": weights,
-                "prompt_logprobs": prompt_logprobs,
-                **({"topk_prompt_logprobs": topk_prompt} if topk_prompt is not None else {}),
-                "prompt_cache_hit_tokens": sequences[0].prompt_cache_hit_tokens,
-                # What stable_reinforce trains on (api/recorded.py): tokens and logprobs above.
-                **({"stability_recorded": True} if request.record_stability_info else {}),
-            },
-            events=list(events),
-        )
+        output: dict[str, Any] = {
+            "prompt_tokens": list(prompt),
+            "sequences": [
+                {
+                    "tokens": s.tokens,
+                    "text": s.text,
+                    "logprobs": s.logprobs,
+                    "stop_reason": s.stop_reason,
+                    **({"topk_logprobs": s.topk_logprobs} if s.topk_logprobs else {}),
+                }
+                for s in sequences
+            ],
+            "weights_version": weights,
+            "prompt_logprobs": None,
+            "prompt_cache_hit_tokens": sequences[0].prompt_cache_hit_tokens,
+        }
+        if scores is not None:
+            output.update(_prompt_outputs(request, scores, first))
+        if request.record_stability_info:
+            # What stable_reinforce trains on (api/recorded.py): the tokens and logprobs above.
+            output["stability_recorded"] = True
+        return WorkDone(output=output, events=list(events))
 
     def _catch_up(self, hosted: HostedSampler, events: list[SamplerEvent]) -> None:
         """Before serving an unpinned request: apply a sync that arrived since the last batch,
@@ -821,6 +824,25 @@ def _warm_up(engine: SamplerEngineProtocol, max_retries: int) -> tuple[int, floa
         if attempt <= max_retries:
             time.sleep(WARMUP_BACKOFF_S * attempt)
     raise WarmupError(f"no warmup generation in {max_retries + 1} attempts; last: {last}")
+
+
+def _prompt_outputs(request: Sample, scores: PromptScores, first: int) -> dict[str, Any]:
+    """The prompt scores a sample request asked for, in its result; with
+    prompt_logprobs_last_n, positions before `first` are None."""
+
+    def from_first(values: list[Any]) -> list[Any]:
+        return [None] * first + values[first:]
+
+    out: dict[str, Any] = {}
+    if request.prompt_logprobs:
+        out["prompt_logprobs"] = from_first(scores.logprobs)
+    if scores.topk is not None:
+        out["topk_prompt_logprobs"] = from_first(scores.topk)
+    if scores.target_logprobs is not None:
+        out["target_prompt_logprobs"] = scores.target_logprobs
+    if scores.alt_tokens is not None:
+        out["prompt_alt_tokens"] = {"tokens": scores.alt_tokens, "logprobs": scores.alt_logprobs}
+    return out
 
 
 def main() -> None:

@@ -68,14 +68,19 @@ def _dense(values: np.ndarray, shape: list[int], where: str) -> list[float]:
 
 
 def _csr_to_dense(
-    values: np.ndarray, crow: list[int], col: list[int], shape: list[int], where: str
+    values: np.ndarray,
+    crow: list[int],
+    col: list[int],
+    shape: list[int],
+    where: str,
+    fill: float = 0,
 ) -> np.ndarray:
     if len(shape) not in (1, 2):
         raise WireError(where, f"sparse tensors must be 1-D or 2-D, got shape {shape}")
     rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
     if len(crow) != rows + 1 or len(col) != values.size or crow[-1] != values.size:
         raise WireError(where, "sparse CSR indices do not match the values")
-    dense = np.zeros((rows, cols), dtype=values.dtype)
+    dense = np.full((rows, cols), fill, dtype=values.dtype)
     for r in range(rows):
         for i in range(crow[r], crow[r + 1]):
             if not 0 <= col[i] < cols:
@@ -124,6 +129,33 @@ def tensor_from_json(value: Any, where: str) -> list[float]:
             where,
         )
     return _dense(values, shape, where)
+
+
+def id_matrix_from_json(value: Any, where: str) -> list[list[int]]:
+    """A 2-D int64 TensorData of token ids (dense, or sparse CSR whose unlisted cells are -1:
+    nothing asked there), as rows."""
+    if not isinstance(value, dict) or "data" not in value:
+        raise WireError(where, "expected an int64 TensorData")
+    if value.get("dtype", "int64") != "int64":
+        raise WireError(where, f"must be int64 token ids, got {value.get('dtype')!r}")
+    shape = list(value.get("shape") or [])
+    if len(shape) != 2:
+        raise WireError(where, f"must be 2-D [len(prompt) - 1, K], got shape {shape}")
+    values = np.asarray(value["data"], dtype=np.int64).reshape(-1)
+    if value.get("sparse_crow_indices") is not None:
+        dense = _csr_to_dense(
+            values,
+            list(value["sparse_crow_indices"]),
+            list(value.get("sparse_col_indices") or []),
+            shape,
+            where,
+            fill=-1,
+        )
+    elif values.size != math.prod(shape):
+        raise WireError(where, f"shape {shape} does not hold {values.size} values")
+    else:
+        dense = values.reshape(shape)
+    return [[int(t) for t in row] for row in dense.tolist()]
 
 
 def model_input_from_json(value: Any, where: str) -> list[int]:
@@ -228,7 +260,7 @@ def encode_forward_backward_output(output: dict[str, Any]) -> bytes:
         field.data = b"".join(a.tobytes() for a in arrays)
         field.offsets = offsets.tobytes()
         field.dtype = DTYPE_FLOAT32
-    return msg.SerializeToString()
+    return msg.SerializeToString(deterministic=True)  # map entries sorted, whatever the hash seed
 
 
 # ------------------------------------------------------------------ sample
@@ -248,6 +280,16 @@ def _fill_topk(msg: Any, positions: list[list[list[float]] | None]) -> None:
     msg.logprobs = np.asarray([[lp for _, lp in r] for r in rows], dtype=np.float32).tobytes()
 
 
+def _fill_tensor(msg: Any, rows: list[list[float]], dtype: type[np.generic]) -> None:
+    """A dense (rows, K) tinker_public.Tensor."""
+    array = np.asarray(rows, dtype=dtype)
+    if array.ndim != 2:  # no rows at all: a one-token prompt
+        array = array.reshape(len(rows), 0)
+    msg.dense = array.tobytes()
+    msg.dtype = DTYPE_INT64 if dtype is np.int64 else DTYPE_FLOAT32
+    msg.shape.extend(array.shape)
+
+
 def encode_sample_response(output: dict[str, Any]) -> bytes:
     msg: Any = SampleResponsePb()
     for sequence in output.get("sequences") or []:
@@ -265,5 +307,11 @@ def encode_sample_response(output: dict[str, Any]) -> bytes:
         ).tobytes()
     if output.get("topk_prompt_logprobs") is not None:
         _fill_topk(msg.topk_prompt_logprobs, output["topk_prompt_logprobs"])
+    if output.get("target_prompt_logprobs") is not None:
+        _fill_tensor(msg.target_prompt_logprobs, output["target_prompt_logprobs"], np.float32)
+    alternatives = output.get("prompt_alt_tokens")
+    if alternatives is not None:
+        _fill_tensor(msg.prompt_alt_tokens.tokens, alternatives["tokens"], np.int64)
+        _fill_tensor(msg.prompt_alt_tokens.logprobs, alternatives["logprobs"], np.float32)
     msg.prompt_cache_hit_tokens = int(output.get("prompt_cache_hit_tokens") or 0)
-    return msg.SerializeToString()
+    return msg.SerializeToString(deterministic=True)  # map entries sorted, whatever the hash seed

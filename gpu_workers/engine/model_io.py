@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from gpu_workers.engine.types import InvalidInputError, PromptScores, TopK
+from gpu_workers.engine.types import InvalidInputError, PromptScores, PromptScoring, TopK
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -121,22 +121,53 @@ def copy_state_into(
 
 
 @torch.no_grad()
-def prompt_scores(model: PreTrainedModel, tokens: list[int], top_k: int = 0) -> PromptScores:
-    """logp(tokens[t] | tokens[:t]) under `model`, and the `top_k` most likely tokens at each
-    position (none for the first token: it has no context)."""
+def prompt_scores(
+    model: PreTrainedModel, tokens: list[int], scoring: PromptScoring | None = None
+) -> PromptScores:
+    """logp(tokens[t] | tokens[:t]) under `model` (temperature 1) and, as `scoring` asks, the
+    most likely tokens, the logprobs of given ids, and tokens drawn at each position after the
+    first (the first token has no context)."""
+    scoring = scoring or PromptScoring()
     device = next(model.parameters()).device
     input_1_T = torch.tensor([tokens], device=device)
     logits_T_V = model(input_ids=input_1_T, use_cache=False).logits[0].float()
     logp_T_V = torch.log_softmax(logits_T_V[:-1], dim=-1)  # position t predicts token t + 1
     logp_T = logp_T_V.gather(1, input_1_T[0, 1:, None]).squeeze(1)
     topk: list[TopK | None] | None = None
-    if top_k > 0:
-        values_T_K, ids_T_K = logp_T_V.topk(min(top_k, logp_T_V.shape[-1]), dim=-1)
+    if scoring.top_k > 0:
+        values_T_K, ids_T_K = logp_T_V.topk(min(scoring.top_k, logp_T_V.shape[-1]), dim=-1)
         topk = [None] + [
             list(zip(ids, values, strict=True))
             for ids, values in zip(ids_T_K.tolist(), values_T_K.tolist(), strict=True)
         ]
-    return PromptScores(logprobs=[None, *logp_T.tolist()], topk=topk)
+    target_logprobs = None
+    if scoring.target_ids is not None:
+        ids_T_K = torch.tensor(scoring.target_ids, dtype=torch.long, device=device)
+        scored_T_K = logp_T_V.gather(1, ids_T_K.clamp(min=0))
+        target_logprobs = scored_T_K.masked_fill(ids_T_K < 0, 0.0).tolist()
+    alt_tokens = alt_logprobs = None
+    if scoring.alt_k > 0:
+        generator = torch.Generator(device=device)
+        if scoring.seed is not None:
+            generator.manual_seed(scoring.seed)
+        else:
+            generator.seed()
+        if scoring.temperature == 0:
+            drawn_T_K = logits_T_V[:-1].argmax(dim=-1, keepdim=True).expand(-1, scoring.alt_k)
+        else:
+            probs_T_V = torch.softmax(logits_T_V[:-1] / scoring.temperature, dim=-1)
+            drawn_T_K = torch.multinomial(
+                probs_T_V, scoring.alt_k, replacement=True, generator=generator
+            )
+        alt_tokens = drawn_T_K.tolist()
+        alt_logprobs = logp_T_V.gather(1, drawn_T_K).tolist()
+    return PromptScores(
+        logprobs=[None, *logp_T.tolist()],
+        topk=topk,
+        target_logprobs=target_logprobs,
+        alt_tokens=alt_tokens,
+        alt_logprobs=alt_logprobs,
+    )
 
 
 @torch.no_grad()

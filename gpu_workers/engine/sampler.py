@@ -35,14 +35,15 @@ from gpu_workers.engine.model_io import (
     sequence_logprobs,
 )
 from gpu_workers.engine.types import (
-    MAX_TOPK,
     InvalidInputError,
     PromptScores,
+    PromptScoring,
     SampledSequence,
     SamplingParams,
     StopReason,
     TopK,
     WeightsVersion,
+    check_prompt_scoring,
     check_sample_request,
     check_token_range,
 )
@@ -67,7 +68,9 @@ class SamplerEngineProtocol(Protocol):
 
     def compute_logprobs(self, tokens: Sequence[int]) -> list[float | None]: ...
 
-    def score_prompt(self, tokens: Sequence[int], *, top_k: int = 0) -> PromptScores: ...
+    def score_prompt(
+        self, tokens: Sequence[int], scoring: PromptScoring | None = None
+    ) -> PromptScores: ...
 
     def load_weights(
         self, folder: str | os.PathLike[str], *, checkpoint_id: str
@@ -217,21 +220,19 @@ class SamplerEngine:
         with self._lock:
             return sequence_logprobs(self.model, tokens)
 
-    def score_prompt(self, tokens: Sequence[int], *, top_k: int = 0) -> PromptScores:
-        """Each prompt token's logprob and, with `top_k`, the k most likely tokens at each
-        position (temperature 1, like the sampled logprobs)."""
+    def score_prompt(
+        self, tokens: Sequence[int], scoring: PromptScoring | None = None
+    ) -> PromptScores:
+        """Each prompt token's logprob (temperature 1, like the sampled logprobs) and what
+        `scoring` asks for besides."""
         tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise InvalidInputError("tokens", "must hold at least one token")
         if len(tokens) > self.max_seq_len:
             raise InvalidInputError(
                 "tokens", f"{len(tokens)} tokens exceed max_seq_len {self.max_seq_len}"
             )
-        if not 0 <= top_k <= MAX_TOPK:
-            raise InvalidInputError("top_k", f"must be in [0, {MAX_TOPK}], got {top_k}")
-        check_token_range(tokens, "tokens", self.vocab_size)
+        check_prompt_scoring(tokens, scoring, self.vocab_size)
         with self._lock:
-            return prompt_scores(self.model, tokens, top_k)
+            return prompt_scores(self.model, tokens, scoring)
 
     # ------------------------------------------------------------------ weight sync
 

@@ -216,6 +216,27 @@ class SampledSequence:
 class PromptScores:
     logprobs: list[float | None]  # (T,) logp(tokens[t] | tokens[:t]); None for t = 0
     topk: list[TopK | None] | None = None  # (T,) the k most likely tokens there; None for t = 0
+    # (T - 1, K) logprobs of the requested token ids at positions 1.., 0.0 where the id was -1
+    target_logprobs: list[list[float]] | None = None
+    # (T - 1, k) tokens drawn at the request's temperature at positions 1.., with their logprobs
+    alt_tokens: list[list[int]] | None = None
+    alt_logprobs: list[list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class PromptScoring:
+    """What to compute over a prompt besides each token's logprob (Tinker's SampleRequest)."""
+
+    top_k: int = 0  # the k most likely tokens at each position
+    target_ids: list[list[int]] | None = None  # (T - 1, K) ids to score; -1 = none
+    alt_k: int = 0  # tokens to draw at each position after the first
+    temperature: float = 1.0  # of those draws
+    seed: int | None = None  # of those draws
+
+    @property
+    def asks_more(self) -> bool:
+        """Anything besides each prompt token's own logprob."""
+        return self.top_k > 0 or self.target_ids is not None or self.alt_k > 0
 
 
 @dataclass(frozen=True)
@@ -301,6 +322,36 @@ def check_batch(
 
 
 MAX_TOPK = 64  # top-k logprobs per position at most (a request is k x tokens numbers)
+
+
+def check_prompt_scoring(tokens: list[int], scoring: PromptScoring | None, vocab_size: int) -> None:
+    """The checks every sampler engine makes before scoring a prompt."""
+    if not tokens:
+        raise InvalidInputError("tokens", "must hold at least one token")
+    check_token_range(tokens, "tokens", vocab_size)
+    if scoring is None:
+        return
+    counts = {"topk_prompt_logprobs": scoring.top_k, "prompt_alt_tokens_k": scoring.alt_k}
+    for name, k in counts.items():
+        if not 0 <= k <= MAX_TOPK:
+            raise InvalidInputError(name, f"must be in [0, {MAX_TOPK}], got {k}")
+    if scoring.target_ids is not None:
+        where = "target_prompt_logprobs"
+        if len(scoring.target_ids) != len(tokens) - 1:
+            raise InvalidInputError(
+                where,
+                f"has {len(scoring.target_ids)} rows, the prompt needs len(prompt) - 1 = "
+                f"{len(tokens) - 1}",
+            )
+        widths = {len(row) for row in scoring.target_ids}
+        if len(widths) > 1 or (widths and not 1 <= widths.pop() <= MAX_TOPK):
+            raise InvalidInputError(where, f"rows must all hold K ids, 1 <= K <= {MAX_TOPK}")
+        for i, row in enumerate(scoring.target_ids):
+            for t in row:
+                if not -1 <= t < vocab_size:
+                    raise InvalidInputError(f"{where}[{i}]", f"token id {t} outside the vocabulary")
+
+
 MAX_SAMPLES_PER_CALL = 1024  # a guard against a typo turning into an out-of-memory
 
 

@@ -72,14 +72,15 @@ from gpu_workers.deltas import apply_chain
 from gpu_workers.engine.chain import open_chain
 from gpu_workers.engine.model_io import WEIGHTS_NAME, weight_files
 from gpu_workers.engine.types import (
-    MAX_TOPK,
     InvalidInputError,
     PromptScores,
+    PromptScoring,
     SampledSequence,
     SamplingParams,
     StopReason,
     TopK,
     WeightsVersion,
+    check_prompt_scoring,
     check_sample_request,
     check_token_range,
 )
@@ -388,26 +389,33 @@ class VllmSamplerEngine:
             )
         return prompt_token_logprobs(tokens, request.prompt_logprobs)
 
-    def score_prompt(self, tokens: Sequence[int], *, top_k: int = 0) -> PromptScores:
+    def score_prompt(
+        self, tokens: Sequence[int], scoring: PromptScoring | None = None
+    ) -> PromptScores:
         from vllm.inputs import TokensPrompt
 
         tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise InvalidInputError("tokens", "must hold at least one token")
         if len(tokens) >= self.max_seq_len:
             raise InvalidInputError(
                 "tokens", f"{len(tokens)} tokens + 1 exceed max_seq_len {self.max_seq_len}"
             )
-        if not 0 <= top_k <= MAX_TOPK:
-            raise InvalidInputError("top_k", f"must be in [0, {MAX_TOPK}], got {top_k}")
-        check_token_range(tokens, "tokens", self.vocab_size)
-        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=top_k, temperature=0.0)
+        check_prompt_scoring(tokens, scoring, self.vocab_size)
+        scoring = scoring or PromptScoring()
+        # vLLM's prompt_logprobs answer the top k and the prompt token at each position, not
+        # arbitrary ids nor draws: those two need the torch engine.
+        if scoring.target_ids is not None:
+            raise InvalidInputError("target_prompt_logprobs", "not served by the vLLM engine")
+        if scoring.alt_k:
+            raise InvalidInputError("prompt_alt_tokens_k", "not served by the vLLM engine")
+        params = self._vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=scoring.top_k, temperature=0.0
+        )
         with self._lock:
             (request,) = self.llm.generate(
                 [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
             )
         steps = request.prompt_logprobs
-        topk = [topk_of(step, top_k) for step in steps] if top_k else None
+        topk = [topk_of(step, scoring.top_k) for step in steps] if scoring.top_k else None
         return PromptScores(logprobs=prompt_token_logprobs(tokens, steps), topk=topk)
 
     # ------------------------------------------------------------------ weight sync

@@ -237,6 +237,26 @@ def test_sampling_answers_top_k_logprobs_last_n_and_prompt_cache_hits(
         assert all(top is not None and len(top) == 2 for top in seq.topk_logprobs)
     assert again.prompt_cache_hit_tokens == 5
 
+    targets = types.TensorData(data=[104, -1, 1, 2, -1, 106, 7, 8], dtype="int64", shape=[4, 2])
+    scored = sampler.sample(
+        prompt, 1, params, include_prompt_logprobs=True, target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=3,
+    ).result()  # fmt: skip
+    assert scored.target_prompt_logprobs is not None
+    cells = scored.target_prompt_logprobs.tolist()
+    assert cells[0][1] == 0.0 and cells[2][0] == 0.0  # -1: nothing asked there
+    # Scoring id 105 at position 1 is the prompt token's own logprob there.
+    assert scored.prompt_logprobs is not None
+    alternatives = scored.prompt_alt_tokens
+    assert alternatives is not None and alternatives.tokens.shape == [4, 3]
+    assert alternatives.logprobs.shape == [4, 3]
+    assert all(lp <= 0 for row in alternatives.logprobs.tolist() for lp in row)
+    with pytest.raises(tinker.BadRequestError, match="target_prompt_logprobs"):
+        sampler.sample(
+            prompt, 1, params,
+            target_prompt_logprobs=types.TensorData(data=[1, 2], dtype="int64", shape=[2, 1]),
+        ).result()  # fmt: skip
+
     with pytest.raises(tinker.BadRequestError, match="prompt_logprobs_last_n"):
         sampler.sample(
             prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=5

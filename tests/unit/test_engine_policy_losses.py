@@ -12,7 +12,7 @@ import torch
 
 from gpu_workers.engine.sampler import SamplerEngine
 from gpu_workers.engine.trainer import TrainerEngine
-from gpu_workers.engine.types import Datum, InvalidInputError, SamplingParams
+from gpu_workers.engine.types import Datum, InvalidInputError, PromptScoring, SamplingParams
 from gpu_workers.tiny_model import BOS_ID, ensure_tiny_model
 
 torch.set_num_threads(1)
@@ -193,7 +193,30 @@ def test_sampler_answers_top_k_logprobs_and_prompt_cache_hits(model_dir: Path) -
         assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
         assert lp <= top[0][1] + 1e-6
         assert token not in dict(top) or dict(top)[token] == pytest.approx(lp, abs=1e-5)
-    scores = sampler.score_prompt([BOS_ID, 97, 98, 99], top_k=2)
+    scores = sampler.score_prompt([BOS_ID, 97, 98, 99], PromptScoring(top_k=2))
     assert scores.logprobs[0] is None and scores.topk is not None and scores.topk[0] is None
     assert scores.logprobs[1:] == pytest.approx(sampler.compute_logprobs([BOS_ID, 97, 98, 99])[1:])
     assert all(len(top) == 2 for top in scores.topk[1:] if top is not None)
+
+
+def test_sampler_scores_target_ids_and_draws_alternative_prompt_tokens(model_dir: Path) -> None:
+    sampler = SamplerEngine(model_dir)
+    prompt = [BOS_ID, 97, 98, 99]
+    full = torch.log_softmax(
+        sampler.model(input_ids=torch.tensor([prompt])).logits[0, :-1].double(), dim=-1
+    )
+    targets = [[97, -1], [5, 6], [-1, 99]]
+    scoring = PromptScoring(target_ids=targets, alt_k=4, temperature=1.0, seed=7)
+    scores = sampler.score_prompt(prompt, scoring)
+    assert scores.target_logprobs is not None and scores.alt_tokens and scores.alt_logprobs
+    for t, row in enumerate(targets):
+        for j, token in enumerate(row):
+            expected = 0.0 if token < 0 else float(full[t, token])
+            assert scores.target_logprobs[t][j] == pytest.approx(expected, abs=1e-5)
+    assert len(scores.alt_tokens) == 3 and all(len(row) == 4 for row in scores.alt_tokens)
+    for t, (tokens, lps) in enumerate(zip(scores.alt_tokens, scores.alt_logprobs, strict=True)):
+        assert lps == pytest.approx([float(full[t, token]) for token in tokens], abs=1e-5)
+    assert sampler.score_prompt(prompt, scoring).alt_tokens == scores.alt_tokens  # same seed
+    with pytest.raises(InvalidInputError) as err:
+        sampler.score_prompt(prompt, PromptScoring(target_ids=[[1]]))
+    assert err.value.field == "target_prompt_logprobs"
