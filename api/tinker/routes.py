@@ -31,7 +31,7 @@ from api.deps import EngineDep, ReadDep, SettingsDep, StateDep, SubmitterDep
 from api.errors import ApiError
 from api.queries import ReadModels, Row
 from api.routes._common import envelope
-from api.submit import Submitter, new_resource_id
+from api.submit import Submitter, derived_resource_id, new_resource_id
 from api.tinker import ids
 from api.tinker.wire import (
     WireError,
@@ -822,7 +822,10 @@ def _tinker_response(result: CommandResult) -> Response:
     if kind == "SaveWeights":
         path = ids.tinker_path(out["path"])
         run_id = out["path"].removeprefix("bt://loops:").split("/")[0]
-        sampling = ids.SamplingSession(run_id, out["path"], new_resource_id(6)).id
+        # Derived from the command: the future answers the same session on every retrieve, from
+        # any API process, from the result feed or the futures table.
+        nonce = derived_resource_id(result.command_id, "sampling_session", 6)
+        sampling = ids.SamplingSession(run_id, out["path"], nonce).id
         return JSONResponse({"path": path, "sampling_session_id": sampling})
     if kind == "LoadState":
         return JSONResponse(
