@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra.processes import StackError
@@ -47,7 +48,7 @@ console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(code=1)
 
 
@@ -199,33 +200,44 @@ app.add_typer(audit_app, name="audit")
 
 @audit_app.command("history")
 def audit_history(
-    aggregate_id: str,
+    resource_id: str = typer.Argument(
+        ...,
+        metavar="ID",
+        help="a session, run, sampler, workspace, secret (secret:<workspace>:<name>), API key "
+        "id, Tinker session or Tinker model id",
+    ),
     as_of_sequence: int | None = typer.Option(None, help="state after this sequence number"),
     as_of: datetime | None = typer.Option(None, help="state as of this time (ISO 8601, UTC)"),
     workspace: str | None = typer.Option(
         None, help="only this workspace's events (another workspace's aggregate has none)"
     ),
 ) -> None:
-    """Full history of one aggregate with causation chains, and its state at a point."""
+    """Full history of what an id names, with causation chains, and its state at a point.
+
+    An id that names several aggregates (a Tinker session: its models' sessions, runs and
+    samplers) prints each in turn."""
+    from rich.text import Text
     from rich.tree import Tree
 
-    from events.audit import causation_forest, history, state_as_of, to_jsonable
+    from api.audit import subjects
+    from events.audit import causation_forest, to_jsonable
 
-    envelopes = history(get_settings(), aggregate_id, workspace=workspace)
-    if not envelopes:
-        _fail(ValueError(f"no events for aggregate {aggregate_id!r}"))
+    found = subjects(get_settings(), resource_id, workspace=workspace)
+    if not found:
+        _fail(ValueError(f"no events for {resource_id!r}"))
     out = Console()
-    tree = Tree(f"[bold]{envelopes[0].aggregate_type} {aggregate_id}[/] ({len(envelopes)} events)")
-
-    def add(branch: Tree, nodes: list) -> None:
-        for node in nodes:
-            add(branch.add(node.label), node.children)
-
-    add(tree, causation_forest(envelopes))
-    out.print(tree)
     at = as_of.replace(tzinfo=as_of.tzinfo or UTC) if as_of else None
-    state = state_as_of(envelopes, sequence=as_of_sequence, at=at)
-    out.print_json(data=to_jsonable(state))
+    for subject in found:
+        title = Text(f"{subject.kind} {subject.id}", style="bold")
+        tree = Tree(title.append(f" ({len(subject.events)} events)", style="not bold"))
+
+        def add(branch: Tree, nodes: list) -> None:
+            for node in nodes:
+                add(branch.add(Text(node.label)), node.children)
+
+        add(tree, causation_forest(subject.events))
+        out.print(tree)
+        out.print_json(data=to_jsonable(subject.state(sequence=as_of_sequence, at=at)))
 
 
 @audit_app.command("tail")

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer
+from pydantic import BaseModel
 
 from commands.registry import AGGREGATES
+from events.catalog import CATALOG
 from events.envelope import EventEnvelope
 from events.kafka_log import (
     assign_all,
@@ -44,6 +47,21 @@ def history(
     return [e for e in envelopes if in_workspace(e, workspace)]
 
 
+def scan(
+    settings: Settings, keep: Callable[[EventEnvelope], bool], *, workspace: str | None = None
+) -> list[EventEnvelope]:
+    """Every event of the log (all partitions) that `keep` accepts: for ids that are not an
+    aggregate's own, such as an API key inside its workspace. Slower than `history`."""
+    topic = settings.topic("events")
+    found: list[EventEnvelope] = []
+    for partition in range(partition_count(settings, topic)):
+        for message in read_partition(settings, topic, partition):
+            envelope = EventEnvelope.from_bytes(message.value())
+            if in_workspace(envelope, workspace) and keep(envelope):
+                found.append(envelope)
+    return found
+
+
 def in_workspace(envelope: EventEnvelope, workspace: str | None) -> bool:
     """True without a workspace filter, else when the event is that workspace's (events written
     before tenancy are the default workspace's)."""
@@ -53,18 +71,52 @@ def in_workspace(envelope: EventEnvelope, workspace: str | None) -> bool:
 def state_as_of(
     envelopes: list[EventEnvelope], *, sequence: int | None = None, at: datetime | None = None
 ) -> Any:
-    """The aggregate's state after the events up to `sequence` and/or up to time `at`."""
+    """The aggregate's state after the events up to `sequence` and/or up to time `at`.
+
+    Aggregates with a decide/evolve in the registry (session, workspace, secret) fold with their
+    own `evolve`; the workers' own streams (`trainer`, `sampler`), which no command decides, fold
+    into a `WorkerStreamState`: what the worker reported last, per event type."""
     if not envelopes:
         return None
-    spec = AGGREGATES[envelopes[0].aggregate_type]
-    state = spec.initial_state(envelopes[0].aggregate_id)
+    spec = AGGREGATES.get(envelopes[0].aggregate_type)
+    state: Any = (
+        spec.initial_state(envelopes[0].aggregate_id)
+        if spec is not None
+        else WorkerStreamState(envelopes[0].aggregate_type, envelopes[0].aggregate_id)
+    )
     for envelope in envelopes:
         if sequence is not None and envelope.sequence > sequence:
             break
         if at is not None and envelope.occurred_at > at:
             break
-        state = spec.apply(state, envelope)
+        state = spec.apply(state, envelope) if spec is not None else state.apply(envelope)
     return state
+
+
+@dataclass(frozen=True)
+class WorkerStreamState:
+    """A trainer run's or a sampler's stream folded: its last event of each type (the newest
+    `WeightsLoaded` is what a sampler serves, the newest `OptimStepCompleted` a run's step)."""
+
+    aggregate_type: str
+    aggregate_id: str
+    version: int = 0  # sequence of the last event applied
+    events: MappingProxyType = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )  # event type -> how many
+    latest: MappingProxyType = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )  # event type -> the newest one (upcast, as the catalog reads it)
+
+    def apply(self, envelope: EventEnvelope) -> WorkerStreamState:
+        return dataclasses.replace(
+            self,
+            version=envelope.sequence,
+            events=MappingProxyType(
+                {**self.events, envelope.type: self.events.get(envelope.type, 0) + 1}
+            ),
+            latest=MappingProxyType({**self.latest, envelope.type: CATALOG.decode(envelope)}),
+        )
 
 
 @dataclass
@@ -138,13 +190,22 @@ def tail(
 
 
 def to_jsonable(value: Any) -> Any:
-    """State dataclasses (with read-only maps inside) as plain JSON-ready data."""
+    """State dataclasses (with read-only maps, sets, enums and models inside) as plain JSON-ready
+    data; sets become sorted lists, so the same state prints the same."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, BaseModel):
+        return to_jsonable(value.model_dump(mode="json"))
     if isinstance(value, dict | MappingProxyType):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((to_jsonable(v) for v in value), key=repr)
     if isinstance(value, datetime):
         return value.isoformat()
-    return value
+    if isinstance(value, Enum):
+        return to_jsonable(value.value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)  # anything else (bytes, Decimal, a path): readable, never a crash
