@@ -6,6 +6,7 @@ uvicorn on `ApiSettings.api_host:api_port`. OpenAPI is at /docs and /openapi.jso
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,7 +32,10 @@ from api.routes import health as health_route
 from api.routes import secrets as secrets_route
 from api.tinker import rest as tinker_rest
 from api.tinker import routes as tinker_routes
+from api.tinker.hf_cache import publish_own_tokenizers
 from infra.settings import Settings, get_settings
+
+log = logging.getLogger("loopstream.api")
 
 
 def create_app(
@@ -45,6 +49,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.results.start()
+        _publish_tokenizers(settings)
         yield
         state.close()  # flush anything the producer still holds
 
@@ -74,6 +79,16 @@ def create_app(
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _publish_tokenizers(settings: Settings) -> None:
+    """So that the SDK's SamplingClient.get_tokenizer() finds loopstream's own models' tokenizers
+    by name, offline, on this machine (api/tinker/hf_cache.py). A cache that cannot be written
+    costs that call only, not the API."""
+    try:
+        publish_own_tokenizers(settings)
+    except Exception:  # a read-only home, no torch to make the tiny model with, ...
+        log.warning("tokenizers not written to the Hugging Face cache", exc_info=True)
 
 
 # The error answers of the Tinker wire routes (api/tinker/routes.py raises them).
