@@ -15,12 +15,15 @@ then deltas, and returns once the sampler serves them; the next rollouts ask for
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_curve import print_summary, write_reward_curve  # examples/reward_curve.py
+from reward_curve import (  # examples/reward_curve.py
+    print_summary,
+    reward_metrics,
+    write_reward_curve,
+)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -110,7 +113,8 @@ def main(config: Config) -> list[dict[str, float]]:
             sequences = rollouts["sequences"]
             version = rollouts["weights_version"]
             rewards_G = [reward(s["tokens"]) for s in sequences]
-            mean_reward = statistics.fmean(rewards_G)
+            spread = reward_metrics(rewards_G)
+            mean_reward = spread["reward/mean"]
             advantages_G = [r - mean_reward for r in rewards_G]
             sampled_at = time.perf_counter()
 
@@ -124,7 +128,7 @@ def main(config: Config) -> list[dict[str, float]]:
 
             metrics = {
                 "step": step,
-                "reward/mean": mean_reward,
+                **spread,
                 "loss": fb_out["loss"],
                 "logprob_gap/mean": fb_out["metrics"].get("logprob_gap:mean", float("nan")),
                 "optim/grad_norm": opt_out["metrics"].get("grad_norm", float("nan")),
@@ -143,6 +147,9 @@ def main(config: Config) -> list[dict[str, float]]:
         history,
         config.out_dir / "reward_curve.png",
         title="loopstream demo: on-policy policy gradient, tiny Llama",
+        settings=f"{config.group_size} rollouts x {config.max_tokens} tokens per step, "
+        f"importance_sampling, AdamW lr {config.learning_rate:g}, temperature "
+        f"{config.temperature:g}, base then delta syncs every step",
     )
     print_summary(console, history, title="RL loop", plot=plot,
                   metric=("logprob gap", "logprob_gap/mean", ".2e"))  # fmt: skip

@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tinker
-from reward_curve import print_summary, write_reward_curve  # examples/reward_curve.py
+from reward_curve import (  # examples/reward_curve.py
+    print_summary,
+    reward_metrics,
+    write_reward_curve,
+)
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tinker import types
@@ -151,10 +155,11 @@ def main(config: Config) -> list[dict[str, float]]:
             optim_future = training.optim_step(types.AdamParams(learning_rate=config.learning_rate))
             fb, optim = fb_future.result(), optim_future.result()
 
-            mean_reward = statistics.fmean(r for rewards_G in rewards_PG for r in rewards_G)
+            spread = reward_metrics([r for rewards_G in rewards_PG for r in rewards_G])
+            mean_reward = spread["reward/mean"]
             metrics = {
                 "step": step,
-                "reward/mean": mean_reward,
+                **spread,
                 "loss/sum": fb.metrics.get("loss:sum", float("nan")),
                 "optim/grad_norm": (optim.metrics or {}).get("grad_norm", float("nan")),
                 "time/sample": sampled_at - started,
@@ -167,6 +172,9 @@ def main(config: Config) -> list[dict[str, float]]:
         history,
         config.out_dir / "reward_curve.png",
         title="tinker SDK on loopstream: importance sampling, tiny Llama",
+        settings=f"{len(config.prompts)} prompts x {config.group_size} completions x "
+        f"{config.max_tokens} tokens per step, advantages centred per group, AdamW lr "
+        f"{config.learning_rate:g}, temperature {config.temperature:g}",
     )
     print_summary(console, history, title="tinker RL loop", plot=plot,
                   metric=("loss/sum", "loss/sum", ".3f"))  # fmt: skip
