@@ -29,7 +29,7 @@ from commands.work import (
     OptimStep,
     Sample,
 )
-from events.limits import JsonObject, RequestKey, ShortText, TtlSeconds
+from events.limits import JsonObject, RequestKey, ShortText, TtlSeconds, UserMetadata
 
 REQUEST_ID = Field(default=None, description="idempotency key")
 
@@ -97,6 +97,15 @@ class PromoteCreate(BaseModel):
     request_id: RequestKey | None = REQUEST_ID
 
 
+class CheckpointTtlUpdate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ttl_seconds: TtlSeconds | None = Field(
+        description="the checkpoint expires this many seconds from now; null: never"
+    )
+    request_id: RequestKey | None = REQUEST_ID
+
+
 class SampleCreate(Sample):
     # Rollouts sharing an affinity key belong together (one group of an RL step); the key
     # travels as the request's correlation id.
@@ -147,6 +156,7 @@ class RunCreate(BaseModel):
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
     from_checkpoint: CheckpointUri | None = Field(default=None, description="bt://loops:... URI")
+    user_metadata: UserMetadata | None = None
     request_id: RequestKey | None = REQUEST_ID
 
 
@@ -169,6 +179,7 @@ class RunPublic(Public):
     stop_reason: str | None
     created_at: datetime
     stopped_at: datetime | None
+    user_metadata: dict[str, str] | None = None
 
 
 class SamplerPublic(Public):
@@ -209,6 +220,7 @@ class CheckpointPublic(Public):
     checkpoint_type: Literal["base", "delta"] | None = None  # sampler weights
     chain_position: int | None = None
     promoted_to: list[str] = Field(default_factory=list)  # environments
+    public: bool = False  # published: any workspace may start a run from its URI
 
 
 class CheckpointsPublic(BaseModel):

@@ -177,6 +177,32 @@ class ReadModels:
             ws=workspace,
         )
 
+    def checkpoints_of_workspace(
+        self, *, workspace: str, limit: int, offset: int
+    ) -> tuple[list[Row], int]:
+        """Every live checkpoint of the workspace, across its runs, newest first."""
+        rows = self._all(
+            _CHECKPOINT + " where c.workspace_id = :ws and c.status = 'active' "
+            "order by c.created_at desc, c.checkpoint_id limit :limit offset :offset",
+            ws=workspace,
+            limit=limit,
+            offset=offset,
+        )
+        total = self._one(
+            "select count(*) as n from {s}.checkpoints "
+            "where workspace_id = :ws and status = 'active'",
+            ws=workspace,
+        )
+        return rows, int(total["n"]) if total else 0
+
+    def published_checkpoint(self, uri: str) -> Row | None:
+        """A live, published checkpoint of any workspace by its URI (what publishing shares:
+        its path, to start a run from; never its listings or its run)."""
+        return self._one(
+            _CHECKPOINT + " where c.uri = :uri and c.status = 'active' and c.public",
+            uri=uri,
+        )
+
     # --- weight syncs ---------------------------------------------------------------------------
 
     def sampler_weights(self, sampler_id: str) -> Row | None:

@@ -54,3 +54,17 @@ def active_run(reads: ReadModels, run_id: str, caller: Caller) -> Row:
     if run["status"] != "active":
         raise conflict(f"run {run_id} is stopped ({run['stop_reason']})", field="run_id")
     return run
+
+
+def source_run(reads: ReadModels, uri: str, caller: Caller) -> Row | None:
+    """The run holding checkpoint `uri`, when the caller may start a run from it: a run of the
+    caller's workspace (the trainer checks the checkpoint itself when it loads it), or the run
+    of a live published checkpoint of any workspace. None otherwise: another workspace's
+    unpublished checkpoint is as missing as one never saved."""
+    run = reads.run(uri.removeprefix("bt://loops:").split("/")[0], workspace=caller.workspace_id)
+    if run is not None:
+        return run
+    published = reads.published_checkpoint(uri)
+    if published is None:
+        return None
+    return reads.run(published["run_id"], workspace=published["workspace_id"] or DEFAULT_WORKSPACE)

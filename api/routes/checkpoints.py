@@ -1,4 +1,5 @@
-"""Checkpoints: listings, details, per-file presigned URLs (paginated), deletion, promotion."""
+"""Checkpoints: listings, details, per-file presigned URLs (paginated), deletion, promotion,
+TTL changes and publishing."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from api.models import (
     CheckpointFilesPage,
     CheckpointPublic,
     CheckpointsPublic,
+    CheckpointTtlUpdate,
     PresignedUrl,
     PromoteCreate,
     RequestAccepted,
@@ -30,8 +32,15 @@ from api.models import (
 from api.pagination import InvalidPageToken, decode_page_token, encode_page_token
 from api.queries import ReadModels, Row
 from api.routes._common import envelope
-from api.submit import resolve_request_id
-from commands.loops import DeleteCheckpoint, PromoteCheckpoint
+from api.submit import Submitter, resolve_request_id
+from commands.loops import (
+    Command,
+    DeleteCheckpoint,
+    PromoteCheckpoint,
+    PublishCheckpoint,
+    SetCheckpointTtl,
+    UnpublishCheckpoint,
+)
 from events.limits import Text
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 
@@ -206,3 +215,105 @@ def promote_checkpoint(
         to="commands",
     )
     return RequestAccepted(request_id=ids.request_id)
+
+
+def _submit(
+    row: Row, command: Command, *, request_id: str, caller: Caller, submitter: Submitter
+) -> None:
+    submitter.submit(
+        envelope(
+            request_id=request_id, command=command, aggregate_id=row["session_id"], caller=caller
+        ),
+        to="commands",
+    )
+
+
+@router.put(
+    "/checkpoints/{checkpoint_id}/ttl",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404),
+)
+def set_checkpoint_ttl(
+    checkpoint_id: CheckpointIdPath,
+    body: CheckpointTtlUpdate,
+    caller: TrainCaller,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Set the checkpoint's expiry anew: `ttl_seconds` from now (1 s to 10 years, as at save
+    time), or never (`null`). The janitor expires it then; a promoted checkpoint never expires
+    (a TTL on it is rejected in the future)."""
+    ids = resolve_request_id(
+        header=idempotency_key,
+        query=request_id,
+        body=body.request_id,
+        workspace=caller.workspace_id,
+    )
+    row = _checkpoint(reads, checkpoint_id, caller)
+    command = SetCheckpointTtl(checkpoint_id=checkpoint_id, ttl_seconds=body.ttl_seconds)
+    _submit(row, command, request_id=ids.command_id, caller=caller, submitter=submitter)
+    return RequestAccepted(request_id=ids.request_id)
+
+
+def _set_public(
+    public: bool,
+    checkpoint_id: str,
+    *,
+    caller: Caller,
+    reads: ReadModels,
+    submitter: Submitter,
+    idempotency_key: str | None,
+    request_id: str | None,
+) -> RequestAccepted:
+    ids = resolve_request_id(
+        header=idempotency_key, query=request_id, body=None, workspace=caller.workspace_id
+    )
+    row = _checkpoint(reads, checkpoint_id, caller)
+    command = (PublishCheckpoint if public else UnpublishCheckpoint)(checkpoint_id=checkpoint_id)
+    _submit(row, command, request_id=ids.command_id, caller=caller, submitter=submitter)
+    return RequestAccepted(request_id=ids.request_id)
+
+
+@router.post(
+    "/checkpoints/{checkpoint_id}/publish",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404),
+)
+def publish_checkpoint(
+    checkpoint_id: CheckpointIdPath,
+    caller: TrainCaller,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Publish the checkpoint: any workspace may then start a run from its URI
+    (`from_checkpoint`, Tinker's create_training_client_from_state / load_state). Its listings,
+    files, TTL and deletion stay its workspace's. Already public: rejected in the future."""
+    return _set_public(
+        True, checkpoint_id, caller=caller, reads=reads, submitter=submitter,
+        idempotency_key=idempotency_key, request_id=request_id,
+    )  # fmt: skip
+
+
+@router.delete(
+    "/checkpoints/{checkpoint_id}/publish",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(404),
+)
+def unpublish_checkpoint(
+    checkpoint_id: CheckpointIdPath,
+    caller: TrainCaller,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> RequestAccepted:
+    """Make a published checkpoint private again (runs already started from it keep what they
+    loaded). Not public: rejected in the future."""
+    return _set_public(
+        False, checkpoint_id, caller=caller, reads=reads, submitter=submitter,
+        idempotency_key=idempotency_key, request_id=request_id,
+    )  # fmt: skip

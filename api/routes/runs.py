@@ -8,7 +8,7 @@ from api.auth import CallerDep, TrainCaller
 from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
 from api.errors import error_responses, not_found
 from api.models import RunAccepted, RunCreate, RunPublic
-from api.routes._common import active_session, envelope
+from api.routes._common import active_session, envelope, source_run
 from api.submit import derived_resource_id, new_resource_id, resolve_request_id
 from commands.loops import CreateRun
 
@@ -24,7 +24,8 @@ def create_run(
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> RunAccepted:
-    """Provision a run (trainer) and its sampler; both ids come back at once."""
+    """Provision a run (trainer) and its sampler; both ids come back at once. `from_checkpoint`
+    names a checkpoint of the caller's workspace, or a published one of any workspace."""
     ids = resolve_request_id(
         header=idempotency_key,
         query=request_id,
@@ -33,6 +34,12 @@ def create_run(
     )
     if not submitter.already_submitted(ids.command_id):
         active_session(reads, body.session_id, caller)
+        if (
+            body.from_checkpoint is not None
+            and source_run(reads, body.from_checkpoint, caller) is None
+        ):
+            # Another workspace's checkpoint is as missing as one never saved, unless published.
+            raise not_found(f"checkpoint {body.from_checkpoint} not found", field="from_checkpoint")
     if ids.chosen:  # the same key names the same run and sampler
         run_id, sampler_id = (
             derived_resource_id(ids.command_id, "run"),
@@ -46,6 +53,7 @@ def create_run(
         max_seq_len=body.max_seq_len,
         lora_rank=body.lora_rank,
         from_checkpoint=body.from_checkpoint,
+        user_metadata=body.user_metadata,
     )
     submitter.submit(
         envelope(

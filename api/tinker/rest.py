@@ -1,9 +1,12 @@
-"""The Tinker `RestClient` routes: training runs, their checkpoints, download URLs, deletion.
+"""The Tinker `RestClient` routes: training runs, their checkpoints, download URLs, deletion,
+TTL changes, publishing.
 
-Reads come from the same read models as /v1/loops (runs, checkpoints); deletion is the same
-`DeleteCheckpoint` command. Tinker names a checkpoint `<kind>/<name>` inside its training run
-(`tinker://<model_id>/<kind>/<name>`); loopstream's checkpoint rows carry run, kind and name, so
-the mapping is a lookup (api/tinker/ids.py maps model ids to runs).
+Reads come from the same read models as /v1/loops (runs, checkpoints); deletion, TTL changes
+and publishing are the same `DeleteCheckpoint`, `SetCheckpointTtl`, `PublishCheckpoint` and
+`UnpublishCheckpoint` commands, answered once the session applied them and the read models show
+it (the SDK resolves these calls on the HTTP answer). Tinker names a checkpoint `<kind>/<name>`
+inside its training run (`tinker://<model_id>/<kind>/<name>`); loopstream's checkpoint rows
+carry run, kind and name, so the mapping is a lookup (api/tinker/ids.py maps model ids to runs).
 
 Download: the SDK's only download call is `get_external_weights_urls`, one signed URL per file,
 for `tinker://<model_id>/external_weights/<name>` paths (the SDK refuses other kinds before
@@ -11,6 +14,11 @@ sending). loopstream's sampler_weights checkpoint is its exportable form, so `ex
 names the sampler_weights checkpoint of that name; the same per-file presigned URLs as
 `GET /v1/loops/checkpoints/{id}/files`. Over plain HTTP the route also serves `weights/<name>`
 and `sampler_weights/<name>`.
+
+Published (`public: true`): any workspace may start a training run from the checkpoint's path
+(create_training_client_from_state[_with_optimizer], load_state) and read its
+`get_weights_info_by_tinker_path`. Everything else stays the owner's: listings, the run, download
+URLs, sampling clients, TTL, deletion, (un)publishing; another workspace gets a 404 there.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
+from sqlalchemy import Engine
 
 from api.auth import Caller, CallerDep, TrainCaller, authenticate
 from api.deps import (
@@ -34,18 +43,28 @@ from api.deps import (
 )
 from api.errors import ApiError
 from api.queries import ReadModels, Row
-from api.routes._common import envelope
+from api.routes._common import envelope, source_run
+from api.submit import Submitter, new_resource_id
 from api.tinker import ids
-from api.tinker.routes import _lookup, run_of
-from commands.loops import DeleteCheckpoint
-from events.limits import RequestKey, ShortText
+from api.tinker.routes import _lookup, _validated, run_of
+from commands.loops import (
+    Command,
+    DeleteCheckpoint,
+    PublishCheckpoint,
+    SetCheckpointTtl,
+    UnpublishCheckpoint,
+)
+from events.limits import MAX_PAGE_LIMIT, RequestKey, ShortText
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
+from infra.settings import Settings
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], dependencies=[Depends(authenticate)])
 
-DELETE_WAIT_S = 30.0  # the SDK's delete resolves on the HTTP answer: answer once it is applied
+# The SDK's delete, TTL and (un)publish resolve on the HTTP answer: answer once it is applied.
+APPLY_WAIT_S = 30.0
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
 TinkerKind = Literal["weights", "sampler_weights", "external_weights"]
+StoredKind = Literal["weights", "sampler_weights"]
 # A Tinker model id (`<session>:train:<n>`, or a loops run id) and a checkpoint name.
 ModelIdPath = Annotated[RequestKey, Path(description="training run (model) id")]
 NamePath = Annotated[ShortText, Path(description="checkpoint name")]
@@ -66,6 +85,7 @@ def _checkpoint_public(row: Row) -> dict[str, Any]:
         "time": row["created_at"],
         "tinker_path": ids.tinker_path(row["uri"]),
         "size_bytes": row["total_size_bytes"],
+        "public": bool(row.get("public")),
         "expires_at": row["expires_at"],
     }
 
@@ -87,6 +107,7 @@ def _training_run_public(reads: ReadModels, run: Row) -> dict[str, Any]:
         "last_sampler_checkpoint": (
             _checkpoint_public(latest["sampler_weights"]) if "sampler_weights" in latest else None
         ),
+        "user_metadata": run.get("user_metadata"),
     }
 
 
@@ -125,7 +146,11 @@ def weights_info(body: dict[str, Any], reads: ReadDep, caller: CallerDep) -> dic
         uri = ids.bt_uri(str(body.get("tinker_path")))
     except ValueError as exc:
         raise ApiError(400, str(exc), field="tinker_path") from exc
-    run = _run(reads, ids.model_id_of(uri.removeprefix("bt://loops:").split("/")[0]), caller)
+    # The caller's run, or the run of a published checkpoint (what create-from-state needs).
+    run = source_run(reads, uri, caller)
+    if run is None:
+        model_id = ids.model_id_of(uri.removeprefix("bt://loops:").split("/")[0])
+        raise ApiError(404, f"training run {model_id} not found", field="training_run_id")
     return {
         "base_model": run["base_model"],
         "is_lora": run["lora_rank"] > 0,
@@ -140,6 +165,23 @@ def list_checkpoints(model_id: ModelIdPath, reads: ReadDep, caller: CallerDep) -
         run["run_id"], workspace=caller.workspace_id, include_deleted=False
     )
     return {"checkpoints": [_checkpoint_public(r) for r in rows]}
+
+
+@router.get("/checkpoints")
+def list_user_checkpoints(
+    reads: ReadDep,
+    caller: CallerDep,
+    limit: int = Query(100, ge=1, le=MAX_PAGE_LIMIT),
+    offset: OffsetQuery = 0,
+) -> dict[str, Any]:
+    """Every live checkpoint of the caller's workspace, across its runs, newest first."""
+    rows, total = reads.checkpoints_of_workspace(
+        workspace=caller.workspace_id, limit=limit, offset=offset
+    )
+    return {
+        "checkpoints": [_checkpoint_public(r) for r in rows],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
 
 
 @router.get("/training_runs/{model_id}/checkpoints/{kind}/{name}/external_weights_urls")
@@ -167,10 +209,56 @@ def external_weights_urls(
     }
 
 
+def _apply(
+    row: Row,
+    command: Command,
+    *,
+    command_id: str,
+    submitter: Submitter,
+    state: Any,
+    engine: Engine,
+    settings: Settings,
+    caller: Caller,
+) -> None:
+    """Send a command on the checkpoint's session and return once it is applied and the read
+    models show it, so that a listing right after the answer sees the change. A rejection is a
+    400 naming its field; a 409 when a concurrent request (un)published it first (the SDK
+    retries that, and the retry finds the state it asked for)."""
+    submitter.submit(
+        envelope(
+            request_id=command_id, command=command, aggregate_id=row["session_id"], caller=caller
+        ),
+        to="commands",
+    )
+    what = f"{type(command).__name__} of {row['checkpoint_id']}"
+    deadline = time.monotonic() + APPLY_WAIT_S
+    while (result := _lookup(state, engine, settings, command_id, caller)) is None:
+        if time.monotonic() > deadline:
+            raise ApiError(503, f"{what} not applied in time")
+        time.sleep(0.01)
+    if result.status != "accepted":
+        status = 409 if result.field == "public" else 400
+        raise ApiError(status, result.reason or result.status, field=result.field or "path")
+    applied = max((ref.sequence for ref in result.events), default=0)
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            now = ReadModels(conn, settings.read_schema).checkpoint(
+                row["checkpoint_id"], workspace=caller.workspace_id
+            )
+        if now is None or now["version"] >= applied:
+            return
+        time.sleep(0.01)
+    # Applied all the same: the listing catches up a moment later.
+
+
+def _done() -> Response:
+    return Response(status_code=200, content=b"null", media_type="application/json")
+
+
 @router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}")
 def delete_checkpoint(
     model_id: ModelIdPath,
-    kind: Literal["weights", "sampler_weights"],
+    kind: StoredKind,
     name: NamePath,
     reads: ReadDep,
     submitter: SubmitterDep,
@@ -180,44 +268,125 @@ def delete_checkpoint(
     caller: TrainCaller,
 ) -> Response:
     row = _checkpoint_row(reads, model_id, kind, name, caller)
-    # One command per checkpoint: a retried delete is the same command.
-    command_id = f"tinker:delete:{row['checkpoint_id']}"
-    submitter.submit(
-        envelope(
-            request_id=command_id,
-            command=DeleteCheckpoint(checkpoint_id=row["checkpoint_id"]),
-            aggregate_id=row["session_id"],
-            caller=caller,
-        ),
-        to="commands",
+    _apply(
+        row,
+        DeleteCheckpoint(checkpoint_id=row["checkpoint_id"]),
+        # One command per checkpoint: a retried delete is the same command.
+        command_id=f"tinker:delete:{row['checkpoint_id']}",
+        submitter=submitter,
+        state=state,
+        engine=engine,
+        settings=settings,
+        caller=caller,
     )
-    deadline = time.monotonic() + DELETE_WAIT_S
-    while (result := _lookup(state, engine, settings, command_id, caller)) is None:
-        if time.monotonic() > deadline:
-            raise ApiError(503, f"delete of {row['checkpoint_id']} not applied in time")
-        time.sleep(0.01)
-    if result.status != "accepted":
-        raise ApiError(400, result.reason or result.status, field="path")
-    # ...and once the read models say so, so that a listing right after no longer shows it.
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            now = ReadModels(conn, settings.read_schema).checkpoint(
-                row["checkpoint_id"], workspace=caller.workspace_id
-            )
-        if now is None or now["status"] != "active":
-            break
-        time.sleep(0.01)
-    return Response(status_code=200, content=b"null", media_type="application/json")
+    return _done()
 
 
 @router.put("/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
 def set_checkpoint_ttl(
-    model_id: ModelIdPath, kind: ShortText, name: NamePath, caller: TrainCaller
+    model_id: ModelIdPath,
+    kind: StoredKind,
+    name: NamePath,
+    body: dict[str, Any],
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    state: StateDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: TrainCaller,
 ) -> Response:
-    # A checkpoint's expiry is fixed when it is recorded (ttl_seconds of save_state /
-    # save_weights_for_sampler); changing it later needs an event loopstream does not have yet.
-    raise ApiError(
-        400,
-        "changing a checkpoint's TTL is not served by loopstream: pass ttl_seconds when saving",
-        field="ttl_seconds",
+    """`{"ttl_seconds": n}`: the checkpoint expires n seconds from now (1 s to 10 years, as at
+    save time); `{"ttl_seconds": null}`: it never expires."""
+    if "ttl_seconds" not in body:
+        raise ApiError(
+            400, "ttl_seconds: field required (null: never expires)", field="ttl_seconds"
+        )
+    row = _checkpoint_row(reads, model_id, kind, name, caller)
+    command = _validated(
+        SetCheckpointTtl, checkpoint_id=row["checkpoint_id"], ttl_seconds=body["ttl_seconds"]
     )
+    _apply(
+        row,
+        command,
+        # Each change is its own: counted from now, a later one is not a retry of an earlier.
+        command_id=f"tinker:ttl:{row['checkpoint_id']}:{new_resource_id(12)}",
+        submitter=submitter,
+        state=state,
+        engine=engine,
+        settings=settings,
+        caller=caller,
+    )
+    return _done()
+
+
+def _set_public(
+    public: bool,
+    *,
+    model_id: str,
+    kind: str,
+    name: str,
+    reads: ReadModels,
+    submitter: Submitter,
+    state: Any,
+    engine: Engine,
+    settings: Settings,
+    caller: Caller,
+) -> Response:
+    row = _checkpoint_row(reads, model_id, kind, name, caller)
+    if bool(row["public"]) == public:
+        # Already so: nothing to change, and no 409. The SDK retries a 409 for five minutes
+        # before raising it, so a repeated publish would hang; the state asked for holds.
+        return _done()
+    command = PublishCheckpoint if public else UnpublishCheckpoint
+    _apply(
+        row,
+        command(checkpoint_id=row["checkpoint_id"]),
+        # Per version of the row: two identical requests on one state are one command.
+        command_id=f"tinker:{command.__name__}:{row['checkpoint_id']}:{row['version']}",
+        submitter=submitter,
+        state=state,
+        engine=engine,
+        settings=settings,
+        caller=caller,
+    )
+    return _done()
+
+
+@router.post("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
+def publish_checkpoint(
+    model_id: ModelIdPath,
+    kind: StoredKind,
+    name: NamePath,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    state: StateDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: TrainCaller,
+) -> Response:
+    """Any workspace may then start a training run from the checkpoint's path. Already public:
+    a 200 that changes nothing."""
+    return _set_public(
+        True, model_id=model_id, kind=kind, name=name, reads=reads, submitter=submitter,
+        state=state, engine=engine, settings=settings, caller=caller,
+    )  # fmt: skip
+
+
+@router.delete("/training_runs/{model_id}/checkpoints/{kind}/{name}/publish")
+def unpublish_checkpoint(
+    model_id: ModelIdPath,
+    kind: StoredKind,
+    name: NamePath,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    state: StateDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: TrainCaller,
+) -> Response:
+    """Private again: a run another workspace already started from it keeps what it loaded.
+    Already private: a 200 that changes nothing."""
+    return _set_public(
+        False, model_id=model_id, kind=kind, name=name, reads=reads, submitter=submitter,
+        state=state, engine=engine, settings=settings, caller=caller,
+    )  # fmt: skip

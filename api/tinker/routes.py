@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller, CallerDep, InferCaller, TrainCaller, authenticate
 from api.deps import EngineDep, ReadDep, SettingsDep, StateDep, SubmitterDep
 from api.errors import ApiError
 from api.queries import ReadModels, Row
-from api.routes._common import envelope
+from api.routes._common import envelope, source_run
 from api.submit import Submitter, derived_resource_id, new_resource_id
 from api.tinker import ids
 from api.tinker.wire import (
@@ -52,6 +52,7 @@ from commands.work import (
     Sample,
     SaveWeights,
 )
+from events.limits import UserMetadata
 from gpu_workers.models import UnknownBaseModel, available_base_models, resolve_base_model
 from infra.settings import Settings
 
@@ -363,6 +364,19 @@ def telemetry(body: _Body) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ models
 
+_USER_METADATA: TypeAdapter[dict[str, str] | None] = TypeAdapter(UserMetadata | None)
+
+
+def _user_metadata(data: dict[str, Any]) -> dict[str, str] | None:
+    """The run's user_metadata (create_model, create-from-state): a flat object of strings of
+    bounded sizes (events/limits.py), or a 400 naming the key."""
+    try:
+        return _USER_METADATA.validate_python(data.get("user_metadata"))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in ("user_metadata", *error["loc"]))
+        raise bad_request(f"{where}: {error['msg']}", where) from exc
+
 
 def _check_model(settings: Settings, base_model: str) -> None:
     try:
@@ -380,9 +394,20 @@ def _create_run(
     lora_rank: int,
     from_checkpoint: str | None,
     max_seq_len: int,
+    user_metadata: dict[str, str] | None = None,
 ) -> str:
     """CreateSession + CreateRun on the model's own loops session, in that order on its
-    partition; the future is the CreateRun's."""
+    partition; the future is the CreateRun's. The run is checked first (a bad user_metadata is
+    a 400 naming its key), so nothing is sent for a request refused."""
+    run = _validated(
+        CreateRun,
+        run_id=ids.run_id_of(model_id),
+        sampler_id=ids.sampler_id_of(model_id),
+        max_seq_len=max_seq_len,
+        lora_rank=lora_rank,
+        from_checkpoint=from_checkpoint,
+        user_metadata=user_metadata,
+    )
     session_id = ids.run_id_of(model_id).replace("-train-", "-s-")
     create_session_id = f"tinker:{model_id}:create_session"
     create_run_id = f"tinker:{model_id}:create_run"
@@ -396,13 +421,6 @@ def _create_run(
             caller=caller,
         ),
         to="commands",
-    )
-    run = CreateRun(
-        run_id=ids.run_id_of(model_id),
-        sampler_id=ids.sampler_id_of(model_id),
-        max_seq_len=max_seq_len,
-        lora_rank=lora_rank,
-        from_checkpoint=from_checkpoint,
     )
     submitter.submit(
         envelope(request_id=create_run_id, command=run, aggregate_id=session_id, caller=caller),
@@ -431,6 +449,7 @@ def create_model(
     session_id, seq_id = _field(data, "session_id", str), _field(data, "model_seq_id", int)
     lora = _object(data, "lora_config")
     lora_rank = _field(lora, "rank", int, 0)
+    user_metadata = _user_metadata(data)
     model_id = ids.model_id_for(_check_session(engine, settings, session_id, caller), seq_id)
     request_id = _create_run(
         caller=caller,
@@ -440,6 +459,7 @@ def create_model(
         lora_rank=lora_rank,
         from_checkpoint=None,
         max_seq_len=_max_seq_len(settings, base_model),
+        user_metadata=user_metadata,
     )
     return _future(request_id, model_id)
 
@@ -626,6 +646,8 @@ def load_weights(
     if data.get("model_id"):  # load_state on an existing training client
         with _seq_door(str(data["model_id"]), _seq_id(data)):
             _run_row(reads, str(data["model_id"]), caller)
+            if source_run(reads, uri, caller) is None:
+                raise bad_request(f"no run holds {data.get('path')}", "path")
             work = _validated(LoadState, checkpoint_uri=uri, optimizer=optimizer)
         return _submit_training(
             caller=caller,
@@ -635,13 +657,14 @@ def load_weights(
             request=work,
         )
     # create_training_client_from_state[_with_optimizer]: a new run started from the checkpoint.
-    source_run_id = ids.run_id_of(ids.model_id_of(uri.split(":", 2)[2].split("/")[0]))
-    source = run_of(reads, source_run_id, caller)
+    # From a checkpoint of the caller's workspace, or a published one of any workspace.
+    source = source_run(reads, uri, caller)
     if source is None:
         raise bad_request(f"no run holds {data.get('path')}", "path")
     base_model = str(data.get("base_model") or source["base_model"])
     _check_model(settings, base_model)
     session_id, seq_id = _field(data, "session_id", str), _field(data, "model_seq_id", int)
+    user_metadata = _user_metadata(data)
     model_id = ids.model_id_for(_check_session(engine, settings, session_id, caller), seq_id)
     request_id = _create_run(
         caller=caller,
@@ -651,6 +674,7 @@ def load_weights(
         lora_rank=source["lora_rank"],
         from_checkpoint=uri,
         max_seq_len=source["max_seq_len"],
+        user_metadata=user_metadata,
     )
     if not optimizer:
         # Weights only: once the run exists, a LoadState(optimizer=False) of its start
