@@ -384,6 +384,11 @@ class ServiceClient:
     def get_session(self, session_id: str) -> Json:
         return self.http.request("GET", f"/v1/loops/sessions/{session_id}")
 
+    def list_runs(self, *, limit: int = 100) -> list[Json]:
+        """The workspace's runs, newest first, across its sessions."""
+        page = self.http.request("GET", "/v1/loops/runs", params={"limit": limit})
+        return list(page["data"])
+
     def get_run(self, run_id: str) -> Json:
         return self.http.request("GET", f"/v1/loops/runs/{run_id}")
 

@@ -182,6 +182,11 @@ class RunPublic(Public):
     user_metadata: dict[str, str] | None = None
 
 
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+
+
 class SamplerPublic(Public):
     sampler_id: str
     run_id: str

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 
 from api.auth import CallerDep, TrainCaller
-from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
+from api.deps import (
+    IdempotencyHeader,
+    OffsetQuery,
+    ReadDep,
+    RequestIdQuery,
+    RunIdPath,
+    SubmitterDep,
+)
 from api.errors import error_responses, not_found
-from api.models import RunAccepted, RunCreate, RunPublic
+from api.models import RunAccepted, RunCreate, RunPublic, RunsPublic
 from api.routes._common import active_session, envelope, source_run
 from api.submit import derived_resource_id, new_resource_id, resolve_request_id
 from commands.loops import CreateRun
@@ -64,6 +71,18 @@ def create_run(
     return RunAccepted(
         run_id=run_id, sampler_id=sampler_id, session_id=body.session_id, request_id=ids.request_id
     )
+
+
+@router.get("")
+def list_runs(
+    caller: CallerDep,
+    reads: ReadDep,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: OffsetQuery = 0,
+) -> RunsPublic:
+    """The workspace's runs, newest first, across its sessions."""
+    rows, total = reads.runs(workspace=caller.workspace_id, limit=limit, offset=offset)
+    return RunsPublic(data=[RunPublic.model_validate(r) for r in rows], count=total)
 
 
 @router.get("/{run_id}", responses=error_responses(404))
