@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -20,6 +19,24 @@ stack_app = typer.Typer(no_args_is_help=True, help="The local stack: Kafka, Post
 db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL read-model schema.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"loopstream {version('loopstream')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    _version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """loopstream: event-sourced RL control plane."""
+
 
 # --- projections (projections/cli.py) ---
 from projections.cli import projections_app, replay  # noqa: E402
@@ -43,6 +60,17 @@ app.add_typer(workspaces_app, name="workspaces")
 from api.cli_secrets import secrets_app  # noqa: E402
 
 app.add_typer(secrets_app, name="secrets")
+
+from api.cli_models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+# --- the logs of the stack's servers and loopstream's services (api/cli_logs.py) ---
+from api.cli_logs import show_logs  # noqa: E402
+
+app.command("logs")(show_logs)
+
+from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -88,60 +116,56 @@ def stack_down() -> None:
 
 
 @stack_app.command("status")
-def stack_status() -> None:
-    """Show which services run, their pids, and whether they answer."""
+def stack_status(output: OutputFormat = OUTPUT) -> None:
+    """Show which servers run, their pids, and whether they answer (exit 1 if one does not)."""
+    from dataclasses import asdict
+
     from infra.stack import LocalStack
 
     statuses = LocalStack(get_settings()).status()
-    table = Table("service", "pid", "ready", "endpoint")
-    for status in statuses:
-        ready = "[green]yes[/]" if status.ready else "[red]no[/]"
-        table.add_row(status.name, str(status.pid or "-"), ready, status.endpoint)
-    Console().print(table)
+    rows = [[s.name, s.pid, "yes" if s.ready else "no", s.endpoint] for s in statuses]
+    listing = Listing([Column("service"), Column("pid"), Column("ready"), Column("endpoint")], rows)
+    emit(output, [asdict(s) for s in statuses], [listing])
     if not all(status.ready for status in statuses):
         raise typer.Exit(code=1)
 
 
 @stack_app.command("logs")
 def stack_logs(
-    service: str = typer.Argument("kafka", help="kafka, postgres or s3"),
-    lines: int = typer.Option(50, "-n", help="how many lines from the end"),
+    service: str = typer.Argument("kafka", help="any service `loopstream logs` names"),
+    lines: int = typer.Option(50, "-n", "--lines", min=0, help="how many lines from the end"),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
 ) -> None:
-    """Print a service's log."""
-    from infra.stack import LocalStack
-
-    services = LocalStack(get_settings()).services
-    if service not in services:
-        _fail(ValueError(f"unknown service {service!r}; choose one of {', '.join(services)}"))
-    log_file = services[service].process.log_file
-    if follow:
-        subprocess.run(["tail", "-n", str(lines), "-F", str(log_file)], check=False)
-    else:
-        sys.stdout.write(services[service].process.log_tail(lines) + "\n")
+    """Print a service's log: the same as `loopstream logs`."""
+    show_logs(service, lines=lines, follow=follow)
 
 
 @stack_app.command("topics")
-def stack_topics() -> None:
-    """Create missing topics and align configs with the declared catalog."""
+def stack_topics(output: OutputFormat = OUTPUT) -> None:
+    """Create missing topics and align configs with the declared catalog; print what changed."""
+    from dataclasses import asdict
+
     from infra.topics import provision_topics
 
-    report = provision_topics(get_settings())
-    console.print(
-        f"created {report.created}, reconfigured {report.reconfigured}, "
-        f"repartitioned {report.repartitioned}, unchanged {report.unchanged}"
-    )
+    report = asdict(provision_topics(get_settings()))
+    rows = [[what, ", ".join(topics)] for what, topics in report.items()]
+    emit(output, report, [Listing([Column("action"), Column("topics", kind="text")], rows)])
 
+
+from infra.services import SERVICES  # noqa: E402
 
 services_app = typer.Typer(
-    no_args_is_help=True, help="loopstream's own processes: command processor, projections."
+    no_args_is_help=True,
+    help=f"loopstream's own processes: {', '.join(s.name for s in SERVICES)}.",
 )
 app.add_typer(services_app, name="services")
 
 
 @services_app.command("up")
 def services_up() -> None:
-    """Start the command processor and the projection runner in the background (idempotent)."""
+    """Start every service that is not running, in the background (idempotent).
+
+    Waits until the API answers, and makes sure the default workspace's admin key exists."""
     from infra.services import services_up as start
 
     try:
@@ -160,7 +184,7 @@ def services_up() -> None:
 
 @services_app.command("down")
 def services_down() -> None:
-    """Stop them (by recorded pid)."""
+    """Stop every service and what it started (by recorded pid)."""
     from infra.services import services_down as stop
 
     stopped = stop(get_settings())
@@ -168,21 +192,46 @@ def services_down() -> None:
 
 
 @services_app.command("status")
-def services_status() -> None:
-    """Which of them run, with pids; and the records the projection could not apply."""
+def services_status(output: OutputFormat = OUTPUT) -> None:
+    """Which of them run, with pids; exit 1 if one does not.
+
+    Also the records the projection could not apply (JSON: `projection_failures`, null when
+    unknown)."""
     from infra.services import services_status as status
     from infra.services import services_strays
 
-    strays = services_strays(get_settings())
-    for name, pid in status(get_settings()).items():
-        console.print(f"{name}: {'pid ' + str(pid) if pid else '[red]not running[/]'}")
-        if name in strays:  # its leader died (kill -9) and left these running
-            pids = ", ".join(map(str, strays[name]))
-            console.print(f"  [red]left running: pids {pids}[/] (`services down` ends them)")
-    # A projection that runs can still have skipped records: say so, with the latest ones.
-    from projections.cli import print_failures
+    settings = get_settings()
+    strays = services_strays(settings)  # a leader died (kill -9) and left these running
+    services = [
+        {"name": name, "pid": pid, "running": pid is not None, "left_running": strays.get(name, [])}
+        for name, pid in status(settings).items()
+    ]
+    rows = [
+        [s["name"], s["pid"], "yes" if s["running"] else "no",
+         ", ".join(map(str, s["left_running"])) + " (`services down` ends them)"
+         if s["left_running"] else None]
+        for s in services
+    ]  # fmt: skip
+    columns = [Column("service"), Column("pid"), Column("running"), Column("left running", "text")]
+    if output == OutputFormat.json:
+        from sqlalchemy.exc import SQLAlchemyError
 
-    print_failures(get_settings().read_schema, limit=5)
+        from projections.db import get_engine
+        from projections.health import count_failures
+
+        try:
+            failures: int | None = count_failures(get_engine(settings), settings.read_schema)
+        except SQLAlchemyError:
+            failures = None
+        emit(output, {"services": services, "projection_failures": failures}, [])
+    else:
+        emit(output, services, [Listing(columns, rows)])
+        # A projection that runs can still have skipped records: say so, with the latest ones.
+        from projections.cli import print_failures
+
+        print_failures(settings.read_schema, limit=5)
+    if not all(s["running"] for s in services):
+        raise typer.Exit(code=1)
 
 
 @db_app.command("migrate")
@@ -194,7 +243,7 @@ def db_migrate(revision: str = typer.Argument("head")) -> None:
     console.print(f"database at {revision}")
 
 
-audit_app = typer.Typer(no_args_is_help=True, help="Read the event log: history, state, tail.")
+audit_app = typer.Typer(no_args_is_help=True, help="Read the event log: history, tail.")
 app.add_typer(audit_app, name="audit")
 
 
@@ -283,16 +332,36 @@ def process_commands() -> None:
 
 
 @app.command("smoke")
-def smoke() -> None:
-    """Send one command through Kafka and read its effect back from a PostgreSQL projection."""
-    from api.smoke import run_smoke
+def smoke(
+    output: OutputFormat = OUTPUT,
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="API base URL (default: LOOPSTREAM_API_BASE_URL)"
+    ),
+) -> None:
+    """Health check of every service: one short session through the REST API, then ended.
+
+    The steps: create a session and a run (trainer and sampler), sample 4 tokens (sampler
+    worker), forward_backward and optim_step (trainer worker), save and hotload sampler weights
+    (S3 store), read the checkpoint back, end the session. Exit 1 naming the first step that
+    failed."""
+    from rich.text import Text
+
+    from api.client import ServiceClient
+    from api.smoke import SmokeError, run_smoke
+
+    out = Console(highlight=False, emoji=False)
+
+    def progress(step: dict) -> None:  # table output: each step as it passes
+        out.print(Text(f"ok  {step['step']}  ({step['ms']:.0f} ms)  {step['detail']}"))
 
     try:
-        result = run_smoke(get_settings())
-    except StackError as exc:
+        with ServiceClient(base_url) as client:
+            report = run_smoke(client, on_step=progress if output == OutputFormat.table else None)
+    except (SmokeError, RuntimeError) as exc:
         _fail(exc)
         return
-    console.print(result)
+    result = report.as_dict()
+    emit(output, result, [Text(f"smoke passed in {result['total_ms'] / 1000:.1f}s")])
 
 
 if __name__ == "__main__":

@@ -1,23 +1,29 @@
-"""`loopstream api`, and `loopstream sessions|runs|checkpoints ...`: the Loops resources as
-tables, read through the REST API with the SDK (so they work against any deployment)."""
+"""`loopstream api`, and `loopstream sessions|runs|checkpoints ...`: the Loops resources, read
+and changed through the REST API with the SDK (so they work against any deployment).
+
+Tables for a person, `-o json` for a script (api/cli_output.py); errors on stderr.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from api.client import LoopsError, MissingApiKeyError, ServiceClient
+from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, when
+from api.client import ChecksumMismatchError, LoopsError, MissingApiKeyError, ServiceClient
 from api.config import get_api_settings
 
-sessions_app = typer.Typer(no_args_is_help=True, help="Loops sessions.")
-runs_app = typer.Typer(no_args_is_help=True, help="Loops runs (trainers) and their samplers.")
-checkpoints_app = typer.Typer(no_args_is_help=True, help="Loops checkpoints and their files.")
-
-out = Console()
-err = Console(stderr=True)
+sessions_app = typer.Typer(no_args_is_help=True, help="Loops sessions: list, show, end.")
+runs_app = typer.Typer(
+    no_args_is_help=True, help="Loops runs (a trainer and its sampler): list, show, syncs."
+)
+checkpoints_app = typer.Typer(
+    no_args_is_help=True,
+    help="Loops checkpoints: list, show, files, download, promote, delete.",
+)
 
 
 def serve_api(
@@ -25,7 +31,7 @@ def serve_api(
     port: int | None = typer.Option(None, help="listen port (default: LOOPSTREAM_API_PORT)"),
 ) -> None:
     """Serve the Loops REST API (OpenAPI at /docs)."""
-    from api.app import serve
+    from rich.console import Console
 
     settings = get_api_settings()
     updates: dict[str, Any] = {}
@@ -34,7 +40,14 @@ def serve_api(
     if port:
         updates["api_port"] = port
     # Re-validated, so a non-loopback host still refuses the development secret.
-    serve(settings.model_validate({**settings.model_dump(), **updates}) if updates else settings)
+    if updates:
+        settings = settings.model_validate({**settings.model_dump(), **updates})
+    # Loading the app takes seconds: say so at once, and again when it listens (on stderr).
+    say = Console(stderr=True, emoji=False, highlight=False).print
+    say(f"starting the API on http://{settings.api_host}:{settings.api_port} ...", markup=False)
+    from api.app import serve
+
+    serve(settings, announce=lambda line: say(line, markup=False))
 
 
 def _client(base_url: str | None) -> ServiceClient:
@@ -45,158 +58,271 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except LoopsError as exc:
-        err.print(f"[bold red]error:[/] {exc.detail}")
-        raise typer.Exit(code=1) from exc
-    except MissingApiKeyError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=1) from exc
+        fail(exc.detail)
+    except (MissingApiKeyError, ChecksumMismatchError) as exc:
+        fail(str(exc))
     except Exception as exc:  # connection refused and the like: say where we looked
-        err.print(f"[bold red]error:[/] {exc} (is `loopstream api` running?)")
-        raise typer.Exit(code=1) from exc
+        fail(f"{exc} (is `loopstream api` running?)")
+
+
+def _wait(future: Any, what: str, *, timeout: float = 60.0) -> Any:
+    """A future's result; a rejection or failure (its reason quotes the rule) exits 1."""
+    try:
+        return future.result(timeout=timeout)
+    except Exception as exc:
+        fail(f"{what}: {exc}")
 
 
 BASE_URL = typer.Option(None, "--base-url", help="API base URL (default: LOOPSTREAM_API_BASE_URL)")
 
 
-def _when(value: str | None) -> str:
-    return value[:19].replace("T", " ") if value else "-"
+def _runs_listing(runs: list[dict[str, Any]], *, title: str | None = "runs") -> Listing:
+    columns = [Column("run"), Column("session"), Column("sampler"), Column("status"),
+               Column("max_seq_len", justify="right"), Column("lora_rank", justify="right"),
+               Column("from"), Column("created")]  # fmt: skip
+    rows = [
+        [r["run_id"], r["session_id"], r["sampler_id"], r["status"], r["max_seq_len"],
+         r["lora_rank"], r["from_checkpoint"], when(r["created_at"])]
+        for r in runs
+    ]  # fmt: skip
+    return Listing(columns, rows, title=title)
 
 
-def _runs_table(runs: list[dict[str, Any]]) -> Table:
-    table = Table("run", "sampler", "status", "max_seq_len", "lora_rank", "from", "created")
-    for r in runs:
-        table.add_row(
-            r["run_id"], r["sampler_id"], r["status"], str(r["max_seq_len"]), str(r["lora_rank"]),
-            r["from_checkpoint"] or "-", _when(r["created_at"]),
-        )  # fmt: skip
-    return table
-
-
-def _checkpoints_table(checkpoints: list[dict[str, Any]]) -> Table:
-    table = Table("checkpoint", "uri", "type", "status", "files", "bytes", "step", "promoted",
-                  "created")  # fmt: skip
+def _checkpoints_listing(
+    checkpoints: list[dict[str, Any]], *, title: str | None = "checkpoints"
+) -> Listing:
+    columns = [Column("checkpoint"), Column("uri"), Column("type"),
+               Column("status"), Column("files", justify="right"),
+               Column("bytes", justify="right"), Column("step", justify="right"),
+               Column("promoted"), Column("created")]  # fmt: skip
+    rows = []
     for c in checkpoints:
-        step = str(c["step"]) if c["step"] is not None else "-"
-        kind = c.get("checkpoint_type") or "-"
+        kind = c.get("checkpoint_type") or c.get("kind") or "-"
         if c.get("chain_position"):
             kind += f" #{c['chain_position']}"
-        table.add_row(
-            c["checkpoint_id"], c["uri"], kind, c["status"], str(len(c["files"])),
-            f"{c['total_size_bytes']:,}", step, ", ".join(c.get("promoted_to") or []) or "-",
-            _when(c["created_at"]),
+        rows.append(
+            [c["checkpoint_id"], c["uri"], kind, c["status"], len(c["files"]),
+             f"{c['total_size_bytes']:,}", c["step"], ",".join(c.get("promoted_to") or []),
+             when(c["created_at"])]
         )  # fmt: skip
-    return table
+    return Listing(columns, rows, title=title)
 
 
 def _ms(value: float | None) -> str:
     return f"{value:.0f}" if value is not None else "-"
 
 
+# --- sessions -------------------------------------------------------------------------------------
+
+
 @sessions_app.command("list")
 def sessions_list(
     status: str | None = typer.Option(None, help="active or ended"),
     limit: int = typer.Option(100, min=1, max=1000),
+    output: OutputFormat = OUTPUT,
     base_url: str | None = BASE_URL,
 ) -> None:
-    """All sessions, newest first."""
+    """The workspace's sessions, newest first."""
     sessions = _call(_client(base_url).list_sessions, status=status, limit=limit)
-    table = Table("session", "base model", "project", "name", "status", "created", title="sessions")
-    for s in sessions:
-        table.add_row(s["session_id"], s["base_model"], s["project"] or "-", s["name"] or "-",
-                      s["status"], _when(s["created_at"]))  # fmt: skip
-    out.print(table)
+    columns = [Column("session"), Column("base model"), Column("project", kind="text"),
+               Column("name", kind="text"), Column("status"), Column("created")]  # fmt: skip
+    rows = [
+        [s["session_id"], s["base_model"], s["project"], s["name"], s["status"],
+         when(s["created_at"])]
+        for s in sessions
+    ]  # fmt: skip
+    emit(output, sessions, [Listing(columns, rows, title="sessions")])
 
 
 @sessions_app.command("show")
-def sessions_show(session_id: str, base_url: str | None = BASE_URL) -> None:
+def sessions_show(
+    session_id: str, output: OutputFormat = OUTPUT, base_url: str | None = BASE_URL
+) -> None:
     """One session with its runs and checkpoints."""
     s = _call(_client(base_url).get_session, session_id)
-    out.print(
-        f"[bold]session {s['session_id']}[/]  base model {s['base_model']}  status {s['status']}"
-        f"{'  (' + s['end_reason'] + ')' if s['end_reason'] else ''}"
-    )
-    out.print(_runs_table(s["runs"]))
-    out.print(_checkpoints_table(s["checkpoints"]))
+    header = Text.assemble(
+        ("session ", "bold"), (s["session_id"], "bold"), "  name ", s["name"] or "-",
+        "  project ", s["project"] or "-", "  base model ", s["base_model"],
+        "  status ", s["status"], f"  ({s['end_reason']})" if s["end_reason"] else "",
+    )  # fmt: skip
+    emit(output, s, [header, _runs_listing(s["runs"]), _checkpoints_listing(s["checkpoints"])])
+
+
+@sessions_app.command("end")
+def sessions_end(
+    session_id: str,
+    reason: str = typer.Option("ended by user", help="why (kept on the session)"),
+    output: OutputFormat = OUTPUT,
+    base_url: str | None = BASE_URL,
+) -> None:
+    """End a session: its runs and samplers stop and their workers release them."""
+    future = _call(_client(base_url).end_session, session_id, reason=reason)
+    result = _wait(future, f"session {session_id} not ended")
+    emit(output, result, [Text(f"session {session_id} ended ({reason})")])
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+@runs_app.command("list")
+def runs_list(
+    limit: int = typer.Option(100, min=1, max=1000),
+    output: OutputFormat = OUTPUT,
+    base_url: str | None = BASE_URL,
+) -> None:
+    """The workspace's runs, newest first, across its sessions."""
+    runs = _call(_client(base_url).list_runs, limit=limit)
+    emit(output, runs, [_runs_listing(runs)])
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, base_url: str | None = BASE_URL) -> None:
-    """One run and its active checkpoints."""
+def runs_show(run_id: str, output: OutputFormat = OUTPUT, base_url: str | None = BASE_URL) -> None:
+    """One run and its live checkpoints (JSON: the run, with `checkpoints`)."""
     client = _client(base_url)
     run = _call(client.get_run, run_id)
-    out.print(_runs_table([run]))
-    out.print(_checkpoints_table(_call(client.list_checkpoints, run_id)))
+    checkpoints = _call(client.list_checkpoints, run_id)
+    emit(
+        output,
+        {**run, "checkpoints": checkpoints},
+        [_runs_listing([run], title=None), _checkpoints_listing(checkpoints)],
+    )
 
 
 @runs_app.command("syncs")
 def runs_syncs(
     run_id: str,
     limit: int = typer.Option(20, min=1, max=500),
+    output: OutputFormat = OUTPUT,
     base_url: str | None = BASE_URL,
 ) -> None:
-    """The weight syncs of a run's sampler, newest first, and what it serves now."""
+    """The weight syncs of a run's sampler, newest first, and what it serves now.
+
+    JSON: the sampler's weights state, with `syncs`."""
     client = _client(base_url)
     sampler_id = _call(client.get_run, run_id)["sampler_id"]
     state = _call(client.get_sampler_weights, sampler_id)
-    out.print(
-        f"[bold]sampler {sampler_id}[/]  ready {state['ready']}  serving version "
-        f"{state['serving_version']} ({state['serving_checkpoint_id'] or 'base model'})  "
-        f"newest sync {state['target_version']}{'  [yellow]pending[/]' if state['pending'] else ''}"
+    syncs = _call(client.list_weight_syncs, sampler_id, limit=limit)
+    header = Text.assemble(
+        ("sampler ", "bold"), (sampler_id, "bold"), f"  ready {state['ready']}  serving version ",
+        f"{state['serving_version']} ({state['serving_checkpoint_id'] or 'base model'})  ",
+        f"newest sync {state['target_version']}",
+        ("  pending" if state["pending"] else "", "yellow"),
+    )  # fmt: skip
+    columns = [Column("version", justify="right"), Column("checkpoint"), Column("type"),
+               Column("status"), Column("bytes", justify="right"),
+               Column("fetch ms", justify="right"), Column("apply ms", justify="right"),
+               Column("total ms", justify="right"), Column("warmup"),
+               Column("reason", kind="text")]  # fmt: skip
+    rows = [
+        [s["weights_version"], s["checkpoint_id"], s["checkpoint_type"], s["status"],
+         f"{s['bytes_moved']:,}" if s["bytes_moved"] is not None else None,
+         _ms(s["fetch_ms"]), _ms(s["apply_ms"]), _ms(s["total_ms"]),
+         f"{s['warmup_attempts']} try" if s["warmup_attempts"] else None, s["reason"]]
+        for s in syncs
+    ]  # fmt: skip
+    emit(
+        output,
+        {**state, "sampler_id": sampler_id, "syncs": syncs},
+        [header, Listing(columns, rows, title="weight syncs")],
     )
-    table = Table("version", "checkpoint", "type", "status", "bytes", "fetch ms", "apply ms",
-                  "total ms", "warmup", "reason", title="weight syncs")  # fmt: skip
-    for s in _call(client.list_weight_syncs, sampler_id, limit=limit):
-        warmup = f"{s['warmup_attempts']} try" if s["warmup_attempts"] else "-"
-        table.add_row(
-            str(s["weights_version"]), s["checkpoint_id"], s["checkpoint_type"] or "-",
-            s["status"], f"{s['bytes_moved']:,}" if s["bytes_moved"] is not None else "-",
-            _ms(s["fetch_ms"]), _ms(s["apply_ms"]), _ms(s["total_ms"]), warmup,
-            s["reason"] or "",
-        )  # fmt: skip
-    out.print(table)
 
 
-@checkpoints_app.command("promote")
-def checkpoints_promote(
-    checkpoint_id: str,
-    environment: str = typer.Option("production", help="the environment to promote to"),
-    base_url: str | None = BASE_URL,
-) -> None:
-    """Promote a sampler checkpoint (a base, or any LoRA one) to an environment."""
-    client = _client(base_url)
-    future = _call(client.promote_checkpoint, checkpoint_id, environment=environment)
-    try:
-        future.result(timeout=60)
-    except Exception as exc:  # rejected: the reason quotes the promotability rule
-        err.print(f"[bold red]not promoted:[/] {exc}")
-        raise typer.Exit(code=1) from exc
-    out.print(f"checkpoint {checkpoint_id} promoted to {environment}")
+# --- checkpoints ----------------------------------------------------------------------------------
 
 
 @checkpoints_app.command("list")
 def checkpoints_list(
     run_id: str,
     include_deleted: bool = typer.Option(False, help="also deleted/expired ones"),
+    output: OutputFormat = OUTPUT,
     base_url: str | None = BASE_URL,
 ) -> None:
     """The checkpoints of a run."""
     checkpoints = _call(_client(base_url).list_checkpoints, run_id, include_deleted=include_deleted)
-    out.print(_checkpoints_table(checkpoints))
+    emit(output, checkpoints, [_checkpoints_listing(checkpoints)])
+
+
+@checkpoints_app.command("show")
+def checkpoints_show(
+    checkpoint_id: str, output: OutputFormat = OUTPUT, base_url: str | None = BASE_URL
+) -> None:
+    """One checkpoint and its recorded files (size and sha256)."""
+    c = _call(_client(base_url).get_checkpoint, checkpoint_id)
+    files = Listing(
+        [Column("file"), Column("bytes", justify="right"), Column("sha256")],
+        [[f["relative_file_name"], f"{f['size_bytes']:,}", f["sha256"]] for f in c["files"]],
+        title="files",
+    )
+    emit(output, c, [_checkpoints_listing([c], title=None), files])
 
 
 @checkpoints_app.command("files")
 def checkpoints_files(
     checkpoint_id: str,
     page_size: int = typer.Option(100, min=1, max=1000),
-    urls: bool = typer.Option(False, help="print the presigned URLs too"),
+    urls: bool = typer.Option(False, help="print the presigned URLs too (JSON always has them)"),
+    output: OutputFormat = OUTPUT,
     base_url: str | None = BASE_URL,
 ) -> None:
-    """Every file of a checkpoint (walks the paginated presigned URLs)."""
+    """Every file of a checkpoint with a presigned URL (walks the paginated listing)."""
     client = _client(base_url)
     files = _call(lambda: list(client.iter_checkpoint_files(checkpoint_id, page_size=page_size)))
-    table = Table("file", "bytes", *(["url"] if urls else []), title=f"checkpoint {checkpoint_id}")
-    for f in files:
-        table.add_row(
-            f["relative_file_name"], f"{f['size_bytes']:,}", *([f["url"]] if urls else [])
-        )
-    out.print(table)
+    columns = [Column("file"), Column("bytes", justify="right"), *([Column("url")] if urls else [])]
+    rows = [
+        [f["relative_file_name"], f"{f['size_bytes']:,}", *([f["url"]] if urls else [])]
+        for f in files
+    ]
+    emit(output, files, [Listing(columns, rows, title=f"checkpoint {checkpoint_id}")])
+
+
+@checkpoints_app.command("download")
+def checkpoints_download(
+    checkpoint_id: str,
+    dest: Path | None = typer.Argument(
+        None, help="folder to write the files into (default: ./<checkpoint_id>)", show_default=False
+    ),
+    output: OutputFormat = OUTPUT,
+    base_url: str | None = BASE_URL,
+) -> None:
+    """Download every file of a checkpoint, each verified against its recorded sha256.
+
+    Through the presigned URLs, as the SDK's `ServiceClient.download_checkpoint` does."""
+    client = _client(base_url)
+    root = _call(client.download_checkpoint, checkpoint_id, dest or Path(checkpoint_id))
+    files = _call(client.get_checkpoint, checkpoint_id)["files"]
+    written = [
+        {"path": str(Path(root) / f["relative_file_name"]), "size_bytes": f["size_bytes"],
+         "sha256": f["sha256"]}
+        for f in files
+    ]  # fmt: skip
+    listing = Listing(
+        [Column("path"), Column("bytes", justify="right"), Column("sha256")],
+        [[w["path"], f"{w['size_bytes']:,}", w["sha256"]] for w in written],
+        title=f"checkpoint {checkpoint_id}: {len(written)} files verified",
+    )
+    emit(output, {"checkpoint_id": checkpoint_id, "dest": str(root), "files": written}, [listing])
+
+
+@checkpoints_app.command("promote")
+def checkpoints_promote(
+    checkpoint_id: str,
+    environment: str = typer.Option("production", help="the environment to promote to"),
+    output: OutputFormat = OUTPUT,
+    base_url: str | None = BASE_URL,
+) -> None:
+    """Promote a sampler checkpoint (a base, or any LoRA one) to an environment."""
+    future = _call(_client(base_url).promote_checkpoint, checkpoint_id, environment=environment)
+    result = _wait(future, "not promoted")  # a rejection quotes the promotability rule
+    emit(output, result, [Text(f"checkpoint {checkpoint_id} promoted to {environment}")])
+
+
+@checkpoints_app.command("delete")
+def checkpoints_delete(
+    checkpoint_id: str,
+    output: OutputFormat = OUTPUT,
+    base_url: str | None = BASE_URL,
+) -> None:
+    """Delete a checkpoint: it leaves the listings, and the janitor removes its files."""
+    future = _call(_client(base_url).delete_checkpoint, checkpoint_id)
+    result = _wait(future, f"checkpoint {checkpoint_id} not deleted")
+    emit(output, result, [Text(f"checkpoint {checkpoint_id} deleted")])

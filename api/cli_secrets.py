@@ -14,14 +14,11 @@ from typing import Any
 
 import httpx
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from api.bootstrap import default_api_key
+from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, when
 from api.config import get_api_settings
 from infra.settings import get_settings
 
-console = Console()
 secrets_app = typer.Typer(no_args_is_help=True, help="Secrets: create, list, update, delete.")
 
 ValueFile = typer.Option(
@@ -30,10 +27,11 @@ ValueFile = typer.Option(
 
 
 def _call(method: str, path: str, **kwargs: Any) -> Any:
+    from api.bootstrap import default_api_key
+
     key = default_api_key(get_settings())
     if key is None:
-        console.print("[red]error:[/red] no API key: set LOOPSTREAM_API_KEY")
-        raise typer.Exit(code=1)
+        fail("no API key: set LOOPSTREAM_API_KEY")
     try:
         response = httpx.request(
             method,
@@ -43,15 +41,13 @@ def _call(method: str, path: str, **kwargs: Any) -> Any:
             **kwargs,
         )
     except httpx.HTTPError as exc:
-        console.print(f"[red]error:[/red] the API did not answer: {exc}")
-        raise typer.Exit(code=1) from None
+        fail(f"the API did not answer: {exc}")
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
-        console.print(f"[red]error ({response.status_code}):[/red] {detail}")
-        raise typer.Exit(code=1)
+        fail(f"({response.status_code}) {detail}")
     return response.json()
 
 
@@ -77,15 +73,15 @@ def secrets_update(name: str, value_file: Path | None = ValueFile) -> None:
 
 
 @secrets_app.command("list")
-def secrets_list() -> None:
+def secrets_list(output: OutputFormat = OUTPUT) -> None:
     """Names, versions and timestamps; never a value."""
-    table = Table("name", "version", "created", "updated")
-    for secret in _call("GET", "/v1/secrets")["secrets"]:
-        table.add_row(
-            secret["name"], str(secret["version"]),
-            str(secret["created_at"] or ""), str(secret["updated_at"]),
-        )  # fmt: skip
-    console.print(table)
+    secrets = _call("GET", "/v1/secrets")["secrets"]
+    columns = [Column("name"), Column("version", justify="right"), Column("created"),
+               Column("updated")]  # fmt: skip
+    rows = [
+        [s["name"], s["version"], when(s["created_at"]), when(s["updated_at"])] for s in secrets
+    ]
+    emit(output, secrets, [Listing(columns, rows, title="secrets")])
 
 
 @secrets_app.command("delete")

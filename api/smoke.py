@@ -1,125 +1,135 @@
-"""Smoke flow: a Loops session through the real pipeline, read back from the projections.
+"""Smoke check: one short Loops session through every loopstream service, then ended.
 
-Commands go to Kafka with the CommandBus; the command processor (a separate process) turns them
-into events exactly once; the projection runner (another process) writes the read models; this
-flow polls the futures table (`command_results`) like an API client would and prints the session
-as the read side sees it. The checkpoint's file is a real object in the S3 store.
+Each step goes through the REST API with the SDK and waits for its future, so a step that
+passes has crossed the API, Kafka, the command processor and the projections (the future and
+the read models are written there); the steps that need a worker also cross it:
+
+1. create a session (on the project's tiny model);
+2. create a run: a trainer and its sampler;
+3. sample 4 tokens (sampler worker);
+4. forward_backward with cross_entropy on them, then optim_step (trainer worker);
+5. save sampler weights and hotload them (trainer worker writes the S3 store, sampler loads);
+6. read the checkpoint back from the read models;
+7. end the session, and read it back as ended.
+
+The first step that fails raises SmokeError naming it; nothing is left running on success.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import time
-import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
+from api.client import ServiceClient
 
-from commands.bus import CommandBus
-from commands.envelope import CommandEnvelope
-from infra.processes import StackError
-from infra.s3 import ObjectStore
-from infra.settings import Settings
-
-# The live schema of the Loops projection (see docs/projections.md).
-DEFAULT_SCHEMA = "loops"
+SMOKE_MODEL = "loopstream/tiny-llama"
 
 
-def run_smoke(settings: Settings, *, timeout_s: float = 60.0) -> dict[str, Any]:
-    started = time.monotonic()
-    session_id = f"smoke-{uuid.uuid4().hex[:8]}"
-    run_id, sampler_id, checkpoint_id = (f"{p}{uuid.uuid4().hex[:8]}" for p in "rpc")
+class SmokeError(RuntimeError):
+    pass
 
-    weights = b"tiny weights " * 64
-    key = f"checkpoints/{run_id}/weights/step-0/model.safetensors"
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    store.put_bytes(key, weights)
 
-    def command(type_: str, payload: dict[str, Any]) -> CommandEnvelope:
-        return CommandEnvelope(
-            command_id=str(uuid.uuid4()),
-            type=type_,
-            aggregate_id=session_id,
-            actor="smoke",
-            correlation_id=session_id,
-            payload=payload,
+@dataclass
+class SmokeReport:
+    session_id: str = ""
+    run_id: str = ""
+    sampler_id: str = ""
+    checkpoint_id: str = ""
+    steps: list[dict[str, Any]] = field(default_factory=list)  # {step, ms, detail}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "run_id": self.run_id,
+            "sampler_id": self.sampler_id,
+            "checkpoint_id": self.checkpoint_id,
+            "steps": self.steps,
+            "total_ms": round(sum(s["ms"] for s in self.steps), 1),
+        }
+
+
+def run_smoke(
+    client: ServiceClient,
+    *,
+    timeout_s: float = 120.0,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> SmokeReport:
+    report = SmokeReport()
+
+    def step(name: str, fn: Callable[[], str]) -> None:
+        started = time.monotonic()
+        try:
+            detail = fn()
+        except Exception as exc:
+            raise SmokeError(f"{name}: {exc}") from exc
+        done = {"step": name, "ms": round((time.monotonic() - started) * 1000, 1), "detail": detail}
+        report.steps.append(done)
+        if on_step is not None:
+            on_step(done)
+
+    state: dict[str, Any] = {}
+
+    def create_session() -> str:
+        session = client.create_session(SMOKE_MODEL, project="smoke", timeout=timeout_s)
+        report.session_id = session.session_id
+        return f"session {session.session_id} on {SMOKE_MODEL}"
+
+    def create_run() -> str:
+        state["training"] = training = client.create_training_client(
+            report.session_id, max_seq_len=64, timeout=timeout_s
         )
+        report.run_id, report.sampler_id = training.run_id, training.sampler_id
+        return f"run {training.run_id}, sampler {training.sampler_id}"
 
-    commands = [
-        command("CreateSession", {"base_model": "loopstream/tiny-llama", "project": "smoke"}),
-        command("CreateRun", {"run_id": run_id, "sampler_id": sampler_id, "max_seq_len": 256}),
-        command(
-            "RecordCheckpoint",
-            {
-                "run_id": run_id,
-                "checkpoint_id": checkpoint_id,
-                "name": "step-0",
-                "kind": "weights",
-                "files": [
-                    {
-                        "relative_file_name": "model.safetensors",
-                        "size_bytes": len(weights),
-                        "sha256": hashlib.sha256(weights).hexdigest(),
-                    }
-                ],
-                "step": 0,
-            },
-        ),
-    ]
-    CommandBus(settings).send_many(commands)
-    results = _wait_for_results(settings, [c.command_id for c in commands], timeout_s=timeout_s)
-    rejected = [r for r in results if r["status"] != "accepted"]
-    if rejected:
-        raise StackError(f"smoke commands rejected: {rejected}")
-    session = _read_session(settings, session_id, timeout_s=timeout_s)
-    session["round_trip_ms"] = round((time.monotonic() - started) * 1000, 1)
-    return session
+    def sample() -> str:
+        sampling = state["training"].sampling_client()
+        result = sampling.sample(prompt="a", max_tokens=4, seed=0).result(timeout_s)
+        state["tokens"] = result["prompt_tokens"] + result["sequences"][0]["tokens"]
+        return f"{len(result['sequences'][0]['tokens'])} tokens from the sampler worker"
 
+    def train() -> str:
+        tokens = state["tokens"] * 2 if len(state["tokens"]) < 2 else state["tokens"]
+        datum = {
+            "model_input": tokens[:-1],
+            "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+        }
+        loss = state["training"].forward_backward([datum]).result(timeout_s)["loss"]
+        optim = state["training"].optim_step().result(timeout_s)
+        return f"loss {loss:.3f}, optimizer step {optim['step']} on the trainer worker"
 
-def _wait_for_results(
-    settings: Settings, command_ids: list[str], *, timeout_s: float
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    with psycopg.connect(settings.pg_conninfo, row_factory=dict_row, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            rows = conn.execute(
-                f"select command_id, command_type, status, reason, field "
-                f"from {DEFAULT_SCHEMA}.command_results where command_id = any(%s)",
-                (command_ids,),
-            ).fetchall()
-            if len(rows) == len(command_ids):
-                return rows
-            time.sleep(0.1)
-    raise StackError(
-        f"no results for the smoke commands after {timeout_s}s: are the command processor and "
-        "projections running? (`loopstream services up`; logs under .loopstream/logs)"
-    )
+    def save_weights() -> str:
+        saved = state["training"].save_weights_for_sampler("smoke").result(timeout_s)
+        report.checkpoint_id = saved["checkpoint_id"]
+        return f"{saved['path']} written and hotloaded"
 
+    def read_checkpoint() -> str:
+        checkpoint = client.get_checkpoint(report.checkpoint_id)
+        return f"{len(checkpoint['files'])} files, {checkpoint['total_size_bytes']:,} bytes"
 
-def _read_session(settings: Settings, session_id: str, *, timeout_s: float) -> dict[str, Any]:
-    # command_results and the session rows come from different topics: wait for both.
-    deadline = time.monotonic() + timeout_s
-    with psycopg.connect(settings.pg_conninfo, row_factory=dict_row, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            session = conn.execute(
-                f"select session_id, base_model, project, status "
-                f"from {DEFAULT_SCHEMA}.sessions where session_id = %s",
-                (session_id,),
-            ).fetchone()
-            checkpoints = conn.execute(
-                f"select checkpoint_id, uri, total_size_bytes, status "
-                f"from {DEFAULT_SCHEMA}.checkpoints where session_id = %s",
-                (session_id,),
-            ).fetchall()
-            if session and checkpoints:
-                session["runs"] = conn.execute(
-                    f"select run_id, sampler_id, max_seq_len, status "
-                    f"from {DEFAULT_SCHEMA}.runs where session_id = %s",
-                    (session_id,),
-                ).fetchall()
-                session["checkpoints"] = checkpoints
-                return session
-            time.sleep(0.1)
-    raise StackError(f"session {session_id} did not reach the read models in {timeout_s}s")
+    def end_session() -> str:
+        client.end_session(report.session_id, reason="smoke check done").result(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while client.get_session(report.session_id)["status"] != "ended":
+            if time.monotonic() > deadline:
+                raise SmokeError("the session did not reach the read models as ended")
+            time.sleep(0.05)
+        return f"session {report.session_id} ended"
+
+    try:
+        step("create session", create_session)
+        step("create run", create_run)
+        step("sample", sample)
+        step("forward_backward + optim_step", train)
+        step("save sampler weights", save_weights)
+        step("read checkpoint", read_checkpoint)
+        step("end session", end_session)
+    except SmokeError:
+        if report.session_id and not any(s["step"] == "end session" for s in report.steps):
+            # Leave nothing behind; the first failure is the one to report.
+            with contextlib.suppress(Exception):
+                client.end_session(report.session_id, reason="smoke check failed")
+        raise
+    return report

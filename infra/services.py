@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from infra.processes import ManagedProcess, StackError, wait_until
 from infra.settings import REPO_ROOT, Settings
@@ -49,6 +50,11 @@ def _process(settings: Settings, spec: ServiceSpec) -> ManagedProcess:
         log_file=settings.data_dir / "logs" / f"{spec.name}.log",
         signature=" ".join(spec.module_argv),
     )
+
+
+def service_log_files(settings: Settings) -> dict[str, Path]:
+    """name -> the file its output goes to (`loopstream logs <name>` prints it)."""
+    return {spec.name: _process(settings, spec).log_file for spec in SERVICES}
 
 
 def services_up(settings: Settings) -> dict[str, str]:
