@@ -7,7 +7,6 @@ given, so tests and tools run an app against any stack without touching the envi
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Query, Request
@@ -89,14 +88,15 @@ EngineDep = Annotated[Engine, Depends(get_db_engine)]
 
 def get_read_models(
     settings: SettingsDep, api_settings: ApiSettingsDep, engine: EngineDep
-) -> Iterator[ReadModels]:
+) -> ReadModels:
     def catch_up() -> bool:
         return wait_until_caught_up(
             settings, engine, settings.read_schema, timeout_s=api_settings.read_your_writes_wait_s
         )
 
-    with engine.connect() as conn:
-        yield ReadModels(conn, settings.read_schema, catch_up=catch_up)
+    # On the engine, not one connection held for the request: a long-poll (futures) would hold
+    # it for up to a minute, and a few dozen of them would drain the pool for every request.
+    return ReadModels(engine, settings.read_schema, catch_up=catch_up)
 
 
 ReadDep = Annotated[ReadModels, Depends(get_read_models)]

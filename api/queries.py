@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 
 from commands.envelope import CommandResult
 from infra.settings import checked_identifier
@@ -25,19 +25,31 @@ _CHECKPOINT = (
 
 
 class ReadModels:
-    """`catch_up`, when given, waits for the projection to reach the end of the log (False when
-    it could not): a resource looked up by id and not found is looked up once more after it,
-    so a client that was just told "accepted" finds what it created (read-your-writes)."""
+    """Reads on a connection, or on an engine: then each query borrows a pooled connection for
+    its own statement only, so a request that waits (a long-poll) holds no connection while it
+    waits. `catch_up`, when given, waits for the projection to reach the end of the log (False
+    when it could not): a resource looked up by id and not found is looked up once more after
+    it, so a client that was just told "accepted" finds what it created (read-your-writes)."""
 
     def __init__(
-        self, conn: Connection, schema: str, *, catch_up: Callable[[], bool] | None = None
+        self,
+        conn: Connection | Engine,
+        schema: str,
+        *,
+        catch_up: Callable[[], bool] | None = None,
     ) -> None:
         self.conn = conn
         self.schema = checked_identifier(schema)  # interpolated into SQL
         self.catch_up = catch_up
 
     def _all(self, sql: str, **params: Any) -> list[Row]:
-        result = self.conn.execute(text(sql.format(s=self.schema)), params)
+        if isinstance(self.conn, Engine):
+            with self.conn.connect() as conn:
+                return self._execute(conn, sql, params)
+        return self._execute(self.conn, sql, params)
+
+    def _execute(self, conn: Connection, sql: str, params: dict[str, Any]) -> list[Row]:
+        result = conn.execute(text(sql.format(s=self.schema)), params)
         return [dict(row) for row in result.mappings()]
 
     def _one(self, sql: str, **params: Any) -> Row | None:
@@ -48,7 +60,7 @@ class ReadModels:
         """One resource by id; when missing, again once the projection has caught up.
 
         Each statement sees what was committed before it began (READ COMMITTED), so the second
-        look, in the same transaction, sees what the projection wrote meanwhile.
+        look sees what the projection wrote meanwhile.
         """
         row = self._one(sql, **params)
         if row is None and self.catch_up is not None and self.catch_up():
