@@ -317,12 +317,17 @@ class ServiceClient:
         max_seq_len: int,
         lora_rank: int = 0,
         from_checkpoint: str | None = None,
+        keep_last_checkpoints: int | None = None,
         timeout: float = 60.0,
     ) -> TrainingClient:
-        """Provision a run (trainer) and its sampler; returns once both exist."""
+        """Provision a run (trainer) and its sampler; returns once both exist.
+
+        `keep_last_checkpoints`: retention per kind; a save beyond that many deletes the oldest
+        (never a link of a live delta chain, nor what the sampler serves). None keeps all."""
         session_id = session.session_id if isinstance(session, Session) else session
         body = {"session_id": session_id, "max_seq_len": max_seq_len, "lora_rank": lora_rank,
-                "from_checkpoint": from_checkpoint}  # fmt: skip
+                "from_checkpoint": from_checkpoint,
+                "keep_last_checkpoints": keep_last_checkpoints}  # fmt: skip
         accepted = self.http.request(
             "POST", "/v1/loops/runs", json=body, request_id=str(uuid.uuid4())
         )

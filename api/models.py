@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from commands.loops import (
     CHECKPOINT_NAME,
     ENVIRONMENT_NAME,
+    MAX_COUNT,
     MAX_SEQ_LEN_LIMIT,
     CheckpointUri,
     HotloadOptions,
@@ -156,6 +157,14 @@ class RunCreate(BaseModel):
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN_LIMIT)
     lora_rank: int = Field(default=0, ge=0, le=1024, description="0 = full-parameter training")
     from_checkpoint: CheckpointUri | None = Field(default=None, description="bt://loops:... URI")
+    keep_last_checkpoints: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_COUNT,
+        description="retention, per kind (weights, sampler_weights): a save beyond this many "
+        "deletes the oldest, except a link of a live delta chain or what the sampler serves; "
+        "null: keep all",
+    )
     user_metadata: UserMetadata | None = None
     request_id: RequestKey | None = REQUEST_ID
 

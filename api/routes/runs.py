@@ -60,6 +60,7 @@ def create_run(
         max_seq_len=body.max_seq_len,
         lora_rank=body.lora_rank,
         from_checkpoint=body.from_checkpoint,
+        keep_last_checkpoints=body.keep_last_checkpoints,
         user_metadata=body.user_metadata,
     )
     submitter.submit(
