@@ -6,7 +6,7 @@ PY := $(BIN)/python
 # uv keeps downloaded wheels in its cache outside the clone, so a second clone installs offline-fast.
 export UV_CACHE_DIR ?= $(HOME)/.cache/loopstream/uv
 
-.PHONY: demo tinker-demo test install system-deps up down status unit integration lint schemas clean
+.PHONY: demo tinker-demo test install system-deps up down status unit integration lint schemas cli-docs clean
 
 demo: install up
 	$(BIN)/loopstream db migrate
@@ -67,6 +67,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy commands events infra
+
+# docs/cli.md from the CLI itself (tests/unit/test_cli.py fails when it is stale).
+cli-docs: install
+	$(PY) -m api.cli_reference
 
 clean: down
 	rm -rf .loopstream $(VENV)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from api.cli_output import OUTPUT, Column, Listing, OutputFormat, print_json
 from infra.processes import die_with_parent
 from infra.settings import get_settings
 
@@ -76,28 +77,38 @@ def run(
 def status(
     projection: str = typer.Option("loops"),
     failures: int = typer.Option(10, help="how many of the latest failures to list"),
+    output: OutputFormat = OUTPUT,
 ) -> None:
     """Stored positions against the end of its topics (lag), and the records it could not apply."""
     from confluent_kafka import KafkaException
 
     from projections.db import get_engine
-    from projections.health import end_offsets, partition_lag
+    from projections.health import count_failures, end_offsets, partition_lag
     from projections.store import positions_of
 
     settings = get_settings()
     engine = get_engine(settings)
     stored = positions_of(engine, projection)
-    table = Table("topic", "partition", "next offset", "end offset", "lag", title=projection)
     try:
         ends = end_offsets(settings, timeout_s=10)
     except KafkaException as exc:
-        console.print(f"[red]Kafka did not answer[/]: {exc}")
+        console.print(f"[red]Kafka did not answer[/]: {escape(str(exc))}")
         ends = {}
-    for (topic, partition), end in sorted(ends.items()):
-        position = stored.get((topic, partition), 0)
-        lag = partition_lag(end, position)
-        table.add_row(topic, str(partition), str(position), str(end), f"~{lag}")
-    Console().print(table)
+    partitions = [
+        {"topic": topic, "partition": partition, "next_offset": stored.get((topic, partition), 0),
+         "end_offset": end, "lag": partition_lag(end, stored.get((topic, partition), 0))}
+        for (topic, partition), end in sorted(ends.items())
+    ]  # fmt: skip
+    if output == OutputFormat.json:
+        print_json({"projection": projection, "partitions": partitions,
+                    "failures": count_failures(engine, projection)})  # fmt: skip
+        return
+    rows = [[p["topic"], p["partition"], p["next_offset"], p["end_offset"], f"~{p['lag']}"]
+            for p in partitions]  # fmt: skip
+    columns = [Column("topic"), Column("partition", justify="right"),
+               Column("next offset", justify="right"), Column("end offset", justify="right"),
+               Column("lag", justify="right")]  # fmt: skip
+    Listing(columns, rows, title=projection).print()
     print_failures(projection, limit=failures)
 
 
