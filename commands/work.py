@@ -186,6 +186,9 @@ class SaveWeights(WorkRequest):
     hotload: HotloadOptions | None = Field(default_factory=HotloadOptions)
     # Full-state saves: the caller's data position (epoch, batch, ...), handed back on load.
     loader_state: JsonObject | None = None
+    # An export (Tinker's save_weights_external): a complete Hugging Face folder another tool
+    # can load, so a base, and not synced to the sampler.
+    export: bool = False
 
     @model_validator(mode="after")
     def _fields_for_the_kind(self) -> SaveWeights:
@@ -195,6 +198,12 @@ class SaveWeights(WorkRequest):
             raise ValueError("checkpoint_type applies to sampler_weights saves only")
         if self.loader_state is not None and self.kind != "weights":
             raise ValueError("loader_state applies to weights (full state) saves only")
+        if self.export and (
+            self.kind != "sampler_weights" or self.checkpoint_type != "base" or self.hotload
+        ):
+            raise ValueError(
+                "an export is a sampler_weights save with checkpoint_type base and hotload null"
+            )
         return self
 
 

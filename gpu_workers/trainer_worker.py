@@ -402,7 +402,10 @@ class TrainerWorker(WorkerService):
             "checkpoint_id": checkpoint_id,
             "content_digest": manifest.digest,
             "step": run.engine.step,
+            "size_bytes": total,
         }
+        if request.export:
+            output["export"] = True
         if link is not None:
             output["checkpoint_type"] = link.checkpoint_type
         return WorkDone(

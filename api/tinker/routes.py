@@ -30,6 +30,7 @@ from api.auth import Caller, CallerDep, InferCaller, TrainCaller, authenticate
 from api.deps import EngineDep, ReadDep, SettingsDep, StateDep, SubmitterDep
 from api.errors import ApiError
 from api.queries import ReadModels, Row
+from api.recorded import RecordError, table_lookup, with_recorded_logprobs
 from api.routes._common import envelope, source_run
 from api.submit import Submitter, derived_resource_id, new_resource_id
 from api.tinker import ids
@@ -38,12 +39,14 @@ from api.tinker.wire import (
     decode_forward_backward,
     encode_forward_backward_output,
     encode_sample_response,
+    id_matrix_from_json,
     model_input_from_json,
 )
 from commands import tinker_sessions
 from commands.envelope import DEFAULT_WORKSPACE, CommandResult, category_of
 from commands.loops import CreateRun, CreateSession
 from commands.work import (
+    RECORDED_LOSSES,
     AdamParams,
     Forward,
     ForwardBackward,
@@ -530,9 +533,31 @@ def _submit_training(
     return _future(command_id, model_id)
 
 
+def _recorded(work: ForwardBackward, state: Any, reads: ReadModels, caller: Caller) -> Any:
+    """stable_reinforce's logprobs from the sampler's record (api/recorded.py): this API's
+    result feed first, then the futures table."""
+    table = table_lookup(reads, caller.workspace_id, lambda request_id: request_id)
+
+    def lookup(request_id: str) -> dict[str, Any] | None:
+        fresh: CommandResult | None = state.results.get(request_id)
+        if (
+            fresh is not None
+            and workspace_of(fresh) == caller.workspace_id
+            and fresh.command_type == "Sample"
+            and fresh.status == "accepted"
+        ):
+            return fresh.output
+        return table(request_id)
+
+    try:
+        return with_recorded_logprobs(work, lookup)
+    except RecordError as exc:
+        raise bad_request(str(exc), exc.field) from exc
+
+
 @router.post("/forward_backward")
 async def forward_backward(
-    request: Request, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
+    request: Request, state: StateDep, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
 ) -> Any:
     try:
         call = decode_forward_backward(await request.body())
@@ -550,10 +575,20 @@ async def forward_backward(
                 )
             if call.loss_fn == "cross_entropy" and "weights" not in datum["loss_fn_inputs"]:
                 datum["loss_fn_inputs"]["weights"] = [1.0] * n  # Tinker's default: every target
+        if call.loss_fn == "custom":
+            raise bad_request(
+                "loss_fn: custom losses run in the SDK (forward_backward_custom computes them "
+                "on forward logprobs and sends cross_entropy with their gradients as weights); "
+                "this server takes no uploaded losses (client config "
+                "custom_loss_server_side=false)",
+                "loss_fn",
+            )
         kind = Forward if call.forward_only else ForwardBackward
         work = _validated(
             kind, data=call.data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config
         )
+        if work.loss_fn in RECORDED_LOSSES:
+            work = await run_in_threadpool(_recorded, work, state, reads, caller)
     return await run_in_threadpool(
         _submit_training,
         caller=caller,
@@ -626,6 +661,40 @@ def save_weights_for_sampler(
     body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
 ) -> dict[str, Any]:
     return _save(body, reads, submitter, "sampler_weights", caller)
+
+
+@router.post("/save_weights_external")
+def save_weights_external(
+    body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
+) -> dict[str, Any]:
+    """An export in Hugging Face format: a full (base) sampler-weights folder, not synced to the
+    sampler, listed and deleted like any checkpoint; its files are downloaded through
+    `get_external_weights_urls` (`tinker://<model>/external_weights/<name>`)."""
+    data = body.model_dump()
+    with _seq_door(str(data.get("model_id")), _seq_id(data)):
+        if data.get("age_encryption_recipients"):
+            raise bad_request(
+                "age_encryption_recipients: not served; exports are stored unencrypted in your "
+                "own S3 store (encrypt at rest there, or download and `age -e` them)",
+                "age_encryption_recipients",
+            )
+        _run_row(reads, str(data.get("model_id")), caller)
+        work = _validated(
+            SaveWeights,
+            name=_field(data, "path", str),
+            kind="sampler_weights",
+            checkpoint_type="base",
+            hotload=None,
+            export=True,
+            ttl_seconds=data.get("ttl_seconds"),
+        )
+    return _submit_training(
+        caller=caller,
+        submitter=submitter,
+        model_id=_field(data, "model_id", str),
+        seq_id=_seq_id(data),
+        request=work,
+    )
 
 
 @router.post("/load_weights")
@@ -787,11 +856,11 @@ def asample(
     run = run_of(reads, session.run_id, caller)
     if run is None:
         raise bad_request(f"sampling session {session.id} has no run", "sampling_session_id")
-    for name in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
-        if data.get(name):
-            raise bad_request(f"{name} is not served by loopstream", name)
+    targets = None
     try:
         prompt = model_input_from_json(data.get("prompt"), "prompt")
+        if data.get("target_prompt_logprobs") is not None:
+            targets = id_matrix_from_json(data["target_prompt_logprobs"], "target_prompt_logprobs")
     except WireError as exc:
         raise bad_request(str(exc), exc.field) from exc
     params = _object(data, "sampling_params")
@@ -807,6 +876,12 @@ def asample(
         seed=params.get("seed"),
         stop=[stop] if isinstance(stop, str) else stop,
         prompt_logprobs=bool(data.get("prompt_logprobs")),
+        prompt_logprobs_last_n=data.get("prompt_logprobs_last_n"),
+        topk_prompt_logprobs=_field(data, "topk_prompt_logprobs", int, 0),
+        topk_sample_logprobs=_field(data, "topk_sample_logprobs", int, 0),
+        target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=_field(data, "prompt_alt_tokens_k", int, 0),
+        record_stability_info=bool(data.get("record_stability_info")),
         checkpoint_uri=session.checkpoint_uri,
     )
     seq_id = _seq_id(data)
@@ -843,6 +918,11 @@ def _tinker_response(result: CommandResult) -> Response:
         return Response(encode_sample_response(out), media_type=PROTO)
     if kind == "OptimStep":
         return JSONResponse({"metrics": out.get("metrics") or {}})
+    if kind == "SaveWeights" and out.get("export"):
+        path = ids.tinker_path(out["path"]).replace("/sampler_weights/", "/external_weights/", 1)
+        return JSONResponse(
+            {"path": path, "size_bytes": out.get("size_bytes"), "type": "save_weights_external"}
+        )
     if kind == "SaveWeights":
         path = ids.tinker_path(out["path"])
         run_id = out["path"].removeprefix("bt://loops:").split("/")[0]

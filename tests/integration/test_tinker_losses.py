@@ -319,3 +319,33 @@ def test_the_loops_door_takes_the_same_losses_and_sampling_options(settings: Set
         )  # fmt: skip
         with pytest.raises(LoopsError, match=r"422: data\.0\.loss_fn_input_spans\.0\.sequence_id"):
             trainer.forward([unknown], "stable_reinforce")
+
+
+def test_save_weights_external_exports_a_hugging_face_folder(
+    training_client: tinker.TrainingClient, api_key: str, tmp_path: Any
+) -> None:
+    import httpx
+    from transformers import AutoModelForCausalLM
+
+    from api.config import get_api_settings
+
+    name = f"export-{id(tmp_path) % 100000}"
+    saved = training_client.save_weights_external(name).result()
+    assert saved.path.endswith(f"/external_weights/{name}")
+
+    api = get_api_settings()
+    rest = tinker.RestClient(base_url=f"http://{api.api_host}:{api.api_port}", api_key=api_key)
+    urls = rest.get_external_weights_urls(saved.path).result().urls
+    for file_name, url in urls.items():
+        (tmp_path / file_name).write_bytes(httpx.get(url, timeout=30).raise_for_status().content)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokens = [BOS, 97, 98, 99, 100]
+    logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0].double()
+    exported = torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor(tokens[1:])]
+    torch.testing.assert_close(exported, _train_logprobs(training_client, tokens), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+
+    # A refused export settles its seq_id: the client's next call goes through.
+    with pytest.raises(tinker.BadRequestError, match="age_encryption_recipients"):
+        training_client.save_weights_external("enc", age_encryption_recipients=["age1x"]).result()
+    training_client.optim_step(types.AdamParams(learning_rate=1e-5)).result()
