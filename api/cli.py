@@ -61,6 +61,10 @@ from api.cli_secrets import secrets_app  # noqa: E402
 
 app.add_typer(secrets_app, name="secrets")
 
+from api.cli_models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
 # --- the logs of the stack's servers and loopstream's services (api/cli_logs.py) ---
 from api.cli_logs import show_logs  # noqa: E402
 

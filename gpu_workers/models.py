@@ -1,15 +1,24 @@
 """Which Hugging Face folder serves a base model name.
 
 No model hub is reachable, so the default base model is the project's own tiny random-init
-Llama, generated once into the model root; any other name is a folder under the model root,
-loaded by the very same code.
+Llama, generated once into the model root; any other name is a folder under the model root
+(`<model_root>/<name>` or `<model_root>/<org>/<name>` holding a `config.json`), loaded by the very
+same code. `add_base_model` (`loopstream models add PATH`) puts a local Hugging Face folder
+there: copied, with a `manifest.json` written last (as the tiny model's), or linked.
+
+Nothing here imports torch: the API checks names with `require_base_model` at session creation.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from infra.settings import Settings
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class UnknownBaseModel(ValueError):
@@ -41,10 +50,25 @@ def outside_model_root(base_model: str) -> str | None:
     return None
 
 
-def resolve_base_model(settings: Settings, base_model: str) -> Path:
+def require_base_model(settings: Settings, base_model: str) -> None:
+    """Raise UnknownBaseModel (naming the available ones) unless `base_model` is served. Looks
+    only: the tiny model, made on first use, counts as there."""
     problem = outside_model_root(base_model)
     if problem is not None:
         raise UnknownBaseModel(f"base model {base_model!r} {problem}")
+    if base_model == settings.tiny_model_name:
+        return
+    if not (settings.model_root / base_model / "config.json").exists():
+        raise UnknownBaseModel(
+            f"base model {base_model!r} is not available; available: "
+            f"{', '.join(available_base_models(settings))} (add a local Hugging Face folder with "
+            f"`loopstream models add PATH --name {base_model}`, or put it at "
+            f"{settings.model_root}/{base_model})"
+        )
+
+
+def resolve_base_model(settings: Settings, base_model: str) -> Path:
+    require_base_model(settings, base_model)
     folder = settings.model_root / base_model
     if base_model == settings.tiny_model_name:
         if (folder / "manifest.json").is_file():  # made already (the manifest is written last)
@@ -54,10 +78,55 @@ def resolve_base_model(settings: Settings, base_model: str) -> Path:
         from gpu_workers.tiny_model import ensure_tiny_model
 
         return ensure_tiny_model(folder, seed=0)
-    if (folder / "config.json").exists():
-        return folder
-    raise UnknownBaseModel(
-        f"base model {base_model!r} is not available; available: "
-        f"{available_base_models(settings)} (add one by putting its Hugging Face folder at "
-        f"{settings.model_root}/<name>)"
-    )
+    return folder
+
+
+def check_model_folder(source: Path) -> list[str]:
+    """What a Hugging Face causal-LM folder lacks for loopstream to load it (empty: nothing)."""
+    missing = []
+    if not (source / "config.json").is_file():
+        missing.append("config.json")
+    if not any(next(source.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+    return missing
+
+
+def add_base_model(
+    settings: Settings, source: Path, *, name: str | None = None, link: bool = False
+) -> Path:
+    """Serve the Hugging Face folder `source` as base model `name` (default: the folder's name).
+
+    Copied (symlinks followed, `.git`/`.cache` left out) beside its final place, given a
+    manifest, and renamed in, so a worker never sees half a model; with `link`, a symlink to
+    `source` instead (no copy; the workers hash it when they load it). Raises ValueError when the
+    name is taken or not a plain name, or the folder is not a loadable model."""
+    from gpu_workers.manifest import write_manifest
+
+    source = source.expanduser().resolve()
+    if not source.is_dir():
+        raise ValueError(f"{source} is not a folder")
+    missing = check_model_folder(source)
+    if missing:
+        raise ValueError(f"{source} is not a Hugging Face model folder: no {'; no '.join(missing)}")
+    name = name or source.name
+    problem = outside_model_root(name)
+    if problem is not None:
+        raise ValueError(f"model name {name!r} {problem}")
+    target = settings.model_root / name
+    if name == settings.tiny_model_name or target.exists() or target.is_symlink():
+        raise ValueError(f"base model {name!r} exists already ({target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        target.symlink_to(source, target_is_directory=True)
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        copied = staging / "model"
+        shutil.copytree(source, copied, ignore=shutil.ignore_patterns(".git", ".cache"))
+        write_manifest(copied, kind="base_model", metadata={"source": str(source)})
+        copied.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -13,9 +13,10 @@ from api.deps import (
     ReadDep,
     RequestIdQuery,
     SessionIdPath,
+    SettingsDep,
     SubmitterDep,
 )
-from api.errors import error_responses, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.models import (
     CheckpointPublic,
     RequestAccepted,
@@ -31,20 +32,28 @@ from api.routes._common import active_session, envelope
 from api.submit import derived_resource_id, new_resource_id, resolve_request_id
 from commands.loops import CreateSession, EndSession
 from events.limits import Text
+from gpu_workers.models import UnknownBaseModel, require_base_model
 
 router = APIRouter(prefix="/v1/loops/sessions", tags=["sessions"])
 ITEM_ERRORS = error_responses(404, 409)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=error_responses(400))
 def create_session(
     body: SessionCreate,
     caller: TrainCaller,
     submitter: SubmitterDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyHeader = None,
     request_id: RequestIdQuery = None,
 ) -> SessionAccepted:
-    """Create a session; `request_id` is the future of its CreateSession command."""
+    """Create a session; `request_id` is the future of its CreateSession command. A base model
+    this deployment does not serve is refused at once (400 naming the available ones), as the
+    Tinker door does, not at the first sample."""
+    try:
+        require_base_model(settings, body.base_model)
+    except UnknownBaseModel as exc:
+        raise ApiError(status.HTTP_400_BAD_REQUEST, str(exc), field="base_model") from exc
     ids = resolve_request_id(
         header=idempotency_key,
         query=request_id,
