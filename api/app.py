@@ -7,7 +7,7 @@ uvicorn on `ApiSettings.api_host:api_port`. OpenAPI is at /docs and /openapi.jso
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -139,19 +139,32 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def serve(settings: ApiSettings | None = None) -> None:
+def serve(
+    settings: ApiSettings | None = None, *, announce: Callable[[str], None] | None = None
+) -> None:
+    """Run the API until stopped; `announce` is told once it listens (uvicorn's own line is
+    below the `warning` level it logs at)."""
     import uvicorn
 
     from infra.logs import configure_logging
 
     configure_logging()
     api_settings = settings or get_api_settings()
-    uvicorn.run(
+    url = f"http://{api_settings.api_host}:{api_settings.api_port}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and announce is not None:
+                announce(f"listening on {url} (OpenAPI at {url}/docs)")
+
+    config = uvicorn.Config(
         create_app(api_settings=api_settings),
         host=api_settings.api_host,
         port=api_settings.api_port,
         log_level="warning",
     )
+    Server(config).run()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def serve_api(
     port: int | None = typer.Option(None, help="listen port (default: LOOPSTREAM_API_PORT)"),
 ) -> None:
     """Serve the Loops REST API (OpenAPI at /docs)."""
-    from api.app import serve
+    from rich.console import Console
 
     settings = get_api_settings()
     updates: dict[str, Any] = {}
@@ -40,7 +40,15 @@ def serve_api(
     if port:
         updates["api_port"] = port
     # Re-validated, so a non-loopback host still refuses the development secret.
-    serve(settings.model_validate({**settings.model_dump(), **updates}) if updates else settings)
+    if updates:
+        settings = settings.model_validate({**settings.model_dump(), **updates})
+    # Loading the app takes seconds: say so at once, and again when it listens (on stderr).
+    say = Console(stderr=True, emoji=False, highlight=False).print
+    plain: dict[str, Any] = {"markup": False, "soft_wrap": True}  # one line, as written
+    say(f"starting the API on http://{settings.api_host}:{settings.api_port} ...", **plain)
+    from api.app import serve
+
+    serve(settings, announce=lambda line: say(line, **plain))
 
 
 def _client(base_url: str | None) -> ServiceClient:

@@ -132,7 +132,13 @@ class WeightSyncer:
         try:
             future.result(timeout=self.hotload_timeout)
         except (RequestFailedError, TimeoutError) as exc:
-            log.warning("save_only failed", extra={"snapshot": name, "reason": str(exc)})
+            # The reason in the message itself: the default log format drops `extra`.
+            log.warning(
+                "save_only of %s failed: %s",
+                name,
+                exc,
+                extra={"snapshot": name, "reason": str(exc)},
+            )
             return None
         self._chain_started = True
         return name
@@ -149,7 +155,12 @@ class WeightSyncer:
             future.result(timeout=self.hotload_timeout)
             self._wait_for_sync(snapshot_name, request_id=future.request_id)
         except (RequestFailedError, HotloadFailedError, TimeoutError) as exc:
-            log.warning("hotload failed", extra={"snapshot": snapshot_name, "reason": str(exc)})
+            log.warning(
+                "hotload of %s failed: %s",
+                snapshot_name,
+                exc,
+                extra={"snapshot": snapshot_name, "reason": str(exc)},
+            )
             return False
         return True
 
@@ -160,8 +171,11 @@ class WeightSyncer:
 
     def wait_for_hotload_ready(self, timeout_s: float = 300, poll_interval_s: float = 5) -> Json:
         """Block until a worker hosts the sampler (syncs reach it from then on); returns the
-        state. TimeoutError after `timeout_s`."""
+        state. TimeoutError after `timeout_s`. Checks at once, then at growing intervals (from
+        50 ms, doubling) up to `poll_interval_s`: a sampler a worker picks up within a second of
+        its creation costs that second, not a whole interval."""
         deadline = time.monotonic() + timeout_s
+        delay_s = min(0.05, poll_interval_s)
         while True:
             state = self.check_deployment_state()
             if state["ready"]:
@@ -170,7 +184,8 @@ class WeightSyncer:
                 raise TimeoutError(
                     f"sampler {self.deployment_id} not ready after {timeout_s}s: {state}"
                 )
-            time.sleep(min(poll_interval_s, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(delay_s, max(0.0, deadline - time.monotonic())))
+            delay_s = min(delay_s * 2, poll_interval_s)
 
     def reset_delta_chain(self) -> None:
         """The next save is a base. Call it when the sampler or the trainer session changes,

@@ -71,3 +71,39 @@ def test_without_a_deploy_mgr_there_is_nothing_to_sync_to(trainer: TrainingClien
         syncer.check_deployment_state()
     with pytest.raises(ValueError, match="checkpoint_type"):
         syncer._next_type("full")
+
+
+def test_a_failed_hotload_logs_its_reason_in_the_message(
+    trainer: TrainingClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from api.client import RequestFailedError
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise RequestFailedError("req-1", "rejected", "no sampler snapshot named 'step-9'", "name")
+
+    monkeypatch.setattr(trainer, "hotload", refused)
+    syncer = WeightSyncer(trainer, deploy_mgr=trainer.service)
+    with caplog.at_level("WARNING", logger="loopstream.weight_syncer"):
+        assert syncer.hotload("step-9", "base") is False
+    (record,) = caplog.records
+    # The default log format prints the message only: the reason must be in it.
+    assert "step-9" in record.getMessage() and "no sampler snapshot" in record.getMessage()
+
+
+def test_wait_for_hotload_ready_checks_first_then_polls_from_short_intervals(
+    trainer: TrainingClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import api.weight_syncer as module
+
+    syncer = WeightSyncer(trainer, deploy_mgr=trainer.service)
+    answers = iter([{"ready": False}, {"ready": False}, {"ready": True}])
+    monkeypatch.setattr(syncer, "check_deployment_state", lambda: next(answers))
+    slept: list[float] = []
+    monkeypatch.setattr(module.time, "sleep", slept.append)
+    assert syncer.wait_for_hotload_ready(poll_interval_s=5)["ready"]
+    assert slept == [0.05, 0.1]  # not 5 s each
+
+    ready_at_once = iter([{"ready": True}])
+    monkeypatch.setattr(syncer, "check_deployment_state", lambda: next(ready_at_once))
+    slept.clear()
+    assert syncer.wait_for_hotload_ready()["ready"] and slept == []
