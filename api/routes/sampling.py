@@ -45,6 +45,17 @@ def sample(
                 f"sampler {sampler_id} is stopped: session ended ({sampler['stop_reason']})",
                 field="sampler_id",
             )
+        # A pinned checkpoint must be one of this workspace's (the sampler worker would load any
+        # path it is given).
+        if (
+            body.checkpoint_uri is not None
+            and reads.run(
+                body.checkpoint_uri.removeprefix("bt://loops:").split("/")[0],
+                workspace=caller.workspace_id,
+            )
+            is None
+        ):
+            raise not_found(f"checkpoint {body.checkpoint_uri} not found", field="checkpoint_uri")
         max_seq_len = sampler["max_seq_len"]
         if body.prompt_tokens is not None and max_seq_len and len(body.prompt_tokens) > max_seq_len:
             raise unprocessable(

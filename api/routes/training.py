@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.auth import Caller, TrainCaller
 from api.deps import IdempotencyHeader, ReadDep, RequestIdQuery, RunIdPath, SubmitterDep
-from api.errors import error_responses, unprocessable
+from api.errors import error_responses, not_found, unprocessable
 from api.models import (
     ComputeLogprobsCreate,
     ForwardBackwardCreate,
@@ -26,7 +26,7 @@ from api.models import (
 )
 from api.queries import ReadModels
 from api.recorded import RecordError, table_lookup, with_recorded_logprobs
-from api.routes._common import active_run, envelope
+from api.routes._common import active_run, envelope, source_run
 from api.submit import Submitter, command_id_for, resolve_request_id
 from commands.handling import first_validation_error
 from commands.work import (
@@ -152,8 +152,11 @@ def load_state(
     request_id: RequestIdQuery = None,
 ) -> RequestAccepted:
     """Load a full-state (`weights`) checkpoint into the run: weights, and with `optimizer` the
-    AdamW moments, step and RNG. The result hands back the `loader_state` saved with it."""
+    AdamW moments, step and RNG. The result hands back the `loader_state` saved with it.
+    The checkpoint is the caller's workspace's, or published by another."""
     request = LoadState.model_validate(body.model_dump(exclude={"request_id"}))
+    if source_run(reads, request.checkpoint_uri, caller) is None:
+        raise not_found(f"checkpoint {request.checkpoint_uri} not found", field="checkpoint_uri")
     return _submit(
         run_id=run_id, request=request, body=body, caller=caller, reads=reads,
         submitter=submitter,

@@ -96,7 +96,11 @@ def _get(app: TestClient, key: str, path: str, predicate: Callable[[Json], bool]
 @pytest.fixture(scope="module")
 def owned(app: TestClient, keys: dict[str, tuple[str, str]]) -> Json:
     """A session, run, sampler and sampler checkpoint of the default workspace."""
-    key = keys["own"][0]
+    return _resources(app, keys["own"][0])
+
+
+def _resources(app: TestClient, key: str) -> Json:
+    """A session, run, sampler and sampler checkpoint of the key's workspace."""
     created = app.post(
         "/v1/loops/sessions", json={"base_model": "loopstream/tiny-llama"}, headers=auth(key)
     )
@@ -326,3 +330,32 @@ def test_a_log_check_scoped_to_a_workspace_counts_only_that_workspaces_events(
     nobody = check_against_log(settings, workspace="nobody-here")
     assert scoped.matches and 1 <= scoped.aggregates < everything.aggregates
     assert nobody.aggregates == 0 and nobody.matches
+
+
+def test_a_checkpoint_of_another_workspace_cannot_be_loaded_or_sampled_by_path(
+    app: TestClient, keys: dict[str, tuple[str, str]], owned: Json
+) -> None:
+    """The workers load whatever path a request names: the API checks whose it is first."""
+    other = keys["other"][0]
+    theirs = _resources(app, other)
+    uri = f"bt://loops:{owned['run_id']}/sampler_weights/tenancy"
+    loaded = app.post(
+        f"/v1/loops/runs/{theirs['run_id']}/load_state",
+        json={"checkpoint_uri": f"bt://loops:{owned['run_id']}/weights/tenancy"},
+        headers=auth(other),
+    )
+    assert loaded.status_code == 404 and loaded.json()["field"] == "checkpoint_uri", loaded.text
+    sampled = app.post(
+        f"/v1/loops/samplers/{theirs['sampler_id']}/sample",
+        json={"prompt_tokens": [1, 2], "checkpoint_uri": uri},
+        headers=auth(other),
+    )
+    assert sampled.status_code == 404 and sampled.json()["field"] == "checkpoint_uri", sampled.text
+    # Their own checkpoint by path is fine.
+    own_uri = f"bt://loops:{theirs['run_id']}/sampler_weights/tenancy"
+    mine = app.post(
+        f"/v1/loops/samplers/{theirs['sampler_id']}/sample",
+        json={"prompt_tokens": [1, 2], "checkpoint_uri": own_uri},
+        headers=auth(other),
+    )
+    assert mine.status_code == 202, mine.text
