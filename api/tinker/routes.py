@@ -630,15 +630,24 @@ def _save(
     submitter: Submitter,
     kind: Literal["weights", "sampler_weights"],
     caller: Caller,
+    **fields: Any,
 ) -> dict[str, Any]:
+    """A SaveWeights of `kind` (and `fields`), in the client's seq_id order."""
     data = body.model_dump()
     with _seq_door(str(data.get("model_id")), _seq_id(data)):
+        if data.get("age_encryption_recipients"):
+            raise bad_request(
+                "age_encryption_recipients: not served; exports are stored unencrypted in your "
+                "own S3 store (encrypt at rest there, or download and `age -e` them)",
+                "age_encryption_recipients",
+            )
         _run_row(reads, str(data.get("model_id")), caller)
         work = _validated(
             SaveWeights,
             name=_save_name(data, _seq_id(data)),
             kind=kind,
             ttl_seconds=data.get("ttl_seconds"),
+            **fields,
         )
     return _submit_training(
         caller=caller,
@@ -670,31 +679,10 @@ def save_weights_external(
     """An export in Hugging Face format: a full (base) sampler-weights folder, not synced to the
     sampler, listed and deleted like any checkpoint; its files are downloaded through
     `get_external_weights_urls` (`tinker://<model>/external_weights/<name>`)."""
-    data = body.model_dump()
-    with _seq_door(str(data.get("model_id")), _seq_id(data)):
-        if data.get("age_encryption_recipients"):
-            raise bad_request(
-                "age_encryption_recipients: not served; exports are stored unencrypted in your "
-                "own S3 store (encrypt at rest there, or download and `age -e` them)",
-                "age_encryption_recipients",
-            )
-        _run_row(reads, str(data.get("model_id")), caller)
-        work = _validated(
-            SaveWeights,
-            name=_field(data, "path", str),
-            kind="sampler_weights",
-            checkpoint_type="base",
-            hotload=None,
-            export=True,
-            ttl_seconds=data.get("ttl_seconds"),
-        )
-    return _submit_training(
-        caller=caller,
-        submitter=submitter,
-        model_id=_field(data, "model_id", str),
-        seq_id=_seq_id(data),
-        request=work,
-    )
+    return _save(
+        body, reads, submitter, "sampler_weights", caller,
+        checkpoint_type="base", hotload=None, export=True,
+    )  # fmt: skip
 
 
 @router.post("/load_weights")

@@ -65,3 +65,24 @@ def loop(services: Settings) -> tuple[Any, str, str, str]:
     from api.kafka_driver import new_loop
 
     return new_loop(services)
+
+
+@pytest.fixture(scope="module")
+def service_client(services: Settings, api_key: str) -> Iterator[Any]:
+    """The official tinker SDK's ServiceClient on the services' Tinker door (one per module)."""
+    import tinker
+
+    from api.config import get_api_settings
+
+    api = get_api_settings()
+    client = tinker.ServiceClient(base_url=f"http://{api.api_host}:{api.api_port}", api_key=api_key)
+    yield client
+    client.close("success").result()
+
+
+@pytest.fixture(scope="module")
+def training_client(service_client: Any) -> Any:
+    """A full-parameter training client on the tiny model (one per module)."""
+    return service_client.create_lora_training_client(
+        base_model="loopstream/tiny-llama", rank=0
+    ).result()

@@ -9,7 +9,6 @@ sample logprobs, `prompt_logprobs_last_n`, and prompt-cache hits counted by the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,21 +20,6 @@ from infra.settings import Settings
 
 TINY = "loopstream/tiny-llama"
 BOS = 256
-
-
-@pytest.fixture(scope="module")
-def service_client(services: Settings, api_key: str) -> Iterator[tinker.ServiceClient]:
-    from api.config import get_api_settings
-
-    api = get_api_settings()
-    client = tinker.ServiceClient(base_url=f"http://{api.api_host}:{api.api_port}", api_key=api_key)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
-def training_client(service_client: tinker.ServiceClient) -> tinker.TrainingClient:
-    return service_client.create_lora_training_client(base_model=TINY, rank=0).result()
 
 
 def _tensor(values: list[float], dtype: str = "float32") -> types.TensorData:

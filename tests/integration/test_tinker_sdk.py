@@ -12,7 +12,6 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -29,21 +28,6 @@ from tests.integration.kafka_helpers import until
 TINY = "loopstream/tiny-llama"
 BOS = 256  # the tiny model's byte vocabulary starts its specials here
 WAIT_S = 120.0  # a run stopping and its engine released, on shared services
-
-
-@pytest.fixture(scope="module")
-def service_client(services: Settings, api_key: str) -> Iterator[tinker.ServiceClient]:
-    from api.config import get_api_settings
-
-    api = get_api_settings()
-    client = tinker.ServiceClient(base_url=f"http://{api.api_host}:{api.api_port}", api_key=api_key)
-    yield client
-    client.close("success").result()
-
-
-@pytest.fixture(scope="module")
-def training_client(service_client: tinker.ServiceClient) -> tinker.TrainingClient:
-    return service_client.create_lora_training_client(base_model=TINY, rank=0).result()
 
 
 def _datum(tokens: list[int], **inputs: list[float]) -> tinker.Datum:
