@@ -70,7 +70,7 @@ from api.cli_logs import show_logs  # noqa: E402
 
 app.command("logs")(show_logs)
 
-from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit  # noqa: E402
+from infra.cli_output import OUTPUT, Column, Listing, OutputFormat, emit  # noqa: E402
 
 console = Console(stderr=True)
 

@@ -13,8 +13,8 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, stdout_console, when
 from events.envelope import DEFAULT_WORKSPACE
+from infra.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, stdout_console, when
 from infra.settings import get_settings
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create, list, revoke.")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from api.cli_output import fail
+from infra.cli_output import fail
 from infra.settings import Settings, get_settings
 
 

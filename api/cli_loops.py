@@ -1,7 +1,7 @@
 """`loopstream api`, and `loopstream sessions|runs|checkpoints ...`: the Loops resources, read
 and changed through the REST API with the SDK (so they work against any deployment).
 
-Tables for a person, `-o json` for a script (api/cli_output.py); errors on stderr.
+Tables for a person, `-o json` for a script (infra/cli_output.py); errors on stderr.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, when
 from api.client import ChecksumMismatchError, LoopsError, MissingApiKeyError, ServiceClient
 from api.config import get_api_settings
+from infra.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, when
 
 sessions_app = typer.Typer(no_args_is_help=True, help="Loops sessions: list, show, end.")
 runs_app = typer.Typer(

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail
+from infra.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail
 from infra.settings import get_settings
 
 models_app = typer.Typer(no_args_is_help=True, help="Base models: add a local folder, list.")

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import typer
 
-from api.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, when
 from api.config import get_api_settings
+from infra.cli_output import OUTPUT, Column, Listing, OutputFormat, emit, fail, when
 from infra.settings import get_settings
 
 secrets_app = typer.Typer(no_args_is_help=True, help="Secrets: create, list, update, delete.")

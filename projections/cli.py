@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from api.cli_output import OUTPUT, Column, Listing, OutputFormat, print_json
+from infra.cli_output import OUTPUT, Column, Listing, OutputFormat, print_json
 from infra.processes import die_with_parent
 from infra.settings import get_settings
 

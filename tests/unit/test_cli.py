@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 import api.cli_loops
 from api.cli import app
-from api.cli_output import Column, Listing
 from api.cli_reference import OUT, render
 from api.client import LoopsError
+from infra.cli_output import Column, Listing
 
 CHECKPOINT = {
     "checkpoint_id": "ckf97a1b2c3d4e5f6",
