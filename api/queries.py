@@ -6,7 +6,8 @@ back as dicts that the routes turn into `XPublic` models.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
@@ -213,6 +214,29 @@ class ReadModels:
         return self._one(
             _CHECKPOINT + " where c.uri = :uri and c.status = 'active' and c.public",
             uri=uri,
+        )
+
+    def checkpoint_storage(self, *, workspace: str) -> tuple[int, int]:
+        """(count, total bytes) of the workspace's live checkpoints."""
+        row = self._one(
+            "select count(*) as n, coalesce(sum(total_size_bytes), 0)::bigint as bytes "
+            "from {s}.checkpoints where workspace_id = :ws and status = 'active'",
+            ws=workspace,
+        )
+        return (int(row["n"]), int(row["bytes"])) if row else (0, 0)
+
+    def events_of_workspace(
+        self, *, workspace: str, types: Sequence[str], since: datetime, until: datetime
+    ) -> list[Row]:
+        """The workspace's events of `types` with since <= occurred_at < until, in time order."""
+        return self._all(
+            "select * from {s}.event_log where workspace_id = :ws and type = any(:types) "
+            "and occurred_at >= :since and occurred_at < :until "
+            "order by occurred_at, aggregate_id, sequence",
+            ws=workspace,
+            types=list(types),
+            since=since,
+            until=until,
         )
 
     # --- weight syncs ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from commands.bus import CommandBus
 from commands.envelope import DEFAULT_WORKSPACE, CommandEnvelope
@@ -111,6 +112,10 @@ def _table(settings: Settings) -> str:
     return f"{settings.read_schema}_tinker.sessions"
 
 
+def _samplers_table(settings: Settings) -> str:
+    return f"{settings.read_schema}_tinker.samplers"
+
+
 def ensure_table(conn: psycopg.Connection[Any], settings: Settings) -> None:
     ensure_side_tables(
         conn,
@@ -126,6 +131,20 @@ def ensure_table(conn: psycopg.Connection[Any], settings: Settings) -> None:
             # The workspace whose client created the Tinker session (null: made before
             # tenancy, the default workspace's).
             f"alter table {_table(settings)} add column if not exists workspace_id text",
+            # What the client gave at create_session, and how its client said it finished
+            # (`close(status, detail)`: success, errored or interrupted).
+            f"alter table {_table(settings)} add column if not exists user_metadata jsonb",
+            f"alter table {_table(settings)} add column if not exists display_name text",
+            f"alter table {_table(settings)} add column if not exists finish_status text",
+            f"alter table {_table(settings)} add column if not exists finish_detail text",
+            # The sampling session ids the API handed out in each Tinker session.
+            f"create table if not exists {_samplers_table(settings)} ("
+            "sampling_session_id text primary key, "
+            "tinker_session_id text not null, "
+            "workspace_id text not null, "
+            "created_at timestamptz not null default now())",
+            f"create index if not exists samplers_by_session on {_samplers_table(settings)} "
+            "(tinker_session_id)",
         ),
     )
 
@@ -146,12 +165,21 @@ def start(
     settings: Settings,
     tinker_session_id: str,
     workspace_id: str = DEFAULT_WORKSPACE,
+    *,
+    user_metadata: Mapping[str, str] | None = None,
+    display_name: str | None = None,
 ) -> None:
     """The liveness row of a new Tinker session, owned by `workspace_id`; its clock starts."""
     conn.execute(
-        f"insert into {_table(settings)} (tinker_session_id, workspace_id) values (%s, %s) "
+        f"insert into {_table(settings)} "
+        "(tinker_session_id, workspace_id, user_metadata, display_name) values (%s, %s, %s, %s) "
         "on conflict (tinker_session_id) do nothing",
-        (tinker_session_id, workspace_id),
+        (
+            tinker_session_id,
+            workspace_id,
+            None if user_metadata is None else Jsonb(dict(user_metadata)),
+            display_name,
+        ),
     )
 
 
@@ -189,18 +217,27 @@ def finish(
     tinker_session_id: str,
     reason: str,
     workspace_id: str | None = None,
+    *,
+    status: str | None = None,
+    detail: str | None = None,
 ) -> None:
     """Mark the session finished. With `workspace_id` (a client's finish), only a session of
-    that workspace; None (the janitor's own decision) any."""
+    that workspace; None (the janitor's own decision) any. `status`/`detail`: what the client
+    said (`close("success" | "errored" | "interrupted", detail)`). The first finish wins."""
     conn.execute(
         f"insert into {_table(settings)} as t "
-        "(tinker_session_id, finished_at, finish_reason, workspace_id) "
-        "values (%s, now(), %s, %s) on conflict (tinker_session_id) do update set "
+        "(tinker_session_id, finished_at, finish_reason, workspace_id, finish_status, "
+        "finish_detail) "
+        "values (%s, now(), %s, %s, %s, %s) on conflict (tinker_session_id) do update set "
         "finished_at = coalesce(t.finished_at, now()), "
-        "finish_reason = coalesce(t.finish_reason, excluded.finish_reason) "
+        "finish_reason = coalesce(t.finish_reason, excluded.finish_reason), "
+        "finish_status = case when t.finished_at is null then excluded.finish_status "
+        "else t.finish_status end, "
+        "finish_detail = case when t.finished_at is null then excluded.finish_detail "
+        "else t.finish_detail end "
         "where excluded.workspace_id is null "
         "or coalesce(t.workspace_id, %s) = excluded.workspace_id",
-        (tinker_session_id, reason, workspace_id, DEFAULT_WORKSPACE),
+        (tinker_session_id, reason, workspace_id, status, detail, DEFAULT_WORKSPACE),
     )
 
 
@@ -213,6 +250,207 @@ def liveness_of(
         (list(tinker_session_ids),),
     ).fetchall()
     return {row[0]: Liveness(row[1], row[2]) for row in rows}
+
+
+# --- what the RestClient reads (get_session, list_sessions, search_sessions) -----------------
+
+CLIENT_FINISH_STATUSES = ("success", "errored", "interrupted")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A Tinker session's row, with the live checkpoints of its runs."""
+
+    tinker_session_id: str
+    workspace_id: str
+    created_at: datetime
+    last_heartbeat_at: datetime
+    finished_at: datetime | None
+    finish_status: str | None  # what the client's close said; None: it did not say
+    finish_detail: str | None
+    user_metadata: dict[str, str] | None
+    display_name: str | None
+    checkpoints_count: int
+    checkpoint_storage_bytes: int
+
+
+def status_of(info: SessionInfo, *, now: datetime, timeout_s: float) -> dict[str, Any] | None:
+    """Tinker's `SessionStatus`: `client_finished` with the reason its client's close gave;
+    `active` while it has heartbeats within `timeout_s`; otherwise None ("neither finished nor
+    known to be running": ended by the janitor for silence, or silent without models).
+    loopstream never cancels or fails a session, so `cancelled`/`failed` never occur."""
+    if info.finished_at is not None:
+        if info.finish_status in CLIENT_FINISH_STATUSES:
+            return {
+                "type": "client_finished",
+                "reason": {"type": info.finish_status},
+                "detail": info.finish_detail,
+            }
+        return None
+    if now - info.last_heartbeat_at < timedelta(seconds=timeout_s):
+        return {"type": "active"}
+    return None
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    """search_sessions' filters, as loopstream reads them (api/tinker/rest.py)."""
+
+    workspace_id: str
+    session_id: str | None = None  # with display_words: either matches
+    display_words: tuple[str, ...] = ()  # case-insensitive, each must appear in the name
+    user_metadata: Mapping[str, str] | None = None  # every pair must hold
+    active: bool = True  # statuses to match (all three: no status filter)
+    finish_statuses: tuple[str, ...] = CLIENT_FINISH_STATUSES
+    any_status: bool = True
+
+
+def _session_select(settings: Settings) -> str:
+    # Checkpoints of the session's runs: `<session>-train-<n>` and, for base-model samplers,
+    # `<session>-smp<k>-train-0` (api/tinker/ids.py); session ids have no `-`, `_` or `%`.
+    return (
+        "select t.tinker_session_id, coalesce(t.workspace_id, %(default)s), t.created_at, "
+        "t.last_heartbeat_at, t.finished_at, t.finish_status, t.finish_detail, "
+        "t.user_metadata, t.display_name, coalesce(c.n, 0), coalesce(c.bytes, 0) "
+        f"from {_table(settings)} t left join lateral ("
+        "select count(*) as n, sum(total_size_bytes)::bigint as bytes "
+        f"from {settings.read_schema}.checkpoints "
+        "where workspace_id = coalesce(t.workspace_id, %(default)s) and status = 'active' "
+        "and (run_id like t.tinker_session_id || '-train-%%' "
+        "or run_id like t.tinker_session_id || '-smp%%-train-%%')) c on true "
+    )
+
+
+def _info(row: tuple[Any, ...]) -> SessionInfo:
+    return SessionInfo(
+        tinker_session_id=row[0],
+        workspace_id=row[1],
+        created_at=row[2],
+        last_heartbeat_at=row[3],
+        finished_at=row[4],
+        finish_status=row[5],
+        finish_detail=row[6],
+        user_metadata=row[7],
+        display_name=row[8],
+        checkpoints_count=int(row[9]),
+        checkpoint_storage_bytes=int(row[10]),
+    )
+
+
+def session_info(
+    conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: str, workspace_id: str
+) -> SessionInfo | None:
+    """The session if `workspace_id` owns it; None otherwise (another's is as missing)."""
+    row = conn.execute(
+        _session_select(settings) + "where t.tinker_session_id = %(id)s "
+        "and coalesce(t.workspace_id, %(default)s) = %(ws)s",
+        {"id": tinker_session_id, "ws": workspace_id, "default": DEFAULT_WORKSPACE},
+    ).fetchone()
+    return None if row is None else _info(row)
+
+
+def session_ids(
+    conn: psycopg.Connection[Any], settings: Settings, workspace_id: str, *, limit: int, offset: int
+) -> list[str]:
+    """The workspace's Tinker sessions, newest first."""
+    rows = conn.execute(
+        f"select tinker_session_id from {_table(settings)} "
+        "where coalesce(workspace_id, %s) = %s "
+        "order by created_at desc, tinker_session_id desc limit %s offset %s",
+        (DEFAULT_WORKSPACE, workspace_id, limit, offset),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def search(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    query: SessionQuery,
+    *,
+    timeout_s: float,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+) -> list[SessionInfo]:
+    """One page of the workspace's sessions matching `query`, newest first (created_at, then
+    id, both descending), starting after the cursor `after`."""
+    where = ["coalesce(t.workspace_id, %(default)s) = %(ws)s"]
+    params: dict[str, Any] = {"ws": query.workspace_id, "default": DEFAULT_WORKSPACE}
+    named = []
+    if query.session_id is not None:
+        named.append("t.tinker_session_id = %(id)s")
+        params["id"] = query.session_id
+    if query.display_words:
+        words = []
+        for i, word in enumerate(query.display_words):
+            words.append(f"strpos(lower(t.display_name), %(w{i})s) > 0")
+            params[f"w{i}"] = word.lower()
+        named.append("(" + " and ".join(words) + ")")
+    if named:
+        where.append("(" + " or ".join(named) + ")")
+    if query.user_metadata:
+        where.append("t.user_metadata @> %(meta)s")
+        params["meta"] = Jsonb(dict(query.user_metadata))
+    if not query.any_status:
+        statuses = ["false"]
+        if query.active:
+            statuses.append("(t.finished_at is null and t.last_heartbeat_at > now() - %(timeout)s)")
+            params["timeout"] = timedelta(seconds=timeout_s)
+        if query.finish_statuses:
+            statuses.append("(t.finished_at is not null and t.finish_status = any(%(fin)s))")
+            params["fin"] = list(query.finish_statuses)
+        where.append("(" + " or ".join(statuses) + ")")
+    if after is not None:
+        where.append("(t.created_at, t.tinker_session_id) < (%(after_at)s, %(after_id)s)")
+        params["after_at"], params["after_id"] = after
+    params["limit"] = limit
+    rows = conn.execute(
+        _session_select(settings) + "where " + " and ".join(where)
+        + " order by t.created_at desc, t.tinker_session_id desc limit %(limit)s",
+        params,
+    ).fetchall()  # fmt: skip
+    return [_info(row) for row in rows]
+
+
+def training_runs_of(
+    conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: str, workspace_id: str
+) -> list[str]:
+    """The loops run ids of the session's training clients (`<session>-train-<n>`), oldest
+    first; base-model samplers' runs are not training clients."""
+    rows = conn.execute(
+        f"select run_id from {settings.read_schema}.runs "
+        "where workspace_id = %s and run_id like %s order by created_at, run_id",
+        (workspace_id, f"{tinker_session_id}-train-%"),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def record_sampler(
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    *,
+    tinker_session_id: str,
+    sampling_session_id: str,
+    workspace_id: str,
+) -> None:
+    """A sampling session id handed out in a Tinker session (get_session lists them)."""
+    conn.execute(
+        f"insert into {_samplers_table(settings)} "
+        "(sampling_session_id, tinker_session_id, workspace_id) values (%s, %s, %s) "
+        "on conflict (sampling_session_id) do nothing",
+        (sampling_session_id, tinker_session_id, workspace_id),
+    )
+
+
+def samplers_of(
+    conn: psycopg.Connection[Any], settings: Settings, tinker_session_id: str, workspace_id: str
+) -> list[str]:
+    rows = conn.execute(
+        f"select sampling_session_id from {_samplers_table(settings)} "
+        "where tinker_session_id = %s and workspace_id = %s "
+        "order by created_at, sampling_session_id",
+        (tinker_session_id, workspace_id),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 # --- the janitor's part ----------------------------------------------------------------------

@@ -23,14 +23,17 @@ URLs, sampling clients, TTL, deletion, (un)publishing; another workspace gets a 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 
-from api.auth import Caller, CallerDep, TrainCaller, authenticate
+from api.auth import AdminCaller, Caller, CallerDep, TrainCaller, authenticate
 from api.deps import (
     ApiSettingsDep,
     EngineDep,
@@ -46,7 +49,8 @@ from api.queries import ReadModels, Row
 from api.routes._common import envelope, source_run
 from api.submit import Submitter, new_resource_id
 from api.tinker import ids
-from api.tinker.routes import _lookup, _validated, run_of
+from api.tinker.routes import _liveness, _lookup, _validated, run_of
+from commands import tinker_sessions
 from commands.loops import (
     Command,
     DeleteCheckpoint,
@@ -54,7 +58,7 @@ from commands.loops import (
     SetCheckpointTtl,
     UnpublishCheckpoint,
 )
-from events.limits import MAX_PAGE_LIMIT, RequestKey, ShortText
+from events.limits import MAX_PAGE_LIMIT, RequestKey, ShortText, UserMetadata
 from gpu_workers.checkpoint_store import CheckpointRef, CheckpointStore
 from infra.settings import Settings
 
@@ -390,3 +394,285 @@ def unpublish_checkpoint(
         False, model_id=model_id, kind=kind, name=name, reads=reads, submitter=submitter,
         state=state, engine=engine, settings=settings, caller=caller,
     )  # fmt: skip
+
+
+# --- sessions ------------------------------------------------------------------------------
+# One row per Tinker session (commands/tinker_sessions.py). loopstream has no projects: the
+# key's workspace owns everything, so it stands where Tinker names a project or an owner.
+# `access_scope="accessible"` / `AccessibleSearchOwner` see the same as owned: the caller may
+# read no other workspace's sessions.
+
+AccessScope = Literal["owned", "accessible"]
+
+
+def _session(
+    engine: Engine, settings: Settings, session_id: str, caller: Caller
+) -> tinker_sessions.SessionInfo:
+    info = _liveness(
+        engine,
+        settings,
+        lambda c: tinker_sessions.session_info(c, settings, session_id, caller.workspace_id),
+    )
+    if info is None:  # never created, or another workspace's
+        raise ApiError(404, f"session {session_id} not found", field="session_id")
+    return info  # type: ignore[no-any-return]
+
+
+@router.get("/sessions/{session_id}")
+def get_session(
+    session_id: RequestKey,
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    access_scope: AccessScope = "owned",
+) -> dict[str, Any]:
+    """The session's training runs (model ids) and the sampling session ids handed out in it."""
+    info = _session(engine, settings, session_id, caller)
+
+    def members(c: Any) -> tuple[list[str], list[str]]:
+        runs = tinker_sessions.training_runs_of(c, settings, session_id, caller.workspace_id)
+        samplers = tinker_sessions.samplers_of(c, settings, session_id, caller.workspace_id)
+        return [ids.model_id_of(r) for r in runs], samplers
+
+    training_run_ids, sampler_ids = _liveness(engine, settings, members)
+    return {
+        "training_run_ids": training_run_ids,
+        "sampler_ids": sampler_ids,
+        "user_metadata": info.user_metadata,
+        "display_name": info.display_name,
+    }
+
+
+@router.get("/sessions")
+def list_sessions(
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    limit: int = Query(20, ge=1, le=MAX_PAGE_LIMIT),
+    offset: OffsetQuery = 0,
+    access_scope: AccessScope = "owned",
+) -> dict[str, Any]:
+    """The caller's workspace's session ids, newest first (limit/offset, as the SDK pages)."""
+    found = _liveness(
+        engine,
+        settings,
+        lambda c: tinker_sessions.session_ids(
+            c, settings, caller.workspace_id, limit=limit, offset=offset
+        ),
+    )
+    return {"sessions": found}
+
+
+class SessionSearch(BaseModel):
+    """The SDK's `SessionSearchRequest` (sent with its None fields left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: RequestKey | None = None
+    project_ids: list[RequestKey] | None = Field(default=None, max_length=MAX_PAGE_LIMIT)
+    user_metadata: UserMetadata = {}
+    display_name: Annotated[ShortText, Field(min_length=1)] | None = None
+    owner: dict[str, Any] = {"type": "own"}
+    statuses: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=8)
+    limit: int = Field(default=50, ge=1, le=200)
+    cursor: dict[str, Any] | None = None
+
+
+def _search_query(search: SessionSearch, caller: Caller) -> tinker_sessions.SessionQuery | None:
+    """The filters for the workspace's sessions; None when nothing can match (a project or
+    owner list without the caller's workspace)."""
+    ws = caller.workspace_id
+    if search.project_ids is not None:
+        foreign = [p for p in search.project_ids if p != ws]
+        if foreign:
+            # Tinker: naming a project the caller cannot list is an error.
+            raise ApiError(404, f"project {foreign[0]} not found", field="project_ids")
+        if not search.project_ids:
+            return None
+    owner = search.owner.get("type")
+    if owner == "user":
+        urns = search.owner.get("owner_urns")
+        if not isinstance(urns, list) or not 1 <= len(urns) <= 10:
+            raise ApiError(400, "owner.owner_urns: 1 to 10 owners", field="owner.owner_urns")
+        if ws not in urns:
+            return None
+    elif owner not in ("own", "accessible"):
+        raise ApiError(400, "owner.type: own, accessible or user", field="owner.type")
+    query = tinker_sessions.SessionQuery(
+        workspace_id=ws,
+        session_id=search.session_id,
+        display_words=tuple((search.display_name or "").split()),
+        user_metadata=search.user_metadata,
+    )
+    if search.statuses is None:
+        return query
+    active, finished = False, set[str]()
+    for i, status in enumerate(search.statuses):
+        kind = status.get("type")
+        if kind == "active":
+            active = True
+        elif kind == "client_finished":
+            reasons = status.get("reasons") or tinker_sessions.CLIENT_FINISH_STATUSES
+            bad = [r for r in reasons if r not in tinker_sessions.CLIENT_FINISH_STATUSES]
+            if bad:
+                raise ApiError(
+                    400, f"statuses.{i}.reasons: unknown reason {bad[0]!r}", field="statuses"
+                )
+            finished.update(reasons)
+        elif kind not in ("cancelled", "failed"):  # never happen here: match nothing
+            raise ApiError(400, f"statuses.{i}.type: unknown status {kind!r}", field="statuses")
+    return dataclasses.replace(
+        query, any_status=False, active=active, finish_statuses=tuple(sorted(finished))
+    )
+
+
+def _cursor(search: SessionSearch) -> tuple[datetime, str] | None:
+    if search.cursor is None:
+        return None
+    try:
+        at = datetime.fromisoformat(str(search.cursor["last_created_at"]))
+        last = str(search.cursor["last_session_id"])
+    except (KeyError, ValueError) as exc:
+        raise ApiError(400, "cursor: pass a response's next_cursor back", field="cursor") from exc
+    if at.tzinfo is None:
+        raise ApiError(400, "cursor.last_created_at: needs a time zone", field="cursor")
+    return at, last
+
+
+def _summary(
+    info: tinker_sessions.SessionInfo, *, now: datetime, timeout_s: float
+) -> dict[str, Any]:
+    return {
+        "session_id": info.tinker_session_id,
+        "created_at": info.created_at,
+        "owner": info.workspace_id,
+        "project_id": info.workspace_id,
+        "status": tinker_sessions.status_of(info, now=now, timeout_s=timeout_s),
+        "checkpoints_count": info.checkpoints_count,
+        "display_name": info.display_name,
+        "user_metadata": info.user_metadata,
+        "checkpoint_storage_bytes": info.checkpoint_storage_bytes,
+    }
+
+
+@router.post("/sessions/search")
+def search_sessions(
+    body: dict[str, Any], engine: EngineDep, settings: SettingsDep, caller: CallerDep
+) -> dict[str, Any]:
+    """The caller's workspace's sessions matching every filter, newest first; `next_cursor`
+    (the last one's created_at and id) until a page comes back short."""
+    search = _validated(SessionSearch, **body)
+    query = _search_query(search, caller)
+    if query is None:
+        return {"sessions": [], "next_cursor": None}
+    timeout_s = settings.tinker_session_timeout_s
+    page = _liveness(
+        engine,
+        settings,
+        lambda c: tinker_sessions.search(
+            c, settings, query, timeout_s=timeout_s, limit=search.limit + 1, after=_cursor(search)
+        ),
+    )
+    now = datetime.now(UTC)
+    more = len(page) > search.limit
+    page = page[: search.limit]
+    last = page[-1] if page else None
+    return {
+        "sessions": [_summary(info, now=now, timeout_s=timeout_s) for info in page],
+        "next_cursor": (
+            {"last_created_at": last.created_at, "last_session_id": last.tinker_session_id}
+            if more and last is not None
+            else None
+        ),
+    }
+
+
+# --- checkpoint storage and the audit log ----------------------------------------------------
+
+BYTES_PER_GIGABYTE = 10**9
+
+
+@router.get("/billing/usage/checkpoints/current")
+def current_checkpoint_storage_usage(
+    reads: ReadDep, caller: CallerDep, project_id: RequestKey | None = None
+) -> dict[str, Any]:
+    """The workspace's live checkpoints, counted and summed now (no lag). No prices:
+    loopstream bills nothing, so the rate and the cost are None."""
+    if project_id is not None and project_id != caller.workspace_id:
+        raise ApiError(404, f"project {project_id} not found", field="project_id")
+    count, size = reads.checkpoint_storage(workspace=caller.workspace_id)
+    return {
+        "effective_rate_usd_per_gigabyte_month": None,
+        "data": [
+            {
+                "project_id": caller.workspace_id,
+                "checkpoint_count": count,
+                "size_bytes": size,
+                "size_gigabytes": size / BYTES_PER_GIGABYTE,
+                "estimated_monthly_cost_usd": None,
+            }
+        ],
+    }
+
+
+# Tinker's audit event families, in loopstream's event log. Checkpoints: their lifecycle;
+# organizations: the workspace and its API keys; projects and teams: loopstream has none.
+AUDIT_EVENTS: dict[str, tuple[str, ...]] = {
+    "checkpoints": (
+        "CheckpointSaved", "CheckpointPromoted", "CheckpointTtlChanged", "CheckpointPublished",
+        "CheckpointUnpublished", "CheckpointDeleted",
+    ),
+    "organizations": ("WorkspaceCreated", "ApiKeyCreated", "ApiKeyRevoked"),
+    "projects": (),
+    "teams": (),
+}  # fmt: skip
+AUDIT_EVENTS["all"] = tuple(t for types in AUDIT_EVENTS.values() for t in types)
+# Payload fields left out of an entry: bulky (a checkpoint's file list) or of no use to a
+# reader (a key's hash).
+AUDIT_HIDDEN = frozenset({"files", "key_hash"})
+
+
+def _snake(event_type: str) -> str:
+    """`CheckpointTtlChanged` -> `checkpoint_ttl_changed` (Tinker's `<resource>_<action>`)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", event_type).lower()
+
+
+def _audit_entry(row: Row) -> dict[str, Any]:
+    payload = {k: v for k, v in row["payload"].items() if k not in AUDIT_HIDDEN}
+    details = {
+        "actor": row["actor"],
+        "aggregate_id": row["aggregate_id"],
+        "event_id": row["event_id"],
+        "command_id": row["command_id"],
+        **payload,
+    }
+    entry: dict[str, Any] = {
+        "timestamp": row["occurred_at"],
+        "event": _snake(row["type"]),
+        "event_details": details,
+    }
+    uri = payload.get("uri")
+    if row["type"].startswith("Checkpoint") and isinstance(uri, str):
+        path = ids.tinker_path(uri)
+        details["tinker_path"] = path
+        entry["tinker_path"] = path
+        entry["model_id"] = ids.model_id_of(str(payload.get("run_id")))
+    return entry
+
+
+@router.get("/audit")
+def audit_log(
+    reads: ReadDep,
+    caller: AdminCaller,
+    event_type: Literal["all", "checkpoints", "projects", "teams", "organizations"] = "all",
+    day: date | None = None,
+) -> dict[str, Any]:
+    """The workspace's audit events of one UTC day (default today) from the event log, in time
+    order: who (`actor`, a key id), what, on which aggregate. The `admin` scope, as Tinker asks
+    for an admin role."""
+    start = datetime.combine(day or datetime.now(UTC).date(), datetime.min.time(), tzinfo=UTC)
+    types = AUDIT_EVENTS[event_type]
+    rows = reads.events_of_workspace(
+        workspace=caller.workspace_id, types=types, since=start, until=start + timedelta(days=1)
+    ) if types else []  # fmt: skip
+    return {"entries": [_audit_entry(row) for row in rows]}

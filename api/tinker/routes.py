@@ -44,7 +44,7 @@ from api.tinker.wire import (
 )
 from commands import tinker_sessions
 from commands.envelope import DEFAULT_WORKSPACE, CommandResult, category_of
-from commands.loops import CreateRun, CreateSession
+from commands.loops import CreateRun, CreateSession, checkpoint_uri
 from commands.work import (
     RECORDED_LOSSES,
     AdamParams,
@@ -55,7 +55,7 @@ from commands.work import (
     Sample,
     SaveWeights,
 )
-from events.limits import UserMetadata
+from events.limits import MAX_TEXT_LENGTH, ShortText, UserMetadata
 from gpu_workers.models import UnknownBaseModel, available_base_models, resolve_base_model
 from infra.settings import Settings
 
@@ -286,18 +286,33 @@ def _check_session(engine: Any, settings: Settings, session_id: str, caller: Cal
     return session_id
 
 
+class _DisplayName(BaseModel):
+    display_name: ShortText | None = None
+
+
 @router.post("/create_session")
 def create_session(
     body: _Body, engine: EngineDep, settings: SettingsDep, caller: CallerDep
 ) -> dict[str, Any]:
     """A Tinker session groups the client's models and samplers (each model gets a loops
     session of its own, see api/tinker/ids.py); its liveness row starts its heartbeat clock and
-    names the caller's workspace, which alone may use it."""
+    names the caller's workspace, which alone may use it. Its `user_metadata` (flat strings,
+    as a run's) and `display_name` come back in get_session and search_sessions."""
+    data = body.model_dump()
+    user_metadata = _user_metadata(data)
+    display_name = _validated(_DisplayName, display_name=data.get("display_name")).display_name
     session_id = new_resource_id(10)
     _liveness(
         engine,
         settings,
-        lambda c: tinker_sessions.start(c, settings, session_id, caller.workspace_id),
+        lambda c: tinker_sessions.start(
+            c,
+            settings,
+            session_id,
+            caller.workspace_id,
+            user_metadata=user_metadata,
+            display_name=display_name,
+        ),
     )
     return {"type": "create_session", "session_id": session_id}
 
@@ -335,10 +350,20 @@ def finish_session(
     release the engines). Those the read models do not show yet are ended by the janitor, which
     sees the finished row (commands/tinker_sessions.py): same command ids, so never twice."""
     reason = "tinker session finished"
+    # close(status, detail): kept for search_sessions' `client_finished` status.
+    data = body.model_dump()
+    said = data.get("reason")
+    status = said.get("type") if isinstance(said, dict) else None
+    if status not in tinker_sessions.CLIENT_FINISH_STATUSES:
+        status = None
+    detail = data.get("detail")
+    detail = detail.replace("\x00", "")[:MAX_TEXT_LENGTH] if isinstance(detail, str) else None
 
     def finish(raw: Any) -> None:
         _refuse_foreign_session(raw, settings, session_id, caller)
-        tinker_sessions.finish(raw, settings, session_id, reason, caller.workspace_id)
+        tinker_sessions.finish(
+            raw, settings, session_id, reason, caller.workspace_id, status=status, detail=detail
+        )
 
     _liveness(engine, settings, finish)
     with engine.connect() as conn:
@@ -630,9 +655,11 @@ def _save(
     submitter: Submitter,
     kind: Literal["weights", "sampler_weights"],
     caller: Caller,
+    name: str | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
-    """A SaveWeights of `kind` (and `fields`), in the client's seq_id order."""
+    """A SaveWeights of `kind` (and `fields`), in the client's seq_id order; `name`: the
+    checkpoint's, when the caller chose it (else the request's path, or an ephemeral one)."""
     data = body.model_dump()
     with _seq_door(str(data.get("model_id")), _seq_id(data)):
         if data.get("age_encryption_recipients"):
@@ -644,7 +671,7 @@ def _save(
         _run_row(reads, str(data.get("model_id")), caller)
         work = _validated(
             SaveWeights,
-            name=_save_name(data, _seq_id(data)),
+            name=name or _save_name(data, _seq_id(data)),
             kind=kind,
             ttl_seconds=data.get("ttl_seconds"),
             **fields,
@@ -667,9 +694,29 @@ def save_weights(
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(
-    body: _Body, reads: ReadDep, submitter: SubmitterDep, caller: TrainCaller
+    body: _Body,
+    reads: ReadDep,
+    submitter: SubmitterDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: TrainCaller,
 ) -> dict[str, Any]:
-    return _save(body, reads, submitter, "sampler_weights", caller)
+    data = body.model_dump()
+    if data.get("path"):
+        return _save(body, reads, submitter, "sampler_weights", caller)
+    # save_weights_and_get_sampling_client: its future answers a sampling session derived from
+    # the command (_tinker_response); list it under the model's Tinker session now.
+    name = _save_name(data, _seq_id(data))
+    future = _save(body, reads, submitter, "sampler_weights", caller, name=name)
+    model_id = str(data.get("model_id"))
+    session_id = tinker_sessions.tinker_session_of(model_id)
+    if session_id is not None:
+        run_id = ids.run_id_of(model_id)
+        nonce = derived_resource_id(future["request_id"], "sampling_session", 6)
+        uri = checkpoint_uri(run_id, "sampler_weights", name)
+        sampling_id = ids.SamplingSession(run_id, uri, nonce).id
+        _record_sampler(engine, settings, session_id, sampling_id, caller)
+    return future
 
 
 @router.post("/save_weights_external")
@@ -769,6 +816,25 @@ def _wait_visible(
         time.sleep(0.01)
 
 
+def _record_sampler(
+    engine: Any, settings: Settings, session_id: str, sampling_session_id: str, caller: Caller
+) -> None:
+    """List the sampling session under its Tinker session (get_session's `sampler_ids`); a
+    session of another workspace, or none, is a 404 as for a model made in it."""
+
+    def record(raw: Any) -> None:
+        _refuse_foreign_session(raw, settings, session_id, caller)
+        tinker_sessions.record_sampler(
+            raw,
+            settings,
+            tinker_session_id=session_id,
+            sampling_session_id=sampling_session_id,
+            workspace_id=caller.workspace_id,
+        )
+
+    _liveness(engine, settings, record)
+
+
 @router.post("/create_sampling_session")
 def create_sampling_session(
     body: _Body,
@@ -790,10 +856,10 @@ def create_sampling_session(
         run_id = uri.removeprefix("bt://loops:").split("/")[0]
         if run_of(reads, run_id, caller) is None:
             raise bad_request(f"no run holds {data['model_path']}", "model_path")
-        return {
-            "type": "create_sampling_session",
-            "sampling_session_id": ids.SamplingSession(run_id, uri, nonce).id,
-        }
+        sampling_id = ids.SamplingSession(run_id, uri, nonce).id
+        if data.get("session_id"):  # the SDK always names its session; by hand it may not
+            _record_sampler(engine, settings, str(data["session_id"]), sampling_id, caller)
+        return {"type": "create_sampling_session", "sampling_session_id": sampling_id}
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
     # Sampling a bare base model: a run of its own whose sampler serves the base weights.
@@ -812,10 +878,9 @@ def create_sampling_session(
     )
     run_id = ids.run_id_of(model_id)
     _wait_visible(engine, settings, run_id, caller)
-    return {
-        "type": "create_sampling_session",
-        "sampling_session_id": ids.SamplingSession(run_id, None, nonce).id,
-    }
+    sampling_id = ids.SamplingSession(run_id, None, nonce).id
+    _record_sampler(engine, settings, session, sampling_id, caller)
+    return {"type": "create_sampling_session", "sampling_session_id": sampling_id}
 
 
 def _sampling_session(sampling_session_id: str) -> ids.SamplingSession:
