@@ -53,7 +53,10 @@ def events_feed(settings) -> Consumer:  # type: ignore[no-untyped-def]
 
 def wait_for_loaded(feed: Consumer, sampler_id: str, uri: str) -> float:
     while True:
-        for message in feed.consume(100, timeout=0.05):
+        # Poll, then drain what already arrived: `consume(100, timeout)` alone waits out the whole
+        # timeout unless 100 records come, which would add up to 50 ms to every sync measured.
+        first = feed.poll(0.05)
+        for message in ([first] if first is not None else []) + feed.consume(100, timeout=0):
             if (
                 message.error()
                 or dict(message.headers() or []).get("event_type") != b"WeightsLoaded"
