@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from commands import access, loops, secrets
+from commands import access, deployments, loops, secrets
 from commands.loops import Command
 from events.catalog import CATALOG
 from events.envelope import EventEnvelope
@@ -66,8 +66,16 @@ SECRET = AggregateSpec(
     evolve=secrets.evolve,
 )
 
+MODEL = AggregateSpec(
+    aggregate_type=deployments.AGGREGATE_TYPE,
+    commands=deployments.COMMANDS,
+    initial_state=deployments.initial_state,
+    decide=deployments.decide,
+    evolve=deployments.evolve,
+)
+
 AGGREGATES: dict[str, AggregateSpec] = {
-    spec.aggregate_type: spec for spec in (SESSION, WORKSPACE, SECRET)
+    spec.aggregate_type: spec for spec in (SESSION, WORKSPACE, SECRET, MODEL)
 }
 COMMAND_TYPES: dict[str, tuple[type[Command], AggregateSpec]] = {
     command.__name__: (command, spec) for spec in AGGREGATES.values() for command in spec.commands

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from events.access import ACCESS_EVENTS
+from events.deployments import DEPLOYMENT_EVENTS
 from events.envelope import EventEnvelope
 from events.loops import LOOPS_EVENTS, DomainEvent
 from events.secrets import SECRETS_EVENTS
@@ -69,7 +70,9 @@ class EventCatalog:
         return self.model(envelope.type).model_validate(payload)
 
 
-CATALOG = EventCatalog(LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS + SECRETS_EVENTS)
+CATALOG = EventCatalog(
+    LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS + SECRETS_EVENTS + DEPLOYMENT_EVENTS
+)
 
 
 def decode_payload(envelope: EventEnvelope) -> DomainEvent:

@@ -74,6 +74,24 @@ VALID: dict[str, dict[str, Any]] = {
     "CreateSecret": {"workspace_id": "default", "name": "hf_token", "version": 1, "digest": SHA},
     "UpdateSecret": {"workspace_id": "default", "name": "hf_token", "version": 2, "digest": SHA},
     "DeleteSecret": {"workspace_id": "default", "name": "hf_token"},
+    "CreateModel": {
+        "source": "checkpoint",
+        "checkpoint_uri": "bt://loops:r1/sampler_weights/step-1",
+        "checkpoint_type": "base",
+        "chain_position": 0,
+        "lora_rank": 0,
+        "base_model": "m",
+        "deployment": {"deployment_id": "d1", "resources": {"cpu": "4", "memory": "16Gi"}},
+    },
+    "CreateDeployment": {"deployment_id": "d2", "min_replica": 0, "max_replica": 2},
+    "ChangeDeploymentInstanceType": {
+        "deployment_id": "d1",
+        "new_deployment_id": "d3",
+        "resources": {"instance_type": "L4:4x16"},
+    },
+    "ActivateDeployment": {"deployment_id": "d1"},
+    "DeactivateDeployment": {"deployment_id": "d1"},
+    "DeleteDeployment": {"deployment_id": "d1"},
 }
 assert VALID.keys() == COMMAND_TYPES.keys(), "a new command type needs a valid payload here"
 
