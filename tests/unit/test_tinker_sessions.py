@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from commands.tinker_sessions import (
     Liveness,
     OpenLoopsSession,
+    SessionInfo,
     end_session,
     sessions_to_end,
+    status_of,
     tinker_session_of,
 )
 
@@ -49,3 +52,35 @@ def test_the_end_command_id_derives_from_the_loops_session() -> None:
     first, again = end_session("a-s-0", "x"), end_session("a-s-0", "y")
     assert first.command_id == again.command_id  # a repeated decision is a duplicate
     assert first.type == "EndSession" and first.aggregate_id == "a-s-0"
+
+
+def _info(**changes: object) -> SessionInfo:
+    info = SessionInfo(
+        tinker_session_id="abc",
+        workspace_id="ws",
+        created_at=T0,
+        last_heartbeat_at=T0,
+        finished_at=None,
+        finish_status=None,
+        finish_detail=None,
+        user_metadata=None,
+        display_name=None,
+        checkpoints_count=0,
+        checkpoint_storage_bytes=0,
+    )
+    return dataclasses.replace(info, **changes)  # type: ignore[arg-type]
+
+
+def test_a_session_is_active_while_it_beats_then_finished_with_its_close_reason() -> None:
+    def status(info: SessionInfo, after_s: float) -> object:
+        return status_of(info, now=T0 + timedelta(seconds=after_s), timeout_s=600)
+
+    assert status(_info(), 599) == {"type": "active"}
+    assert status(_info(), 600) is None  # silent: neither finished nor known to be running
+    closed = _info(finished_at=T0, finish_status="errored", finish_detail="oom")
+    assert status(closed, 1) == {
+        "type": "client_finished",
+        "reason": {"type": "errored"},
+        "detail": "oom",
+    }
+    assert status(_info(finished_at=T0), 1) is None  # ended by the janitor: no client reason
