@@ -8,9 +8,9 @@ tiny random-init Llama, byte vocabulary) is rewarded for the fraction of generat
 the letter 'a'. Every step goes through the REST API, Kafka, the trainer and sampler workers and
 the S3 store, and every call is an event; at the end the run's audit trail is printed.
 
-Weights move with the seed's "sync weights every step" pattern: a `WeightSyncer` saves a base,
-then deltas, and returns once the sampler serves them; the next rollouts ask for that sync
-(`min_weights_version`), so every batch is provably on-policy.
+Weights move with the "sync weights every step" pattern of Baseten's Loops: a `WeightSyncer`
+saves a base, then deltas, and returns once the sampler serves them; the next rollouts ask for
+that sync (`min_weights_version`), so every batch is provably on-policy.
 """
 
 from __future__ import annotations
