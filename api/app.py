@@ -28,6 +28,7 @@ from api.routes import (
     training,
     weight_sync,
 )
+from api.routes import deployments as deployments_route
 from api.routes import health as health_route
 from api.routes import secrets as secrets_route
 from api.tinker import rest as tinker_rest
@@ -72,6 +73,7 @@ def create_app(
     app.include_router(health_route.router)  # GET /health: projection failures and lag
     app.include_router(api_keys.router)  # /v1/api_keys: admin keys of the caller's workspace
     app.include_router(secrets_route.router)  # /v1/secrets: admin, values never shown again
+    app.include_router(deployments_route.router)  # /v1/models: models and their deployments
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -65,6 +65,12 @@ from api.cli_models import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")
 
+# --- models and deployments (api/cli_deployments.py) ---
+from api.cli_deployments import deploy_checkpoints, deployments_app  # noqa: E402
+
+app.command("deploy-checkpoints")(deploy_checkpoints)
+app.add_typer(deployments_app, name="deployments")
+
 # --- the logs of the stack's servers and loopstream's services (api/cli_logs.py) ---
 from api.cli_logs import show_logs  # noqa: E402
 

@@ -277,7 +277,13 @@ class Processor:
 
     def check_state_is_the_fold_of_the_log(self) -> None:
         for aggregate_id, state in self.states.items():
-            spec = COMMAND_TYPES["CreateSession"][1]
+            # The aggregate type whose state this is (a session, or a model: CreateModel may
+            # reach the same id first).
+            spec = next(
+                spec
+                for _, spec in COMMAND_TYPES.values()
+                if type(spec.initial_state(aggregate_id)) is type(state)
+            )
             folded = spec.initial_state(aggregate_id)
             for data in self.written[aggregate_id]:
                 folded = spec.apply(folded, EventEnvelope.from_bytes(data))
