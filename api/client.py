@@ -551,12 +551,16 @@ class TrainingClient:
         *,
         ttl_seconds: int | None = None,
         loader_state: Json | None = None,
+        user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[Json]:
         """Full training state (resumable); `loader_state` is the caller's data position, handed
-        back on load. Result: {path (bt://loops URI), checkpoint_id, ...}."""
+        back on load; `user_metadata` the caller's labels on the checkpoint. Result: {path
+        (bt://loops URI), checkpoint_id, ...}."""
         body: Json = {"name": name, "ttl_seconds": ttl_seconds}
         if loader_state is not None:
             body["loader_state"] = loader_state
+        if user_metadata is not None:
+            body["user_metadata"] = user_metadata
         return self._post("save_weights", body)
 
     def save_weights_for_sampler(
@@ -567,11 +571,14 @@ class TrainingClient:
         checkpoint_type: str | None = None,
         compression_format: CompressionFormat | None = None,
         hotload: bool | HotloadOptions = True,
+        user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[Json]:
         """Sampler weights: a `base`, or a `delta` against the last sampler save. Synced to the
         run's sampler (`hotload` True or options) or only saved (`hotload=False`). Result as
         save_weights, plus checkpoint_type."""
         body: Json = {"name": name, "ttl_seconds": ttl_seconds, "checkpoint_type": checkpoint_type}
+        if user_metadata is not None:
+            body["user_metadata"] = user_metadata
         if compression_format is not None:
             body["compression_format"] = compression_format
         if hotload is False:

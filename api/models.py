@@ -80,6 +80,7 @@ class SaveWeightsCreate(BaseModel):
     )
     # save_weights only: the caller's data position, handed back when the state is loaded.
     loader_state: JsonObject | None = None
+    user_metadata: UserMetadata | None = None  # the user's labels on the checkpoint
     request_id: RequestKey | None = REQUEST_ID
 
 
@@ -235,6 +236,7 @@ class CheckpointPublic(Public):
     chain_position: int | None = None
     promoted_to: list[str] = Field(default_factory=list)  # environments
     public: bool = False  # published: any workspace may start a run from its URI
+    user_metadata: dict[str, str] | None = None  # the user's labels, as saved
 
 
 class CheckpointsPublic(BaseModel):

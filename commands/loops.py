@@ -173,6 +173,7 @@ class RecordCheckpoint(Command):
     chain_position: NonNegativeInt64 | None = None
     # Sampler weights: sync them to the run's sampler now (None: save only, `HotloadWeights` later).
     hotload: HotloadOptions | None = Field(default_factory=HotloadOptions)
+    user_metadata: UserMetadata | None = None  # the user's labels on the checkpoint
 
 
 class HotloadWeights(Command):
@@ -459,6 +460,7 @@ def _(command: RecordCheckpoint, state: SessionState, now: datetime) -> list[Dom
             expires_at=expires_at,
             checkpoint_type=command.checkpoint_type,
             chain_position=command.chain_position,
+            user_metadata=command.user_metadata,
         )
     ]
     synced: list[DomainEvent] = []

@@ -26,6 +26,7 @@ from events.limits import (
     Text,
     TokenId,
     TtlSeconds,
+    UserMetadata,
 )
 
 LossFn = Literal[
@@ -189,6 +190,9 @@ class SaveWeights(WorkRequest):
     # An export (Tinker's save_weights_external): a complete Hugging Face folder another tool
     # can load, so a base, and not synced to the sampler.
     export: bool = False
+    # The user's labels on the checkpoint (Tinker's user_metadata on save_state and
+    # save_weights_for_sampler), kept on its record and returned with it.
+    user_metadata: UserMetadata | None = None
 
     @model_validator(mode="after")
     def _fields_for_the_kind(self) -> SaveWeights:

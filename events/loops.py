@@ -95,6 +95,9 @@ class CheckpointSaved(DomainEvent):
     # Sampler weights: a full `base` or a `delta` against its parent, and its place in the chain.
     checkpoint_type: CheckpointType | None = None
     chain_position: int | None = None
+    user_metadata: dict[str, str] | None = Field(
+        default=None, description="the user's labels on the checkpoint (Tinker's user_metadata)"
+    )
 
 
 class WeightsReady(DomainEvent):

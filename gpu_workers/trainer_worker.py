@@ -394,6 +394,7 @@ class TrainerWorker(WorkerService):
                     if link is not None and request.hotload is not None
                     else None
                 ),
+                "user_metadata": request.user_metadata,
             },
         )
         total = sum(f["size_bytes"] for f in files)

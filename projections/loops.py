@@ -3,7 +3,8 @@
 Pure functions, no I/O: `project_event(envelope, event)` and `project_result(result)` return the
 row changes; `projections/store.py` writes them. Columns match migration 0002 and later ones;
 `workspace_id` (0008) is set when a row is created, from the envelope (None -> "default");
-a run's `user_metadata` and a checkpoint's `public` flag come with 0009.
+a run's `user_metadata` and a checkpoint's `public` flag come with 0009, a checkpoint's
+`user_metadata` with 0011.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ TABLES: dict[str, TableSpec] = {
                 "checkpoint_id", "run_id", "session_id", "name", "kind", "uri", "files",
                 "total_size_bytes", "step", "expires_at", "status", "delete_reason",
                 "created_at", "deleted_at", *_ENTITY, "checkpoint_type", "chain_position",
-                "workspace_id", "public",
+                "workspace_id", "public", "user_metadata",
             ),
-            json_columns=frozenset({"files"}),
+            json_columns=frozenset({"files", "user_metadata"}),
         ),
         TableSpec(
             "promotions",
@@ -327,6 +328,7 @@ def _(event: CheckpointSaved, envelope: EventEnvelope) -> list[RowChange]:
         "chain_position": event.chain_position,
         "workspace_id": envelope.workspace,
         "public": False,
+        "user_metadata": event.user_metadata,
     }
     return [entity_change("checkpoints", event.checkpoint_id, envelope, values, creates=True)]
 

@@ -90,6 +90,7 @@ def _checkpoint_public(row: Row) -> dict[str, Any]:
         "tinker_path": ids.tinker_path(row["uri"]),
         "size_bytes": row["total_size_bytes"],
         "public": bool(row.get("public")),
+        "user_metadata": row.get("user_metadata"),
         "expires_at": row["expires_at"],
     }
 

@@ -396,8 +396,8 @@ _USER_METADATA: TypeAdapter[dict[str, str] | None] = TypeAdapter(UserMetadata | 
 
 
 def _user_metadata(data: dict[str, Any]) -> dict[str, str] | None:
-    """The run's user_metadata (create_model, create-from-state): a flat object of strings of
-    bounded sizes (events/limits.py), or a 400 naming the key."""
+    """The user_metadata of a run (create_model, create-from-state) or a checkpoint (saves): a
+    flat object of strings of bounded sizes (events/limits.py), or a 400 naming the key."""
     try:
         return _USER_METADATA.validate_python(data.get("user_metadata"))
     except ValidationError as exc:
@@ -674,6 +674,7 @@ def _save(
             name=name or _save_name(data, _seq_id(data)),
             kind=kind,
             ttl_seconds=data.get("ttl_seconds"),
+            user_metadata=_user_metadata(data),
             **fields,
         )
     return _submit_training(
