@@ -24,6 +24,12 @@ _CHECKPOINT = (
     "from {s}.checkpoints c"
 )
 
+# A run (alias r) that holds a live published checkpoint of its own workspace.
+_SHARED_RUN = (
+    "exists (select 1 from {s}.checkpoints c where c.run_id = r.run_id "
+    "and c.workspace_id = r.workspace_id and c.status = 'active' and c.public)"
+)
+
 
 class ReadModels:
     """Reads on a connection, or on an engine: then each query borrows a pooled connection for
@@ -215,6 +221,41 @@ class ReadModels:
             _CHECKPOINT + " where c.uri = :uri and c.status = 'active' and c.public",
             uri=uri,
         )
+
+    def shared_run(self, run_id: str) -> Row | None:
+        """A run of any workspace that holds a live published checkpoint: what
+        `access_scope="accessible"` adds to the caller's own runs (read only)."""
+        return self._resource(
+            "select * from {s}.runs r where r.run_id = :id and " + _SHARED_RUN, id=run_id
+        )
+
+    def accessible_runs(self, *, workspace: str, limit: int, offset: int) -> tuple[list[Row], int]:
+        """The workspace's runs and every run with a live published checkpoint, newest first."""
+        where = "where r.workspace_id = :ws or " + _SHARED_RUN
+        rows = self._all(
+            "select * from {s}.runs r " + where + " order by r.created_at desc, r.run_id "
+            "limit :limit offset :offset",
+            ws=workspace,
+            limit=limit,
+            offset=offset,
+        )
+        total = self._one("select count(*) as n from {s}.runs r " + where, ws=workspace)
+        return rows, int(total["n"]) if total else 0
+
+    def accessible_checkpoints(
+        self, *, workspace: str, limit: int, offset: int
+    ) -> tuple[list[Row], int]:
+        """The workspace's live checkpoints and every live published one, newest first."""
+        where = " where c.status = 'active' and (c.workspace_id = :ws or c.public)"
+        rows = self._all(
+            _CHECKPOINT + where + " order by c.created_at desc, c.checkpoint_id "
+            "limit :limit offset :offset",
+            ws=workspace,
+            limit=limit,
+            offset=offset,
+        )
+        total = self._one("select count(*) as n from {s}.checkpoints c" + where, ws=workspace)
+        return rows, int(total["n"]) if total else 0
 
     def checkpoint_storage(self, *, workspace: str) -> tuple[int, int]:
         """(count, total bytes) of the workspace's live checkpoints."""

@@ -43,7 +43,7 @@ from commands.envelope import CommandEnvelope
 from commands.work import SAMPLER_REQUESTS, Sample
 from events.audit import history
 from events.catalog import decode_payload
-from events.envelope import EventEnvelope, utc_now
+from events.envelope import DEFAULT_WORKSPACE, EventEnvelope, utc_now
 from events.kafka_log import assign_all, consumer_config
 from events.loops import SamplerCreated, SamplerStopped, WeightsReady
 from events.work import (
@@ -526,7 +526,10 @@ class SamplerWorker(WorkerService):
         hosted = self._sampler(envelope.aggregate_id, events)
         if request.checkpoint_uri is not None:
             if hosted.uri != request.checkpoint_uri:
-                checkpoint_id = self._checkpoint_id(request.checkpoint_uri)
+                # Checked at load time, not only at the door: the caller's own, or published.
+                checkpoint_id = self._checkpoint_id(
+                    request.checkpoint_uri, workspace=envelope.workspace_id
+                )
                 events.extend(self._load_for_request(hosted, checkpoint_id, request.checkpoint_uri))
         else:
             self._catch_up(hosted, events)
@@ -784,18 +787,26 @@ class SamplerWorker(WorkerService):
         ).fetchone()
         return WeightsReady.model_validate(row) if row else None
 
-    def _checkpoint_id(self, uri: str) -> str:
+    def _checkpoint_id(self, uri: str, *, workspace: str | None = None) -> str:
+        """The live checkpoint `uri`. With `workspace` (a request's), only one that workspace
+        may load: its own, or one published now (another's unpublished is as missing)."""
         # A client may sample a checkpoint the moment its save is answered, before the
         # projection has recorded it (the save's result and the record travel separately):
         # give the read model a moment before calling the checkpoint missing.
         deadline = time.monotonic() + RECORD_GRACE_S
         while True:
             row = self.db.execute(
-                f"select checkpoint_id, status from {self.settings.read_schema}.checkpoints "
+                "select checkpoint_id, status, workspace_id, public "
+                f"from {self.settings.read_schema}.checkpoints "
                 "where uri = %s order by created_at desc limit 1",
                 (uri,),
             ).fetchone()
-            if row is not None and row["status"] == "active":
+            allowed = row is not None and (
+                workspace is None
+                or row["public"]
+                or (row["workspace_id"] or DEFAULT_WORKSPACE) == workspace
+            )
+            if row is not None and row["status"] == "active" and allowed:
                 return row["checkpoint_id"]
             if row is not None or time.monotonic() > deadline:
                 raise WorkRejected(f"checkpoint {uri} does not exist", field="checkpoint_uri")

@@ -7,9 +7,11 @@
   form is its own Tinker model id, so runs made through /v1/loops are reachable too.
 - `tinker://<model id>/(weights|sampler_weights)/<name>` is
   `bt://loops:<run id>/(weights|sampler_weights)/<name>`: the same checkpoint.
-- A sampling session id is `<run id>~<kind>~<name>~<nonce>` (pinned to a checkpoint) or
-  `<run id>~base~<nonce>` (the run's sampler, following its latest weights): self-describing,
-  so it survives an API restart; the nonce keeps request ids of two clients apart.
+- A sampling session id is `<run id>~<kind>~<name>~<nonce>` (pinned to a checkpoint of the run),
+  `<run id>~from~<source run id>~<kind>~<name>~<nonce>` (the run's sampler pinned to a
+  published checkpoint of another workspace's run) or `<run id>~base~<nonce>` (the run's
+  sampler, following its latest weights): self-describing, so it survives an API restart; the
+  nonce keeps request ids of two clients apart.
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ class SamplingSession:
             return f"{self.run_id}~base~{self.nonce}"
         match = CHECKPOINT_URI.match(self.checkpoint_uri)
         assert match is not None
-        return f"{self.run_id}~{match['kind']}~{match['name']}~{self.nonce}"
+        pinned = f"{match['kind']}~{match['name']}~{self.nonce}"
+        if match["run_id"] != self.run_id:
+            return f"{self.run_id}~from~{match['run_id']}~{pinned}"
+        return f"{self.run_id}~{pinned}"
 
     @classmethod
     def parse(cls, sampling_session_id: str) -> SamplingSession:
@@ -91,4 +96,8 @@ class SamplingSession:
             uri = checkpoint_uri(parts[0], parts[1], parts[2])  # type: ignore[arg-type]
             if CHECKPOINT_URI.match(uri):
                 return cls(parts[0], uri, parts[3])
+        if len(parts) == 6 and parts[1] == "from":
+            uri = checkpoint_uri(parts[2], parts[3], parts[4])  # type: ignore[arg-type]
+            if CHECKPOINT_URI.match(uri):
+                return cls(parts[0], uri, parts[5])
         raise ValueError(f"unknown sampling session {sampling_session_id!r}")

@@ -16,9 +16,11 @@ names the sampler_weights checkpoint of that name; the same per-file presigned U
 and `sampler_weights/<name>`.
 
 Published (`public: true`): any workspace may start a training run from the checkpoint's path
-(create_training_client_from_state[_with_optimizer], load_state) and read its
-`get_weights_info_by_tinker_path`. Everything else stays the owner's: listings, the run, download
-URLs, sampling clients, TTL, deletion, (un)publishing; another workspace gets a 404 there.
+(create_training_client_from_state[_with_optimizer], load_state), read its
+`get_weights_info_by_tinker_path`, sample it (api/tinker/routes.py, create_sampling_session), and
+with `access_scope="accessible"` see it and the run holding it (read only, its published
+checkpoints only). Everything else stays the owner's: `list_checkpoints` of the run, download
+URLs, TTL, deletion, (un)publishing; another workspace gets a 404 there.
 """
 
 from __future__ import annotations
@@ -69,14 +71,22 @@ APPLY_WAIT_S = 30.0
 CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
 TinkerKind = Literal["weights", "sampler_weights", "external_weights"]
 StoredKind = Literal["weights", "sampler_weights"]
+# Tinker's access_scope: "owned" (the caller's workspace) or "accessible" (also what another
+# workspace published; for sessions the same as owned: nothing of a session is published).
+AccessScope = Literal["owned", "accessible"]
 # A Tinker model id (`<session>:train:<n>`, or a loops run id) and a checkpoint name.
 ModelIdPath = Annotated[RequestKey, Path(description="training run (model) id")]
 NamePath = Annotated[ShortText, Path(description="checkpoint name")]
 
 
-def _run(reads: ReadModels, model_id: str, caller: Caller) -> Row:
-    # Another workspace's run is as missing as one that never was.
+def _run(
+    reads: ReadModels, model_id: str, caller: Caller, access_scope: AccessScope = "owned"
+) -> Row:
+    # Another workspace's run is as missing as one that never was; "accessible" adds the run
+    # of a live published checkpoint (read only: its other checkpoints stay hidden).
     run = run_of(reads, ids.run_id_of(model_id), caller)
+    if run is None and access_scope == "accessible":
+        run = reads.shared_run(ids.run_id_of(model_id))
     if run is None:
         raise ApiError(404, f"training run {model_id} not found", field="training_run_id")
     return run
@@ -95,10 +105,12 @@ def _checkpoint_public(row: Row) -> dict[str, Any]:
     }
 
 
-def _training_run_public(reads: ReadModels, run: Row) -> dict[str, Any]:
+def _training_run_public(reads: ReadModels, run: Row, caller: Caller) -> dict[str, Any]:
     checkpoints = reads.checkpoints_of_run(
         run["run_id"], workspace=run["workspace_id"], include_deleted=False
     )
+    if run["workspace_id"] != caller.workspace_id:  # a shared run: its published ones only
+        checkpoints = [row for row in checkpoints if row["public"]]
     latest = {row["kind"]: row for row in checkpoints}  # ordered by creation: the last wins
     return {
         "training_run_id": ids.model_id_of(run["run_id"]),
@@ -132,17 +144,25 @@ def list_training_runs(
     caller: CallerDep,
     limit: int = Query(20, ge=1, le=1000),
     offset: OffsetQuery = 0,
+    access_scope: AccessScope = "owned",
 ) -> dict[str, Any]:
-    rows, total = reads.runs(workspace=caller.workspace_id, limit=limit, offset=offset)
+    """The workspace's runs, newest first; "accessible" adds every run holding a live
+    published checkpoint of another workspace."""
+    runs = reads.accessible_runs if access_scope == "accessible" else reads.runs
+    rows, total = runs(workspace=caller.workspace_id, limit=limit, offset=offset)
     return {
-        "training_runs": [_training_run_public(reads, r) for r in rows],
+        "training_runs": [_training_run_public(reads, r, caller) for r in rows],
         "cursor": {"offset": offset, "limit": limit, "total_count": total},
     }
 
 
 @router.get("/training_runs/{model_id}")
-def get_training_run(model_id: ModelIdPath, reads: ReadDep, caller: CallerDep) -> dict[str, Any]:
-    return _training_run_public(reads, _run(reads, model_id, caller))
+def get_training_run(
+    model_id: ModelIdPath, reads: ReadDep, caller: CallerDep, access_scope: AccessScope = "owned"
+) -> dict[str, Any]:
+    """Also the SDK's get_training_run_by_tinker_path. "accessible": also the run of a live
+    published checkpoint of another workspace, showing its published checkpoints only."""
+    return _training_run_public(reads, _run(reads, model_id, caller, access_scope), caller)
 
 
 @router.post("/weights_info")
@@ -178,11 +198,17 @@ def list_user_checkpoints(
     caller: CallerDep,
     limit: int = Query(100, ge=1, le=MAX_PAGE_LIMIT),
     offset: OffsetQuery = 0,
+    access_scope: AccessScope = "owned",
 ) -> dict[str, Any]:
-    """Every live checkpoint of the caller's workspace, across its runs, newest first."""
-    rows, total = reads.checkpoints_of_workspace(
-        workspace=caller.workspace_id, limit=limit, offset=offset
+    """Every live checkpoint of the caller's workspace, across its runs, newest first;
+    "accessible" (a query parameter the SDK 0.38 does not send here) adds every live published
+    checkpoint of other workspaces."""
+    listing = (
+        reads.accessible_checkpoints
+        if access_scope == "accessible"
+        else reads.checkpoints_of_workspace
     )
+    rows, total = listing(workspace=caller.workspace_id, limit=limit, offset=offset)
     return {
         "checkpoints": [_checkpoint_public(r) for r in rows],
         "cursor": {"offset": offset, "limit": limit, "total_count": total},
@@ -401,9 +427,7 @@ def unpublish_checkpoint(
 # One row per Tinker session (commands/tinker_sessions.py). loopstream has no projects: the
 # key's workspace owns everything, so it stands where Tinker names a project or an owner.
 # `access_scope="accessible"` / `AccessibleSearchOwner` see the same as owned: the caller may
-# read no other workspace's sessions.
-
-AccessScope = Literal["owned", "accessible"]
+# read no other workspace's sessions (publishing shares checkpoints and their runs, above).
 
 
 def _session(

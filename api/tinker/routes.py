@@ -856,7 +856,21 @@ def create_sampling_session(
             raise bad_request("sampling needs a sampler_weights checkpoint", "model_path")
         run_id = uri.removeprefix("bt://loops:").split("/")[0]
         if run_of(reads, run_id, caller) is None:
-            raise bad_request(f"no run holds {data['model_path']}", "model_path")
+            # Another workspace's checkpoint: only a live published one, served by a sampler of
+            # the caller's own (the sampler worker checks it again when it loads it).
+            published = reads.published_checkpoint(uri)
+            source = None
+            if published is not None:
+                source = reads.run(published["run_id"], workspace=workspace_of(published))
+            if source is None:
+                raise bad_request(f"no run holds {data['model_path']}", "model_path")
+            run_id = _sampler_run(
+                data, engine, settings, submitter, caller,
+                base_model=source["base_model"], max_seq_len=source["max_seq_len"],
+            )  # fmt: skip
+            sampling_id = ids.SamplingSession(run_id, uri, nonce).id
+            _record_sampler(engine, settings, _field(data, "session_id", str), sampling_id, caller)
+            return {"type": "create_sampling_session", "sampling_session_id": sampling_id}
         sampling_id = ids.SamplingSession(run_id, uri, nonce).id
         if data.get("session_id"):  # the SDK always names its session; by hand it may not
             _record_sampler(engine, settings, str(data["session_id"]), sampling_id, caller)
@@ -864,10 +878,31 @@ def create_sampling_session(
     base_model = str(data.get("base_model") or "")
     _check_model(settings, base_model)
     # Sampling a bare base model: a run of its own whose sampler serves the base weights.
-    session_id = _field(data, "session_id", str)
-    seq_id = _field(data, "sampling_session_seq_id", int)
-    session = _check_session(engine, settings, session_id, caller)
-    model_id = ids.model_id_for(f"{session}-smp{seq_id}", 0)
+    run_id = _sampler_run(
+        data, engine, settings, submitter, caller,
+        base_model=base_model, max_seq_len=_max_seq_len(settings, base_model),
+    )  # fmt: skip
+    sampling_id = ids.SamplingSession(run_id, None, nonce).id
+    _record_sampler(engine, settings, _field(data, "session_id", str), sampling_id, caller)
+    return {"type": "create_sampling_session", "sampling_session_id": sampling_id}
+
+
+def _sampler_run(
+    data: dict[str, Any],
+    engine: Any,
+    settings: Settings,
+    submitter: Submitter,
+    caller: Caller,
+    *,
+    base_model: str,
+    max_seq_len: int,
+) -> str:
+    """A run of the caller's own, on `base_model`, made for one sampling session (its Tinker
+    session's `sampling_session_seq_id`): its sampler serves the base weights, or the
+    checkpoint each request pins. Returns the run id once the read models show it."""
+    _check_model(settings, base_model)
+    session = _check_session(engine, settings, _field(data, "session_id", str), caller)
+    model_id = ids.model_id_for(f"{session}-smp{_field(data, 'sampling_session_seq_id', int)}", 0)
     _create_run(
         caller=caller,
         submitter=submitter,
@@ -875,13 +910,11 @@ def create_sampling_session(
         base_model=base_model,
         lora_rank=0,
         from_checkpoint=None,
-        max_seq_len=_max_seq_len(settings, base_model),
+        max_seq_len=max_seq_len,
     )
     run_id = ids.run_id_of(model_id)
     _wait_visible(engine, settings, run_id, caller)
-    sampling_id = ids.SamplingSession(run_id, None, nonce).id
-    _record_sampler(engine, settings, session, sampling_id, caller)
-    return {"type": "create_sampling_session", "sampling_session_id": sampling_id}
+    return run_id
 
 
 def _sampling_session(sampling_session_id: str) -> ids.SamplingSession:
