@@ -241,23 +241,26 @@ def run_vllm(fx: Fixture, args: argparse.Namespace) -> dict[str, Any]:
     except VllmNotInstalledError as exc:
         return {"skipped": str(exc)}
     startup_s = time.perf_counter() - t0
-    result = run_engine(engine, fx, args)
+    with engine:  # closed at the end: the engine core stops and gives its GPU memory back
+        result = run_engine(engine, fx, args)
 
-    # All prompts in one generate call: what vLLM does with a batch it sees whole.
-    import vllm
-    from vllm.inputs import TokensPrompt
+        # All prompts in one generate call: what vLLM does with a batch it sees whole.
+        import vllm
+        from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=args.tokens, temperature=1.0, stop_at_eos=False, seed=0)
-    vllm_params = vllm.SamplingParams(**vllm_sampling_kwargs(params, n=args.samples))
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in fx.prompts]
-    outputs: list[Any] = []
-    batched_s = timed(
-        lambda: outputs.extend(engine.llm.generate(prompts, vllm_params, use_tqdm=False))
-    )
+        params = SamplingParams(max_tokens=args.tokens, temperature=1.0, stop_at_eos=False,
+                                seed=0)  # fmt: skip
+        vllm_params = vllm.SamplingParams(**vllm_sampling_kwargs(params, n=args.samples))
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in fx.prompts]
+        outputs: list[Any] = []
+        batched_s = timed(
+            lambda: outputs.extend(engine.llm.generate(prompts, vllm_params, use_tqdm=False))
+        )
     batched_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {
         "startup_s": round(startup_s, 2),
-        "dtype": args.vllm_dtype,
+        "dtype": engine.dtype,
+        "attention_backends": engine.attention_backends,
         "vllm_version": vllm.__version__,
         **result,
         "batched_tokens_per_s": round(batched_tokens / batched_s, 1),

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     torch_device: str = "cpu"
     # The sampler's engine: plain torch (any host), or vLLM (a CUDA host with the `gpu` extra).
     sampler_engine: Literal["torch", "vllm"] = "torch"
+    # vLLM engine only (docs/vllm.md). The fraction of the whole GPU each engine reserves for
+    # weights and KV cache: one engine per hosted sampler, so a worker hosting k samplers on one
+    # GPU needs k x this below about 0.9 (vLLM refuses to start an engine that does not fit).
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    # The dtype vLLM serves: "checkpoint" = the checkpoint's own (config.json), the precision the
+    # trainer's logprobs have; "auto" = vLLM's choice (an fp32 checkpoint served as bf16).
+    vllm_dtype: Literal["checkpoint", "auto", "float32", "bfloat16", "float16"] = "checkpoint"
     # A training step runs inside the worker's Kafka transaction: allow long steps.
     worker_transaction_timeout_ms: int = Field(default=300_000, ge=10_000)
     # The PostgreSQL schema of the Loops read models (projections/, docs/projections.md).

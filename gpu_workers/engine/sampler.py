@@ -87,6 +87,12 @@ class SamplerEngineProtocol(Protocol):
 
     def reset_prompt_cache(self) -> int | None: ...
 
+    def close(self) -> None:
+        """Give back what the engine holds outside Python's heap (GPU memory, engine
+        processes) now, not whenever the garbage collector gets to it. Idempotent; the engine
+        serves nothing afterwards."""
+        ...
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -282,6 +288,13 @@ class SamplerEngine:
             dropped = len(self._prompt_cache)
             self._prompt_cache.clear()
         return dropped
+
+    def close(self) -> None:
+        """Drop the cached prefills (KV tensors, on the GPU with device="cuda") and give the
+        allocator's cached blocks back; the model's own memory goes with the engine object."""
+        self.reset_prompt_cache()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ internals
 

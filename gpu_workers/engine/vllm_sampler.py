@@ -35,6 +35,21 @@ Checked against the source of the vllm 0.33.0 wheel (the pinned version):
 - `vllm/config/model.py`: `logprobs_mode` "raw_logprobs" (the default) reports the model's own
   logprobs, before temperature/top-k/top-p: the temperature-1 policy that the trainer computes.
 - `vllm/inputs/llm.py`: `TokensPrompt(prompt_token_ids=[...])`.
+- `vllm/config/cache.py`, `v1/worker/utils.py` (`request_memory`): `gpu_memory_utilization` is the
+  fraction of the whole GPU this one engine reserves, checked against the memory free when it
+  starts: two engines on one GPU need fractions that add up to less than 1.
+- `vllm/config/model.py` (`_get_and_verify_max_len`): a `max_model_len` above the model's own
+  (`max_position_embeddings`, capped by the tokenizer's `model_max_length`) is a ValueError at
+  start; (`_get_and_verify_dtype`, `_resolve_auto_dtype`): `dtype="auto"` serves an fp32
+  checkpoint as bf16 (or fp16), so the engine names the checkpoint's own dtype instead.
+- `vllm/config/vllm.py`: `set_current_vllm_config(vllm_config)`, which the worker enters around
+  its own `load_model` and `reload_weights`; custom ops and weight loaders read it.
+- `vllm/entrypoints/llm.py`, `v1/engine/llm_engine.py`, `v1/engine/core_client.py`: `LLM` has no
+  shutdown of its own; `llm.llm_engine.engine_core.shutdown()` stops the engine-core process
+  (multiprocess mode, the default) or the in-process executor, and is idempotent.
+- `v1/attention/ops/triton_unified_attention.py`: `tl.dot` with the default input precision,
+  which Triton takes from `TRITON_F32_DEFAULT` (TF32 on NVIDIA unless it says "ieee");
+  `distributed/kv_transfer/kv_connector/utils.py`: `get_current_attn_backends(vllm_config)`.
 
 Weight swaps (`load_chain`): the worker extension below is mixed into every vLLM worker, and
 `collective_rpc` asks each worker to stream a folder's safetensors into `model.load_weights`,
@@ -50,11 +65,21 @@ the weights it serves (Hugging Face names; one model's worth of host memory), ap
 onto it with `gpu_workers.deltas` (which verifies every file and the resulting weights' digest),
 and only then writes the changed tensors to a staging folder (in /dev/shm when there is one) for
 the workers to stream. Every name and shape is checked before the first tensor moves.
+
+Precision: the engine serves the checkpoint's own dtype unless told otherwise (an fp32 policy
+served as bf16 gives logprobs ~1e-2 off the trainer's, noise in every importance ratio); the
+workers cast each streamed tensor to the served dtype before `load_weights`. Serving fp32, it
+sets `TRITON_F32_DEFAULT=ieee` before vLLM starts, so Triton attention does not round to TF32.
+
+Lifetime: `close()` shuts the engine core down and frees the GPU memory it reserved; the sampler
+worker calls it when it stops hosting a sampler. The engine also works as a context manager.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -62,7 +87,8 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors import safe_open
@@ -93,7 +119,15 @@ from gpu_workers.manifest import (
 
 PINNED_VLLM_VERSION = "0.33.0"  # the version this module was checked against (pyproject `gpu`)
 WORKER_EXTENSION = "gpu_workers.engine.vllm_sampler.WeightReloadExtension"
-LOAD_FOLDER_RPC = "loopstream_load_folder"  # the extension's method, called by collective_rpc
+LOAD_FOLDER_RPC = "loopstream_load_folder"  # the extension's methods, called by collective_rpc
+ATTENTION_BACKENDS_RPC = "loopstream_attention_backends"
+# "checkpoint": the dtype the checkpoint's weights are stored in (what the trainer computes in);
+# "auto": vLLM's choice (an fp32 checkpoint as bf16); or one dtype by name.
+VllmDtype = Literal["checkpoint", "auto", "float32", "bfloat16", "float16"]
+SERVED_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes vLLM serves (config/model.py)
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Triton's default precision for fp32 `tl.dot` (its attention kernels): "tf32" unless told.
+TRITON_F32_ENV = "TRITON_F32_DEFAULT"
 VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams refuses temperature > 2
 _SEED_MODULUS = 1 << 62  # seeds fold into [0, 2**62): vLLM adds the sample index to the seed
 _UNKNOWN = WeightsVersion("unknown", "")  # after a failed push: no delta can apply onto it
@@ -106,6 +140,10 @@ class VllmNotInstalledError(RuntimeError):
 
 class WeightPushError(RuntimeError):
     """vLLM failed while taking new weights: the served weights are undefined until a base loads."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed: its vLLM engine is shut down and its GPU memory given back."""
 
 
 def _import_vllm() -> Any:
@@ -148,17 +186,24 @@ def iter_folder_tensors(
 
 
 def feed_folder(
-    model: SupportsLoadWeights, folder: str | os.PathLike[str], shard_names: Sequence[str]
+    model: SupportsLoadWeights,
+    folder: str | os.PathLike[str],
+    shard_names: Sequence[str],
+    *,
+    dtype: torch.dtype | None = None,
 ) -> int:
-    """Stream every tensor of the folder's shards through one `model.load_weights` call; returns
-    how many tensors the model consumed."""
+    """Stream every tensor of the folder's shards through one `model.load_weights` call, each
+    floating-point tensor cast to `dtype` (the served one) first; returns how many tensors the
+    model consumed."""
     consumed = 0
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal consumed
-        for item in iter_folder_tensors(folder, shard_names):
+        for name, tensor in iter_folder_tensors(folder, shard_names):
             consumed += 1
-            yield item
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            yield name, tensor
 
     with torch.no_grad():
         model.load_weights(counted())
@@ -167,14 +212,29 @@ def feed_folder(
 
 class WeightReloadExtension:
     """Mixed into each vLLM worker class (`LLM(worker_extension_cls=WORKER_EXTENSION)`): `self`
-    is the worker. Its one method name must not clash with any attribute of vLLM's worker."""
+    is the worker (it has `vllm_config` and `model_runner`). Its method names must not clash with
+    any attribute of vLLM's worker: they all start with `loopstream_`."""
 
     def loopstream_load_folder(self, folder: str, shard_names: list[str]) -> int:
+        from vllm.config import set_current_vllm_config
+
+        vllm_config = self.vllm_config  # type: ignore[attr-defined]
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        consumed = feed_folder(model, folder, shard_names)
+        # As vLLM's own load_model and reload_weights: weight loaders and custom ops may read
+        # the current config.
+        with set_current_vllm_config(vllm_config):
+            consumed = feed_folder(model, folder, shard_names, dtype=vllm_config.model_config.dtype)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies are done when the RPC returns
         return consumed
+
+    def loopstream_attention_backends(self) -> list[str]:
+        """The attention backends this worker's layers run (logged at start: fp32 parity
+        depends on it)."""
+        from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
+
+        backends = get_current_attn_backends(self.vllm_config)  # type: ignore[attr-defined]
+        return sorted({backend.get_name() for backend in backends})
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -266,6 +326,93 @@ def check_layout(
             )
 
 
+def checkpoint_dtype(model_dir: Path, shard_names: Sequence[str]) -> str:
+    """The dtype the checkpoint is stored in: config.json's `dtype` (`torch_dtype` before
+    transformers 5), else the one floating dtype of its safetensors."""
+    config = _read_json(model_dir / "config.json")
+    named = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(named, str):
+        named = named.removeprefix("torch.")
+        if named not in SERVED_DTYPES:
+            raise InvalidInputError(
+                "dtype", f"the checkpoint is {named}, which vLLM does not serve: name one of "
+                f"{', '.join(SERVED_DTYPES)}"
+            )  # fmt: skip
+        return named
+    found = set()
+    for shard in shard_names:
+        with safe_open(str(model_dir / shard), framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                stored = fh.get_slice(name).get_dtype()
+                if stored in _SAFETENSORS_DTYPES:
+                    found.add(_SAFETENSORS_DTYPES[stored])
+    if len(found) != 1:
+        raise InvalidInputError(
+            "dtype", f"config.json names no dtype and the weights hold {sorted(found) or 'none'}: "
+            f"name one of {', '.join(SERVED_DTYPES)}"
+        )  # fmt: skip
+    return found.pop()
+
+
+def served_dtype(requested: str, model_dir: Path, shard_names: Sequence[str]) -> str:
+    """What to pass as vLLM's `dtype`: the checkpoint's own for "checkpoint"."""
+    if requested == "checkpoint":
+        return checkpoint_dtype(model_dir, shard_names)
+    if requested != "auto" and requested not in SERVED_DTYPES:
+        raise InvalidInputError(
+            "dtype", f"{requested!r}: one of checkpoint, auto, {', '.join(SERVED_DTYPES)}"
+        )
+    return requested
+
+
+def model_max_len(model_dir: Path) -> int | None:
+    """The longest sequence the model takes, as vLLM derives it for a plain Llama-like config:
+    config.json's `max_position_embeddings`, capped by the tokenizer's `model_max_length`. None
+    when the config does not say (vLLM then decides by itself)."""
+    limit = _read_json(model_dir / "config.json").get("max_position_embeddings")
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    tokenizer_limit = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < limit:
+        limit = tokenizer_limit
+    return limit
+
+
+def fit_max_seq_len(requested: int | None, model_limit: int | None) -> int | None:
+    """The run's max_seq_len, clamped to the model's own limit as the torch engine does (vLLM
+    refuses to start above it), with a log line saying so."""
+    if requested is None or model_limit is None or requested <= model_limit:
+        return requested
+    log.warning(
+        "max_seq_len %d is above the model's limit %d (max_position_embeddings): the vLLM "
+        "engine serves %d tokens at most; longer requests are refused",
+        requested, model_limit, model_limit,
+    )  # fmt: skip
+    return model_limit
+
+
+def pin_fp32_precision(dtype: str) -> None:
+    """Serving fp32, make Triton's fp32 matmuls (its attention kernels) full precision: Triton
+    rounds them to TF32 by default, ~1e-3 off the torch engine. Set before vLLM starts: the
+    engine-core process inherits the environment."""
+    if dtype != "float32":
+        return
+    current = os.environ.setdefault(TRITON_F32_ENV, "ieee")
+    if current != "ieee":
+        log.warning(
+            "%s=%s is set: vLLM's Triton attention will not compute in full fp32, and its "
+            "logprobs will drift from the trainer's",
+            TRITON_F32_ENV, current,
+        )  # fmt: skip
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
 def read_state(folder: Path, shard_names: Sequence[str]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for shard in shard_names:
@@ -281,15 +428,22 @@ class VllmSamplerEngine:
         self,
         model_dir: str | os.PathLike[str],
         *,
-        max_seq_len: int | None = None,
+        # The fraction of the whole GPU this engine reserves (weights + KV cache). No default:
+        # whoever starts engines knows how many share the GPU (vLLM refuses one that does not
+        # fit in the memory free at its start).
+        gpu_memory_utilization: float,
+        max_seq_len: int | None = None,  # clamped to the model's own limit (logged)
         seed: int = 0,
         checkpoint_id: str = "base",
-        dtype: str = "auto",  # vLLM's: "auto" serves an fp32 folder as bf16 on GPUs that have it
-        gpu_memory_utilization: float = 0.85,
+        dtype: VllmDtype | str = "checkpoint",  # the checkpoint's own, as the trainer computes
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
     ) -> None:
+        if not 0 < gpu_memory_utilization <= 1:
+            raise InvalidInputError(
+                "gpu_memory_utilization", f"a fraction in (0, 1], got {gpu_memory_utilization}"
+            )
         vllm = _import_vllm()
         from transformers import AutoTokenizer
 
@@ -298,13 +452,19 @@ class VllmSamplerEngine:
         shards = weight_files([f.path for f in manifest.files])
         if not shards:
             raise InvalidInputError("model_dir", f"{model_dir} holds no model*.safetensors weights")
+        self.dtype = served_dtype(dtype, model_dir, shards)
+        max_model_len = fit_max_seq_len(max_seq_len, model_max_len(model_dir))
+        pin_fp32_precision(self.dtype)
         self._vllm = vllm
-        self.llm = vllm.LLM(
+        # One request or weight swap at a time: a swap never lands in the middle of a sample.
+        self._lock = threading.Lock()
+        self._host_state: dict[str, torch.Tensor] = {}
+        self.llm: Any = vllm.LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
-            dtype=dtype,
+            dtype=self.dtype,
             seed=seed,
-            max_model_len=max_seq_len,
+            max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching,
@@ -314,13 +474,29 @@ class VllmSamplerEngine:
             # It is vLLM's default; saying it guards against a changed default.
             logprobs_mode="raw_logprobs",
         )
-        model_config = self.llm.llm_engine.model_config
-        if model_config.quantization is not None:
-            raise InvalidInputError(
-                "model_dir",
-                f"quantized models ({model_config.quantization}) are not supported: the weight "
-                "swap feeds checkpoint tensors straight to load_weights",
-            )
+        try:
+            model_config = self.llm.llm_engine.model_config
+            if model_config.quantization is not None:
+                raise InvalidInputError(
+                    "model_dir",
+                    f"quantized models ({model_config.quantization}) are not supported: the "
+                    "weight swap feeds checkpoint tensors straight to load_weights",
+                )
+            self.attention_backends = self._attention_backends()
+        except BaseException:
+            try:
+                self.close()  # its share of the GPU must not stay reserved
+            except Exception:
+                log.exception("shutting down a vLLM engine that failed to start failed too")
+            raise
+        log.info(
+            "vLLM engine started",
+            extra={"model_dir": str(model_dir), "dtype": self.dtype,
+                   "attention_backends": self.attention_backends,
+                   "gpu_memory_utilization": gpu_memory_utilization,
+                   "max_model_len": int(model_config.max_model_len),
+                   TRITON_F32_ENV: os.environ.get(TRITON_F32_ENV)},
+        )  # fmt: skip
         # The same tokenizer as the torch engine's, so the worker encodes prompts identically.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_seq_len = int(model_config.max_model_len)
@@ -329,8 +505,45 @@ class VllmSamplerEngine:
         # The weights being served, on the host, in checkpoint names: deltas apply onto these.
         self._host_state = read_state(model_dir, shards)
         self._version = WeightsVersion(checkpoint_id, manifest.digest)
-        # One request or weight swap at a time: a swap never lands in the middle of a sample.
-        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Shut the vLLM engine down and give its GPU memory back; later calls raise
+        `EngineClosedError`. Closing twice does nothing.
+
+        vLLM 0.33 has no `LLM.shutdown`: the engine-core client's `shutdown` stops the
+        engine-core process (multiprocess mode, the default) or the in-process executor. Then
+        the last reference to the `LLM` goes, and the CUDA caching allocator is emptied (what
+        an in-process engine held)."""
+        with self._lock:
+            llm, self.llm = self.llm, None
+            self._host_state = {}
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        log.info("vLLM engine closed")
+
+    @property
+    def closed(self) -> bool:
+        return self.llm is None
+
+    def __enter__(self) -> VllmSamplerEngine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @property
     def weights_version(self) -> WeightsVersion:
@@ -353,7 +566,7 @@ class VllmSamplerEngine:
         vllm_params = self._vllm.SamplingParams(**vllm_sampling_kwargs(params, n=n))
         with self._lock:
             version = self._version
-            requests = self.llm.generate(prompts, vllm_params, use_tqdm=False)
+            requests = self._live().generate(prompts, vllm_params, use_tqdm=False)
         k = params.topk_logprobs
         return [
             SampledSequence(
@@ -384,7 +597,7 @@ class VllmSamplerEngine:
         # generates. vLLM skips the prefix cache for prompt-logprob requests by itself.
         params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         with self._lock:
-            (request,) = self.llm.generate(
+            (request,) = self._live().generate(
                 [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
             )
         return prompt_token_logprobs(tokens, request.prompt_logprobs)
@@ -411,7 +624,7 @@ class VllmSamplerEngine:
             max_tokens=1, prompt_logprobs=scoring.top_k, temperature=0.0
         )
         with self._lock:
-            (request,) = self.llm.generate(
+            (request,) = self._live().generate(
                 [TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False
             )
         steps = request.prompt_logprobs
@@ -437,6 +650,7 @@ class VllmSamplerEngine:
         onto the weights served now. Every file's sha256, every parent link, the digest of the
         resulting weights, and every name and shape are checked before a single weight moves.
         The prefix cache is reset unless `keep_prompt_cache` (the caller then resets it)."""
+        self._live()
         chain = open_chain(folders, verified=verified)
         if chain.base is not None:
             start = read_state(chain.base, chain.base_shards)
@@ -468,18 +682,33 @@ class VllmSamplerEngine:
     def reset_prompt_cache(self) -> int | None:
         """Drop cached prompt prefixes (KV computed with the weights served before). vLLM does
         not say how many there were: None."""
-        if not self.llm.reset_prefix_cache():
+        if not self._live().reset_prefix_cache():
             raise RuntimeError("vLLM did not reset its prefix cache (requests still running?)")
         return None
 
     # ------------------------------------------------------------------ internals
+
+    def _live(self) -> Any:
+        llm = self.llm
+        if llm is None:
+            raise EngineClosedError("the vLLM engine was closed: start a new one")
+        return llm
+
+    def _attention_backends(self) -> list[str]:
+        """Logged at start: with fp32 weights, parity with the torch engine depends on the
+        backend (Triton attention needs TRITON_F32_DEFAULT=ieee, set before the start)."""
+        try:
+            per_worker = self._live().collective_rpc(ATTENTION_BACKENDS_RPC)
+        except Exception as exc:  # only a log line depends on it
+            return [f"unknown ({type(exc).__name__}: {exc})"]
+        return sorted({name for names in per_worker for name in names})
 
     def _push_folder(self, folder: Path, shard_names: list[str]) -> None:
         expected = 0
         for shard in shard_names:
             with safe_open(str(folder / shard), framework="pt", device="cpu") as fh:
                 expected += len(list(fh.keys()))
-        counts = self.llm.collective_rpc(LOAD_FOLDER_RPC, args=(str(folder), shard_names))
+        counts = self._live().collective_rpc(LOAD_FOLDER_RPC, args=(str(folder), shard_names))
         if len(counts) != self._world_size or any(c != expected for c in counts):
             raise RuntimeError(f"workers loaded {counts} tensors, expected {expected} each")
 

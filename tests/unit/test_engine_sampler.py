@@ -179,7 +179,7 @@ def test_engines_implement_the_protocol_and_vllm_fails_clearly(model_dir: Path) 
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(VllmNotInstalledError, match=r"gpu"):
-            VllmSamplerEngine(model_dir)
+            VllmSamplerEngine(model_dir, gpu_memory_utilization=0.5)
 
 
 def test_a_cached_prompt_samples_exactly_like_a_fresh_prefill(model_dir: Path) -> None:

@@ -4,8 +4,13 @@ module (the real engine needs a GPU; docs/vllm.md says what was verified where).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +23,18 @@ from gpu_workers.engine.model_io import full_state_dict
 from gpu_workers.engine.trainer import TrainerEngine
 from gpu_workers.engine.types import AdamParams, Datum, InvalidInputError, SamplingParams
 from gpu_workers.engine.vllm_sampler import (
+    ATTENTION_BACKENDS_RPC,
     LOAD_FOLDER_RPC,
     PINNED_VLLM_VERSION,
+    TRITON_F32_ENV,
     WORKER_EXTENSION,
+    EngineClosedError,
     VllmNotInstalledError,
     VllmSamplerEngine,
     WeightPushError,
     WeightReloadExtension,
     check_layout,
+    checkpoint_dtype,
     feed_folder,
     prompt_token_logprobs,
     sampled_logprobs,
@@ -44,20 +53,40 @@ def lp(value: float) -> types.SimpleNamespace:
 
 
 class RecordingModel:
-    """Stands in for a vLLM model: `load_weights` keeps what it is fed, by checkpoint name."""
+    """Stands in for a vLLM model: `load_weights` keeps what it is fed, by checkpoint name, and
+    the vLLM config that was current while it ran."""
 
     def __init__(self, *, stop_after: int | None = None) -> None:
         self.weights: dict[str, torch.Tensor] = {}
         self.calls = 0
         self.stop_after = stop_after
+        self.configs_seen: list[Any] = []
 
     def load_weights(self, weights: Any) -> set[str]:
         self.calls += 1
+        self.configs_seen.append(CURRENT_VLLM_CONFIG[-1] if CURRENT_VLLM_CONFIG else None)
         for i, (name, tensor) in enumerate(weights):
             self.weights[name] = tensor.clone()
             if self.stop_after is not None and i + 1 >= self.stop_after:
                 break
         return set(self.weights)
+
+
+# What `vllm.config.set_current_vllm_config` of the stand-in module has entered, innermost last.
+CURRENT_VLLM_CONFIG: list[Any] = []
+
+
+@contextlib.contextmanager
+def set_current_vllm_config(vllm_config: Any) -> Iterator[None]:
+    CURRENT_VLLM_CONFIG.append(vllm_config)
+    try:
+        yield
+    finally:
+        CURRENT_VLLM_CONFIG.pop()
+
+
+def vllm_config_of(dtype: torch.dtype) -> types.SimpleNamespace:
+    return types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=dtype))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +110,7 @@ def test_constructing_without_vllm_names_the_gpu_extra(
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
 
     with pytest.raises(VllmNotInstalledError, match=r"\.\[gpu\]") as err:
-        VllmSamplerEngine(model_dir)
+        VllmSamplerEngine(model_dir, gpu_memory_utilization=0.5)
 
     assert PINNED_VLLM_VERSION in str(err.value)
     assert "SamplerEngine" in str(err.value)  # and what to use instead
@@ -126,11 +155,15 @@ def test_feed_folder_counts_only_what_the_model_consumed(tmp_path: Path) -> None
     assert fed == 1  # the engine compares this with the folder's tensor count
 
 
-def test_worker_extension_loads_into_the_model_runners_model(tmp_path: Path) -> None:
+def test_worker_extension_loads_into_the_model_runners_model_under_the_vllm_config(
+    tmp_path: Path, fake_vllm: types.ModuleType
+) -> None:
     expected = write_shards(tmp_path)
     model = RecordingModel()
+    config = vllm_config_of(torch.float32)
 
     class FakeWorker(WeightReloadExtension):  # what vLLM does: the worker class gains the mixin
+        vllm_config = config
         model_runner = types.SimpleNamespace(get_model=lambda: model)
 
     fed = getattr(FakeWorker(), LOAD_FOLDER_RPC)(
@@ -142,8 +175,35 @@ def test_worker_extension_loads_into_the_model_runners_model(tmp_path: Path) -> 
     assert torch.equal(model.weights["model.layers.0.mlp.up_proj.weight"], expected[
         "model.layers.0.mlp.up_proj.weight"
     ])  # fmt: skip
-    # vLLM refuses an extension whose attribute names clash with the worker's: keep it to one.
-    assert [a for a in dir(WeightReloadExtension) if not a.startswith("__")] == [LOAD_FOLDER_RPC]
+    # As vLLM's own load_model: weight loaders and custom ops may read the current config.
+    assert model.configs_seen == [config] and CURRENT_VLLM_CONFIG == []
+    # vLLM refuses an extension whose attribute names clash with the worker's: all prefixed.
+    names = [a for a in dir(WeightReloadExtension) if not a.startswith("__")]
+    assert sorted(names) == sorted([LOAD_FOLDER_RPC, ATTENTION_BACKENDS_RPC])
+    assert all(name.startswith("loopstream_") for name in names)
+
+
+def test_worker_extension_casts_tensors_to_the_served_dtype_before_load_weights(
+    tmp_path: Path, fake_vllm: types.ModuleType
+) -> None:
+    expected = write_shards(tmp_path)
+    save_file(
+        {"step": torch.tensor([3], dtype=torch.int64)}, str(tmp_path / "model-extra.safetensors")
+    )
+    model = RecordingModel()
+
+    class FakeWorker(WeightReloadExtension):
+        vllm_config = vllm_config_of(torch.bfloat16)  # an fp32 checkpoint served as bf16
+        model_runner = types.SimpleNamespace(get_model=lambda: model)
+
+    getattr(FakeWorker(), LOAD_FOLDER_RPC)(
+        str(tmp_path), ["model-00001-of-00002.safetensors", "model-extra.safetensors"]
+    )
+
+    embed = model.weights["model.embed_tokens.weight"]
+    assert embed.dtype == torch.bfloat16
+    assert torch.equal(embed, expected["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert model.weights["step"].dtype == torch.int64  # only floating-point tensors are cast
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -221,25 +281,34 @@ class FakeLLM:
     """`vllm.LLM` reduced to what the engine calls; one worker that has the extension mixed in."""
 
     instances: list[FakeLLM] = []
+    quantization: str | None = None  # what the next instance's model config says
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
+        self.environ = dict(os.environ)  # what the engine-core process would inherit
         self.model = RecordingModel()
         self.resets = 0
+        self.shutdowns = 0
         self.generated: list[tuple[list[Any], Any]] = []
         self.fail_rpc = False
         self.llm_engine = types.SimpleNamespace(
             model_config=types.SimpleNamespace(
-                quantization=None, max_model_len=64, get_vocab_size=lambda: 260
-            )
+                quantization=FakeLLM.quantization, max_model_len=64, get_vocab_size=lambda: 260
+            ),
+            engine_core=types.SimpleNamespace(shutdown=self._shutdown),
         )
         model = self.model
+        served = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kwargs["dtype"]]
 
         class Worker(WeightReloadExtension):
+            vllm_config = vllm_config_of(served)
             model_runner = types.SimpleNamespace(get_model=lambda: model)
 
         self.worker = Worker()
         FakeLLM.instances.append(self)
+
+    def _shutdown(self, timeout: float | None = None) -> None:
+        self.shutdowns += 1
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                        kwargs: dict[str, Any] | None = None) -> list[Any]:  # fmt: skip
@@ -272,10 +341,24 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     fake.SamplingParams = lambda **kw: types.SimpleNamespace(**{"n": 1, **kw})  # type: ignore[attr-defined]
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = lambda *, prompt_token_ids: {"prompt_token_ids": prompt_token_ids}  # type: ignore[attr-defined]
+    config = types.ModuleType("vllm.config")
+    config.set_current_vllm_config = set_current_vllm_config  # type: ignore[attr-defined]
+    kv_utils = types.ModuleType("vllm.distributed.kv_transfer.kv_connector.utils")
+    triton_attn = types.SimpleNamespace(get_name=lambda: "TRITON_ATTN")
+    kv_utils.get_current_attn_backends = lambda vllm_config: [triton_attn]  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.config", config)
+    monkeypatch.setitem(sys.modules, kv_utils.__name__, kv_utils)
+    # The engine sets it for fp32: start every test without it, and leave none behind.
+    monkeypatch.delenv(TRITON_F32_ENV, raising=False)
     FakeLLM.instances.clear()
+    FakeLLM.quantization = None
     return fake
+
+
+def start(model_dir: Path, **kwargs: Any) -> VllmSamplerEngine:
+    return VllmSamplerEngine(model_dir, **{"gpu_memory_utilization": 0.4, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +388,7 @@ def served_equals(llm: FakeLLM, state: dict[str, torch.Tensor]) -> bool:
 def test_engine_starts_vllm_with_the_extension_and_raw_logprobs(
     fake_vllm: types.ModuleType, model_dir: Path
 ) -> None:
-    engine = VllmSamplerEngine(model_dir, seed=3)
+    engine = start(model_dir, seed=3)
 
     (llm,) = FakeLLM.instances
     assert llm.kwargs["worker_extension_cls"] == WORKER_EXTENSION
@@ -318,7 +401,7 @@ def test_engine_starts_vllm_with_the_extension_and_raw_logprobs(
 def test_base_then_delta_serve_the_trainers_weights_bit_for_bit(
     fake_vllm: types.ModuleType, model_dir: Path, chain: dict[str, Any]
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
     (llm,) = FakeLLM.instances
 
     base_version = engine.load_weights(chain["base"], checkpoint_id="b")
@@ -342,7 +425,7 @@ def test_base_then_delta_serve_the_trainers_weights_bit_for_bit(
 def test_base_plus_delta_chain_in_one_call(
     fake_vllm: types.ModuleType, model_dir: Path, chain: dict[str, Any]
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
     (llm,) = FakeLLM.instances
 
     version = engine.load_chain([chain["base"], chain["delta"]], checkpoint_id="bd")
@@ -354,7 +437,7 @@ def test_base_plus_delta_chain_in_one_call(
 def test_a_delta_onto_the_wrong_weights_is_refused_before_anything_moves(
     fake_vllm: types.ModuleType, model_dir: Path, chain: dict[str, Any]
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)  # serving the base model, not the delta's parent
+    engine = start(model_dir)  # serving the base model, not the delta's parent
     (llm,) = FakeLLM.instances
     before = engine.weights_version
 
@@ -374,7 +457,7 @@ def test_a_corrupted_base_is_refused_before_anything_moves(
     shutil.copytree(chain["base"], broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
     (llm,) = FakeLLM.instances
 
     with pytest.raises(ChecksumMismatchError, match=r"model\.safetensors"):
@@ -386,7 +469,7 @@ def test_a_corrupted_base_is_refused_before_anything_moves(
 def test_a_failed_push_leaves_no_version_a_delta_could_apply_onto(
     fake_vllm: types.ModuleType, model_dir: Path, chain: dict[str, Any]
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
     (llm,) = FakeLLM.instances
     llm.fail_rpc = True
 
@@ -404,7 +487,7 @@ def test_a_failed_push_leaves_no_version_a_delta_could_apply_onto(
 def test_greedy_samples_go_as_n_prompts_since_vllm_refuses_n_above_1_when_greedy(
     fake_vllm: types.ModuleType, model_dir: Path
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
     (llm,) = FakeLLM.instances
 
     greedy = engine.sample([BOS_ID, 65], 3, SamplingParams(max_tokens=2, temperature=0.0))
@@ -423,7 +506,7 @@ def test_greedy_samples_go_as_n_prompts_since_vllm_refuses_n_above_1_when_greedy
 def test_requests_vllm_would_refuse_are_refused_with_the_field(
     fake_vllm: types.ModuleType, model_dir: Path
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
 
     with pytest.raises(InvalidInputError, match="temperature"):
         engine.sample([BOS_ID], 1, SamplingParams(temperature=2.5))
@@ -438,9 +521,166 @@ def test_requests_vllm_would_refuse_are_refused_with_the_field(
 def test_compute_logprobs_returns_none_then_each_tokens_logprob(
     fake_vllm: types.ModuleType, model_dir: Path
 ) -> None:
-    engine = VllmSamplerEngine(model_dir)
+    engine = start(model_dir)
     (llm,) = FakeLLM.instances
 
     assert engine.compute_logprobs([BOS_ID, 65, 66]) == [None, -0.5, -0.5]
     ((_, params),) = llm.generated
     assert (params.prompt_logprobs, params.max_tokens) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------- set-up
+
+
+def test_each_engine_reserves_the_gpu_fraction_its_creator_gives(
+    fake_vllm: types.ModuleType, model_dir: Path
+) -> None:
+    start(model_dir, gpu_memory_utilization=0.3)
+    start(model_dir, gpu_memory_utilization=0.45)
+
+    assert [llm.kwargs["gpu_memory_utilization"] for llm in FakeLLM.instances] == [0.3, 0.45]
+    for bad in (0.0, 1.5):
+        with pytest.raises(InvalidInputError, match="gpu_memory_utilization"):
+            start(model_dir, gpu_memory_utilization=bad)
+    assert len(FakeLLM.instances) == 2  # refused before vLLM starts
+
+
+def test_a_max_seq_len_above_the_models_limit_is_clamped_with_a_log_line(
+    fake_vllm: types.ModuleType, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+
+    with caplog.at_level(logging.WARNING, logger=vllm_sampler.__name__):
+        start(model_dir, max_seq_len=limit * 8)
+    start(model_dir, max_seq_len=limit // 2)
+    start(model_dir)
+
+    # vLLM refuses to start above the model's limit; the torch engine clamps the same way.
+    assert [llm.kwargs["max_model_len"] for llm in FakeLLM.instances] == [limit, limit // 2, None]
+    (record,) = [r for r in caplog.records if "max_seq_len" in r.getMessage()]
+    assert f"max_seq_len {limit * 8} is above the model's limit {limit}" in record.getMessage()
+
+
+def test_the_tokenizers_model_max_length_caps_the_limit_too(
+    fake_vllm: types.ModuleType, model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / "manifest.json").unlink()  # a foreign folder: its digest is computed
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "model_max_length": 100})
+    )
+
+    start(folder, max_seq_len=400)
+
+    assert FakeLLM.instances[0].kwargs["max_model_len"] == 100
+
+
+def test_the_checkpoints_own_dtype_is_served_unless_another_is_named(
+    fake_vllm: types.ModuleType, model_dir: Path
+) -> None:
+    default = start(model_dir)  # the tiny model is fp32, as the trainer computes
+    named = start(model_dir, dtype="bfloat16")
+
+    assert [llm.kwargs["dtype"] for llm in FakeLLM.instances] == ["float32", "bfloat16"]
+    assert (default.dtype, named.dtype) == ("float32", "bfloat16")
+    with pytest.raises(InvalidInputError, match="dtype"):
+        start(model_dir, dtype="float64")
+
+
+def test_the_checkpoint_dtype_comes_from_config_json_either_key_or_the_weights(
+    tmp_path: Path,
+) -> None:
+    shards = ["model.safetensors"]
+    save_file({"a": torch.zeros(2, dtype=torch.bfloat16), "n": torch.zeros(1, dtype=torch.int64)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    config = tmp_path / "config.json"
+
+    config.write_text(json.dumps({"dtype": "float16"}))  # transformers 5
+    assert checkpoint_dtype(tmp_path, shards) == "float16"
+    config.write_text(json.dumps({"torch_dtype": "float32"}))  # transformers 4
+    assert checkpoint_dtype(tmp_path, shards) == "float32"
+    config.write_text(json.dumps({}))  # no dtype named: the weights' own
+    assert checkpoint_dtype(tmp_path, shards) == "bfloat16"
+    config.write_text(json.dumps({"dtype": "float64"}))
+    with pytest.raises(InvalidInputError, match="dtype: the checkpoint is float64"):
+        checkpoint_dtype(tmp_path, shards)
+
+
+def test_fp32_serving_pins_triton_to_ieee_before_vllm_starts(
+    fake_vllm: types.ModuleType, model_dir: Path
+) -> None:
+    start(model_dir, dtype="bfloat16")
+    assert TRITON_F32_ENV not in FakeLLM.instances[0].environ  # bf16 matmuls are not affected
+
+    start(model_dir)  # fp32
+
+    assert FakeLLM.instances[1].environ[TRITON_F32_ENV] == "ieee"
+
+
+def test_a_triton_precision_set_by_the_operator_is_kept_with_a_warning(
+    fake_vllm: types.ModuleType,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(TRITON_F32_ENV, "tf32")
+
+    with caplog.at_level(logging.WARNING, logger=vllm_sampler.__name__):
+        start(model_dir)
+
+    assert FakeLLM.instances[0].environ[TRITON_F32_ENV] == "tf32"
+    assert any("will not compute in full fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_the_start_logs_the_attention_backend_and_dtype(
+    fake_vllm: types.ModuleType, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger=vllm_sampler.__name__):
+        engine = start(model_dir)
+
+    assert engine.attention_backends == ["TRITON_ATTN"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "vLLM engine started"]
+    assert record.attention_backends == ["TRITON_ATTN"]  # type: ignore[attr-defined]
+    assert record.dtype == "float32"  # type: ignore[attr-defined]
+    assert getattr(record, TRITON_F32_ENV) == "ieee"
+
+
+# ---------------------------------------------------------------------------------- close
+
+
+def test_close_shuts_the_engine_core_down_once_and_refuses_later_calls(
+    fake_vllm: types.ModuleType, model_dir: Path, chain: dict[str, Any]
+) -> None:
+    engine = start(model_dir)
+    (llm,) = FakeLLM.instances
+
+    engine.close()
+    engine.close()  # a second close does nothing
+
+    assert llm.shutdowns == 1 and engine.closed
+    with pytest.raises(EngineClosedError):
+        engine.sample([BOS_ID, 65], 1, SamplingParams(max_tokens=2))
+    with pytest.raises(EngineClosedError):
+        engine.compute_logprobs([BOS_ID, 65])
+    with pytest.raises(EngineClosedError):
+        engine.load_weights(chain["base"], checkpoint_id="b")
+    with pytest.raises(EngineClosedError):
+        engine.reset_prompt_cache()
+    assert llm.model.weights == {} and llm.generated == []
+
+
+def test_the_engine_closes_as_a_context_manager_and_when_its_start_fails(
+    fake_vllm: types.ModuleType, model_dir: Path
+) -> None:
+    with start(model_dir) as engine:
+        assert not engine.closed
+    assert engine.closed and FakeLLM.instances[0].shutdowns == 1
+
+    FakeLLM.quantization = "awq"
+    with pytest.raises(InvalidInputError, match="quantized"):
+        start(model_dir)
+    assert FakeLLM.instances[1].shutdowns == 1  # its GPU memory is not left reserved
