@@ -197,7 +197,19 @@ class SamplerWorker(WorkerService):
 
     def forget(self, aggregate_ids: set[str]) -> None:
         for sampler_id in aggregate_ids:
-            self.samplers.pop(sampler_id, None)
+            self._drop_engine(sampler_id)
+
+    def _drop_engine(self, sampler_id: str) -> HostedSampler | None:
+        """Stop hosting it and close its engine now (a vLLM engine gives its GPU memory back;
+        left to the garbage collector, the next engine could not start)."""
+        hosted = self.samplers.pop(sampler_id, None)
+        if hosted is not None:
+            try:
+                hosted.engine.close()
+            except Exception:  # a broken engine must not take the worker down with it
+                extra = {"sampler_id": sampler_id, "trace": traceback.format_exc()}
+                log.error("closing an engine failed", extra=extra)
+        return hosted
 
     def took_over(self, partitions: list[int]) -> None:
         """Host now, not at their first request, the active samplers of these partitions that
@@ -276,7 +288,7 @@ class SamplerWorker(WorkerService):
             self.stopped.popitem(last=False)
         self.to_host.pop(sampler_id, None)
         self.latest_ready.pop(sampler_id, None)
-        if self.samplers.pop(sampler_id, None) is None:
+        if self._drop_engine(sampler_id) is None:
             return
         held = len(self.samplers)
         self.emit(sampler_id, [(SamplerReleased(reason=reason, engines_held=held), utc_now())],
@@ -746,7 +758,13 @@ class SamplerWorker(WorkerService):
         if self.settings.sampler_engine == "vllm":
             from gpu_workers.engine.vllm_sampler import VllmSamplerEngine
 
-            return VllmSamplerEngine(base, max_seq_len=max_seq_len, checkpoint_id="base")
+            return VllmSamplerEngine(
+                base,
+                gpu_memory_utilization=self.settings.vllm_gpu_memory_utilization,
+                dtype=self.settings.vllm_dtype,
+                max_seq_len=max_seq_len,
+                checkpoint_id="base",
+            )
         return SamplerEngine(base, device=self.settings.torch_device, checkpoint_id="base")
 
     def _load_for_request(
