@@ -83,7 +83,7 @@ def deploy_checkpoints(
     base_url: str | None = BASE_URL,
 ) -> None:
     """Deploy a run's checkpoint (`truss train deploy_checkpoints`): a model and its first
-    deployment. A delta checkpoint of a full-parameter run is refused (seed 002's rule)."""
+    deployment. A delta checkpoint of a full-parameter run is refused (Baseten's rule)."""
     deploys = _deploys(base_url)
     deployment: dict[str, Any] = {
         "development": development,
