@@ -157,8 +157,12 @@ def serve(
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
-            if self.started and announce is not None:
-                announce(f"listening on {url} (OpenAPI at {url}/docs)")
+            if self.started:
+                # Said in the service's log too, so `loopstream logs api` shows when it came up.
+                line = f"listening on {url} (OpenAPI at {url}/docs)"
+                log.info(line)
+                if announce is not None:
+                    announce(line)
 
     config = uvicorn.Config(
         create_app(api_settings=api_settings),

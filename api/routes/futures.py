@@ -98,27 +98,53 @@ async def get_future(
                     return result
         return None
 
+    def awaits_record(result: CommandResult) -> bool:
+        return result.command_type == "SaveWeights" and result.status == "accepted"
+
+    def recorded(result: CommandResult) -> bool:
+        """A save is done once its checkpoint is recorded (a follow-up command records it on
+        the session, a moment after the trainer answers): a client that reads the checkpoint,
+        or lists the run's, right after the future finds it there."""
+        checkpoint_id = str((result.output or {}).get("checkpoint_id"))
+        with engine.connect() as conn:
+            reads = ReadModels(conn, settings.read_schema)
+            if reads.checkpoint(checkpoint_id, workspace=workspace) is not None:
+                return True
+            # The session refused to record it (e.g. it ended meanwhile): nothing to wait for.
+            record = reads.command_result(f"{result.command_id}:record", workspace=workspace)
+            return record is not None and record.status != "accepted"
+
     started = time.monotonic()
     deadline = started + min(wait, api_settings.future_max_wait_s)
     next_table_check = started
+    unrecorded = False  # an accepted save whose checkpoint is not in the read models yet
     while True:
         # The Kafka feed first (in memory, resolves as soon as the result is committed), then
         # the futures table (durable; everything this process did not see) every 20 ms.
-        for candidate in candidates:
-            fresh = state.results.get(candidate)
-            if fresh is not None and (fresh.workspace_id or DEFAULT_WORKSPACE) == workspace:
-                return _from_feed(fresh, request_id)
+        result = next(
+            (
+                fresh
+                for fresh in map(state.results.get, candidates)
+                if fresh is not None and (fresh.workspace_id or DEFAULT_WORKSPACE) == workspace
+            ),
+            None,
+        )
+        if result is not None and not awaits_record(result):
+            return _from_feed(result, request_id)
         now = time.monotonic()
         if now >= next_table_check:
-            stored = await run_in_threadpool(lookup)
-            if stored is not None:
-                return _from_feed(stored, request_id)
+            if result is None:
+                result = await run_in_threadpool(lookup)
+            if result is not None:
+                if not awaits_record(result) or await run_in_threadpool(recorded, result):
+                    return _from_feed(result, request_id)
+                unrecorded = True
             next_table_check = now + POLL_INTERVAL_S
         if now >= deadline:
             break
         interval = FAST_POLL_S if now - started < FAST_PHASE_S else POLL_INTERVAL_S
         await asyncio.sleep(min(interval, deadline - now))
-    if state.sent.recently_sent(command_id, workspace=workspace):
+    if unrecorded or state.sent.recently_sent(command_id, workspace=workspace):
         return FuturePublic(request_id=request_id, status="pending")
     raise not_found(
         f"unknown request {request_id}, resubmit: no result, and this API did not send it in "
