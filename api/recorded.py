@@ -36,7 +36,8 @@ class RecordError(ValueError):
 def sequence_ref(sequence_id: str, field: str) -> tuple[str, int]:
     """`<request id>:<index>` -> (request id, index)."""
     request_id, _, index = sequence_id.rpartition(":")
-    if not request_id or not index.isdigit():
+    # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+    if not request_id or not (index.isascii() and index.isdigit()):
         raise RecordError(field, f"{sequence_id!r} is not a sequence_id (<request id>:<index>)")
     return request_id, int(index)
 

@@ -95,6 +95,15 @@ def _field(
         raise bad_request(f"{name}: {exc}", name) from exc
 
 
+def _flag(data: dict[str, Any], name: str) -> bool:
+    """A boolean field (absent or null: false); "false", 5 or [] is the caller's error, not a
+    silent true."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{name}: expected a boolean, got {type(value).__name__}", name)
+    return bool(value)
+
+
 def _seq_id(data: dict[str, Any]) -> int | None:
     """The client's call number: it orders the calls of one client (see SeqGate)."""
     seq_id = _field(data, "seq_id", int, None)
@@ -962,13 +971,13 @@ def asample(
         top_k=_field(params, "top_k", int, -1),
         seed=params.get("seed"),
         stop=[stop] if isinstance(stop, str) else stop,
-        prompt_logprobs=bool(data.get("prompt_logprobs")),
+        prompt_logprobs=_flag(data, "prompt_logprobs"),
         prompt_logprobs_last_n=data.get("prompt_logprobs_last_n"),
         topk_prompt_logprobs=_field(data, "topk_prompt_logprobs", int, 0),
         topk_sample_logprobs=_field(data, "topk_sample_logprobs", int, 0),
         target_prompt_logprobs=targets,
         prompt_alt_tokens_k=_field(data, "prompt_alt_tokens_k", int, 0),
-        record_stability_info=bool(data.get("record_stability_info")),
+        record_stability_info=_flag(data, "record_stability_info"),
         checkpoint_uri=session.checkpoint_uri,
     )
     seq_id = _seq_id(data)

@@ -8,6 +8,8 @@ builds, and worker outputs (`CommandResult.output`) are encoded back into what t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,22 @@ def _dense(values: np.ndarray, shape: list[int], where: str) -> list[float]:
     return values.reshape(-1).tolist()
 
 
+# Cells a decoded tensor may have (one 2-D id matrix of 524288 x 64): a sparse tensor's shape
+# is the client's word, and np.full on it must not take the API's memory.
+MAX_TENSOR_CELLS = 2**25
+
+
+@contextmanager
+def _readable(where: str) -> Iterator[None]:
+    """Mistyped JSON (strings as numbers, a float shape, a number past int64) as a WireError."""
+    try:
+        yield
+    except WireError:
+        raise
+    except (TypeError, ValueError, OverflowError, IndexError) as exc:
+        raise WireError(where, f"malformed: {exc}") from exc
+
+
 def _csr_to_dense(
     values: np.ndarray,
     crow: list[int],
@@ -78,12 +96,14 @@ def _csr_to_dense(
     if len(shape) not in (1, 2):
         raise WireError(where, f"sparse tensors must be 1-D or 2-D, got shape {shape}")
     rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+    if not (rows >= 0 and cols >= 0 and rows * cols <= MAX_TENSOR_CELLS):
+        raise WireError(where, f"shape {shape}: at most {MAX_TENSOR_CELLS} cells")
     if len(crow) != rows + 1 or len(col) != values.size or crow[-1] != values.size:
         raise WireError(where, "sparse CSR indices do not match the values")
     dense = np.full((rows, cols), fill, dtype=values.dtype)
     for r in range(rows):
         for i in range(crow[r], crow[r + 1]):
-            if not 0 <= col[i] < cols:
+            if not (0 <= i < len(col) and 0 <= col[i] < cols):
                 raise WireError(where, f"sparse column index {col[i]} outside [0, {cols})")
             dense[r, col[i]] = values[i]
     return dense.reshape(shape)
@@ -111,65 +131,70 @@ def tensor_from_proto(msg: Any, where: str) -> list[float]:
 def tensor_from_json(value: Any, where: str) -> list[float]:
     """A JSON TensorData ({data, dtype, shape, sparse_crow_indices, sparse_col_indices}) or a
     plain list, as (T,) numbers."""
-    if isinstance(value, list):
-        return [float(v) for v in value]
-    if not isinstance(value, dict) or "data" not in value:
-        raise WireError(where, "expected a TensorData object or a list of numbers")
-    np_dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
-    if np_dtype is None:
-        raise WireError(where, f"unsupported dtype {value.get('dtype')!r}")
-    values = np.asarray(value["data"], dtype=np_dtype).reshape(-1)
-    shape = list(value.get("shape") or [values.size])
-    if value.get("sparse_crow_indices") is not None:
-        values = _csr_to_dense(
-            values,
-            list(value["sparse_crow_indices"]),
-            list(value.get("sparse_col_indices") or []),
-            shape,
-            where,
-        )
-    return _dense(values, shape, where)
+    with _readable(where):
+        if isinstance(value, list):
+            return [float(v) for v in value]
+        if not isinstance(value, dict) or "data" not in value:
+            raise WireError(where, "expected a TensorData object or a list of numbers")
+        np_dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
+        if np_dtype is None:
+            raise WireError(where, f"unsupported dtype {value.get('dtype')!r}")
+        values = np.asarray(value["data"], dtype=np_dtype).reshape(-1)
+        shape = list(value.get("shape") or [values.size])
+        if value.get("sparse_crow_indices") is not None:
+            values = _csr_to_dense(
+                values,
+                list(value["sparse_crow_indices"]),
+                list(value.get("sparse_col_indices") or []),
+                shape,
+                where,
+            )
+        return _dense(values, shape, where)
 
 
 def id_matrix_from_json(value: Any, where: str) -> list[list[int]]:
     """A 2-D int64 TensorData of token ids (dense, or sparse CSR whose unlisted cells are -1:
     nothing asked there), as rows."""
-    if not isinstance(value, dict) or "data" not in value:
-        raise WireError(where, "expected an int64 TensorData")
-    if value.get("dtype", "int64") != "int64":
-        raise WireError(where, f"must be int64 token ids, got {value.get('dtype')!r}")
-    shape = list(value.get("shape") or [])
-    if len(shape) != 2:
-        raise WireError(where, f"must be 2-D [len(prompt) - 1, K], got shape {shape}")
-    values = np.asarray(value["data"], dtype=np.int64).reshape(-1)
-    if value.get("sparse_crow_indices") is not None:
-        dense = _csr_to_dense(
-            values,
-            list(value["sparse_crow_indices"]),
-            list(value.get("sparse_col_indices") or []),
-            shape,
-            where,
-            fill=-1,
-        )
-    elif values.size != math.prod(shape):
-        raise WireError(where, f"shape {shape} does not hold {values.size} values")
-    else:
-        dense = values.reshape(shape)
-    return [[int(t) for t in row] for row in dense.tolist()]
+    with _readable(where):
+        if not isinstance(value, dict) or "data" not in value:
+            raise WireError(where, "expected an int64 TensorData")
+        if value.get("dtype", "int64") != "int64":
+            raise WireError(where, f"must be int64 token ids, got {value.get('dtype')!r}")
+        shape = list(value.get("shape") or [])
+        if len(shape) != 2:
+            raise WireError(where, f"must be 2-D [len(prompt) - 1, K], got shape {shape}")
+        values = np.asarray(value["data"], dtype=np.int64).reshape(-1)
+        if value.get("sparse_crow_indices") is not None:
+            dense = _csr_to_dense(
+                values,
+                list(value["sparse_crow_indices"]),
+                list(value.get("sparse_col_indices") or []),
+                shape,
+                where,
+                fill=-1,
+            )
+        elif values.size != math.prod(shape):
+            raise WireError(where, f"shape {shape} does not hold {values.size} values")
+        else:
+            dense = values.reshape(shape)
+        return [[int(t) for t in row] for row in dense.tolist()]
 
 
 def model_input_from_json(value: Any, where: str) -> list[int]:
     """A JSON ModelInput ({chunks: [{type: encoded_text, tokens}]}) as token ids."""
-    chunks = value.get("chunks") if isinstance(value, dict) else None
-    if not isinstance(chunks, list):
-        raise WireError(where, "expected a ModelInput with chunks")
-    tokens: list[int] = []
-    for i, chunk in enumerate(chunks):
-        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
-            kind = chunk.get("type") if isinstance(chunk, dict) else type(chunk).__name__
-            raise WireError(f"{where}.chunks.{i}", f"only encoded_text chunks are served: {kind}")
-        tokens.extend(int(t) for t in chunk.get("tokens", []))
-    return tokens
+    with _readable(where):
+        chunks = value.get("chunks") if isinstance(value, dict) else None
+        if not isinstance(chunks, list):
+            raise WireError(where, "expected a ModelInput with chunks")
+        tokens: list[int] = []
+        for i, chunk in enumerate(chunks):
+            if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+                kind = chunk.get("type") if isinstance(chunk, dict) else type(chunk).__name__
+                raise WireError(
+                    f"{where}.chunks.{i}", f"only encoded_text chunks are served: {kind}"
+                )
+            tokens.extend(int(t) for t in chunk.get("tokens", []))
+        return tokens
 
 
 # ------------------------------------------------------------------ forward_backward
@@ -246,7 +271,8 @@ def encode_forward_backward_output(output: dict[str, Any]) -> bytes:
     msg: Any = ForwardBackwardOutputPb()
     msg.loss_fn_output_type = "ArrayRecord"
     for key, value in (output.get("metrics") or {}).items():
-        msg.metrics[key] = float(value)
+        # A non-finite loss (huge inputs or config) is stored as null: the SDK gets NaN.
+        msg.metrics[key] = math.nan if value is None else float(value)
     outputs: list[dict[str, list[float]]] = output.get("loss_fn_outputs") or []
     record = msg.loss_fn_outputs.add()
     record.type_tag = "ArrayRecord"
