@@ -37,6 +37,7 @@ from commands.loops import (
     Rejected,
     check_promotable,
 )
+from commands.model_names import outside_model_root
 from events.deployments import (
     DeploymentActivated,
     DeploymentCreated,
@@ -217,6 +218,11 @@ def _create_model(command: CreateModel, state: ModelState) -> list[DomainEvent]:
         raise Rejected(f"model {state.model_id} already exists", field="aggregate_id")
     if not re.match(RESOURCE_ID, state.model_id):
         raise Rejected(f"a model id must match {RESOURCE_ID}", field="aggregate_id")
+    # A name under the model root, never a path out of it: the API checks this too, but a
+    # command sent straight to Kafka skips the API.
+    problem = outside_model_root(command.base_model)
+    if problem is not None:
+        raise Rejected(f"base model {command.base_model!r} {problem}", field="base_model")
     run_id = None
     if command.source == "checkpoint":
         run_id, checkpoint_name = _check_checkpoint_source(command)

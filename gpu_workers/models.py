@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from commands.model_names import outside_model_root
 from infra.settings import Settings
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -34,20 +35,6 @@ def available_base_models(settings: Settings) -> list[str]:
         for config in [*root.glob("*/config.json"), *root.glob("*/*/config.json")]:
             names.add(str(config.parent.relative_to(root)))
     return sorted(names)
-
-
-def outside_model_root(base_model: str) -> str | None:
-    """Why `base_model` names no folder under the model root, or None when it may.
-
-    A base model is a name, not a path: `Path(root) / "/x"` is `/x`, and `a/../../x` climbs out
-    of the root, so an absolute name, a `..` part, a backslash or an empty part is refused
-    before any file is looked at."""
-    if base_model.startswith("/") or Path(base_model).is_absolute():
-        return "is an absolute path; give a name relative to the model root"
-    parts = base_model.split("/")
-    if any(part in ("", ".", "..") for part in parts) or "\\" in base_model:
-        return "must be a plain name like <org>/<name> (no '.', '..', '\\' or empty parts)"
-    return None
 
 
 def require_base_model(settings: Settings, base_model: str) -> None:

@@ -32,6 +32,8 @@ from api.queries import Row
 from api.routes._common import envelope
 from api.submit import Submitter, derived_resource_id, new_resource_id, resolve_request_id
 from commands.deployments import (
+    DEFAULT_MAX_REPLICA,
+    DEFAULT_MIN_REPLICA,
     DEVELOPMENT_REPLICAS,
     ActivateDeployment,
     ChangeDeploymentInstanceType,
@@ -81,6 +83,11 @@ def _check_deployment(body: DeploymentCreate, prefix: str) -> None:
                     "scales to zero)",
                     f"{prefix}{name}",
                 )
+    else:
+        low = DEFAULT_MIN_REPLICA if body.min_replica is None else body.min_replica
+        high = DEFAULT_MAX_REPLICA if body.max_replica is None else body.max_replica
+        if low > high:
+            raise _bad(f"min_replica {low} is above max_replica {high}", f"{prefix}min_replica")
 
 
 def _model(reads: DeploymentReads, model_id: str, caller: Caller) -> Row:

@@ -331,3 +331,14 @@ def test_a_development_deployment_is_overwritten_not_copied() -> None:
         deployment_id="d1", new_deployment_id="d2", resources=Resources(cpu="4")
     )
     assert reason(state, command)[1] == "deployment_id"
+
+
+@pytest.mark.parametrize("base_model", ["../../etc", "/etc/passwd", "a/../../x", "a\\b", "a//b"])
+def test_a_base_model_that_is_a_path_out_of_the_model_root_is_refused(base_model: str) -> None:
+    # Hostile test: a raw CreateModel on Kafka skips the API's check; the aggregate must refuse
+    # it too ("every producer of a CreateModel gets the same answer").
+    command = CreateModel(source="base_model", base_model=base_model)
+    text, field = reason(given(), command)
+    assert field == "base_model" and repr(base_model) in text
+    checkpoint = from_checkpoint(base_model=base_model)
+    assert reason(given(), checkpoint)[1] == "base_model"
