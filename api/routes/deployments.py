@@ -429,8 +429,17 @@ def change_resources(
         header=idempotency_key, query=request_id, body=body.request_id,
         workspace=caller.workspace_id,
     )  # fmt: skip
-    _deployment(reads, model_id, deployment_id, caller)
+    source = _deployment(reads, model_id, deployment_id, caller)
     _check_resources(body.resources, "")
+    if source["kind"] == "development":
+        raise _bad(
+            "a development deployment takes new resources in place: create the development "
+            "deployment again (it is overwritten), or create a published deployment",
+            "deployment_id",
+        )
+    instance = select_instance_type(**body.resources.model_dump())
+    if instance.name == source["instance_type"]:
+        raise _bad(f"deployment {deployment_id} already runs on {instance.name}", "resources")
     new_id = derived_resource_id(ids.command_id, "deployment") if ids.chosen else new_resource_id()
     command = ChangeDeploymentInstanceType(
         deployment_id=deployment_id, new_deployment_id=new_id, name=body.name,

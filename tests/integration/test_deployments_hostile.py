@@ -58,3 +58,36 @@ def test_min_replica_above_max_replica_is_a_400_naming_the_field(
                       headers=headers)  # fmt: skip
     assert answer.status_code == 400, answer.text
     assert answer.json()["field"] == "min_replica"
+
+
+def _created(app: TestClient, headers: dict[str, str], path: str, body: dict) -> str:
+    answer = app.post(path, json=body, headers=headers)
+    assert answer.status_code == 202, answer.text
+    ids = answer.json()
+    deployment = f"/v1/models/{ids['model_id']}/deployments/{ids['deployment_id']}"
+    for _ in range(100):
+        if app.get(deployment, headers=headers).status_code == 200:
+            return deployment
+        time.sleep(0.1)
+    raise AssertionError(f"{deployment} never appeared")
+
+
+def test_a_resource_change_the_aggregate_would_refuse_is_a_400_not_a_202_for_a_phantom_copy(
+    app: TestClient, headers: dict[str, str]
+) -> None:
+    # A development deployment is overwritten, never copied: the 202 named a new deployment
+    # that would never exist.
+    dev = _created(app, headers, "/v1/models", {**BASE, "deployment": {"development": True}})
+    answer = app.patch(f"{dev}/resources", json={"resources": {"accelerator": "T4"}},
+                       headers=headers)  # fmt: skip
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] == "deployment_id"
+    # The instance type it already runs on (CPU:1x2, the defaults) is no change.
+    published = _created(app, headers, "/v1/models", {**BASE, "deployment": {}})
+    answer = app.patch(f"{published}/resources", json={"resources": {"cpu": "1"}},
+                       headers=headers)  # fmt: skip
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["field"] == "resources"
+    answer = app.patch(f"{published}/resources", json={"resources": {"accelerator": "T4"}},
+                       headers=headers)  # fmt: skip
+    assert answer.status_code == 202, answer.text
