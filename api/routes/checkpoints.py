@@ -145,6 +145,17 @@ def list_checkpoint_files(
     )
 
 
+def _submit(
+    row: Row, command: Command, *, request_id: str, caller: Caller, submitter: Submitter
+) -> None:
+    submitter.submit(
+        envelope(
+            request_id=request_id, command=command, aggregate_id=row["session_id"], caller=caller
+        ),
+        to="commands",
+    )
+
+
 @router.delete(
     "/checkpoints/{checkpoint_id}",
     status_code=status.HTTP_202_ACCEPTED,
@@ -167,15 +178,8 @@ def delete_checkpoint(
             status.HTTP_410_GONE, f"checkpoint {checkpoint_id} is already deleted",
             field="checkpoint_id",
         )  # fmt: skip
-    submitter.submit(
-        envelope(
-            request_id=ids.command_id,
-            command=DeleteCheckpoint(checkpoint_id=checkpoint_id),
-            aggregate_id=row["session_id"],
-            caller=caller,
-        ),
-        to="commands",
-    )
+    command = DeleteCheckpoint(checkpoint_id=checkpoint_id)
+    _submit(row, command, request_id=ids.command_id, caller=caller, submitter=submitter)
     return RequestAccepted(request_id=ids.request_id)
 
 
@@ -205,27 +209,8 @@ def promote_checkpoint(
     )
     row = _checkpoint(reads, checkpoint_id, caller)
     command = PromoteCheckpoint(checkpoint_id=checkpoint_id, environment=body.environment)
-    submitter.submit(
-        envelope(
-            request_id=ids.command_id,
-            command=command,
-            aggregate_id=row["session_id"],
-            caller=caller,
-        ),
-        to="commands",
-    )
+    _submit(row, command, request_id=ids.command_id, caller=caller, submitter=submitter)
     return RequestAccepted(request_id=ids.request_id)
-
-
-def _submit(
-    row: Row, command: Command, *, request_id: str, caller: Caller, submitter: Submitter
-) -> None:
-    submitter.submit(
-        envelope(
-            request_id=request_id, command=command, aggregate_id=row["session_id"], caller=caller
-        ),
-        to="commands",
-    )
 
 
 @router.put(
