@@ -185,6 +185,16 @@ class ReadModels:
             ws=workspace,
         )
 
+    def save_settled(self, save: CommandResult, *, workspace: str) -> bool:
+        """Whether an accepted SaveWeights is settled: its checkpoint is recorded on the session
+        (a follow-up command, a moment after the trainer answers, so a client reading it right
+        after the future finds it), or the session refused to record it (e.g. it ended)."""
+        checkpoint_id = str((save.output or {}).get("checkpoint_id"))
+        if self.checkpoint(checkpoint_id, workspace=workspace) is not None:
+            return True
+        record = self.command_result(f"{save.command_id}:record", workspace=workspace)
+        return record is not None and record.status != "accepted"
+
     def checkpoints_of_run(
         self, run_id: str, *, workspace: str, include_deleted: bool
     ) -> list[Row]:

@@ -102,17 +102,8 @@ async def get_future(
         return result.command_type == "SaveWeights" and result.status == "accepted"
 
     def recorded(result: CommandResult) -> bool:
-        """A save is done once its checkpoint is recorded (a follow-up command records it on
-        the session, a moment after the trainer answers): a client that reads the checkpoint,
-        or lists the run's, right after the future finds it there."""
-        checkpoint_id = str((result.output or {}).get("checkpoint_id"))
         with engine.connect() as conn:
-            reads = ReadModels(conn, settings.read_schema)
-            if reads.checkpoint(checkpoint_id, workspace=workspace) is not None:
-                return True
-            # The session refused to record it (e.g. it ended meanwhile): nothing to wait for.
-            record = reads.command_result(f"{result.command_id}:record", workspace=workspace)
-            return record is not None and record.status != "accepted"
+            return ReadModels(conn, settings.read_schema).save_settled(result, workspace=workspace)
 
     started = time.monotonic()
     deadline = started + min(wait, api_settings.future_max_wait_s)

@@ -1131,14 +1131,11 @@ def _resolve(
     if result.status != "accepted":
         return result
     if result.command_type == "SaveWeights":
-        # The checkpoint is recorded on the session by a follow-up command; a sampler asked for
-        # it right after the save must find it, so the save counts as done once it is recorded.
-        checkpoint_id = (result.output or {}).get("checkpoint_id")
+        # A sampler asked for the checkpoint right after the save must find it.
         with engine.connect() as conn:
-            recorded = ReadModels(conn, settings.read_schema).checkpoint(
-                str(checkpoint_id), workspace=workspace_of(result)
-            )
-        return result if recorded is not None else None
+            reads = ReadModels(conn, settings.read_schema)
+            settled = reads.save_settled(result, workspace=workspace_of(result))
+        return result if settled else None
     if result.command_type != "CreateRun":
         return result
     model_id = result.command_id.removeprefix("tinker:").removesuffix(":create_run")
