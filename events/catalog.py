@@ -14,6 +14,7 @@ from events.access import ACCESS_EVENTS
 from events.deployments import DEPLOYMENT_EVENTS
 from events.envelope import EventEnvelope
 from events.loops import LOOPS_EVENTS, DomainEvent
+from events.replicas import REPLICA_EVENTS
 from events.secrets import SECRETS_EVENTS
 from events.work import WORK_EVENTS
 
@@ -71,7 +72,7 @@ class EventCatalog:
 
 
 CATALOG = EventCatalog(
-    LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS + SECRETS_EVENTS + DEPLOYMENT_EVENTS
+    LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS + SECRETS_EVENTS + DEPLOYMENT_EVENTS + REPLICA_EVENTS
 )
 
 

@@ -23,7 +23,6 @@ requests refused.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import tempfile
@@ -56,15 +55,16 @@ from events.work import (
     SamplesGenerated,
     WeightsLoaded,
 )
-from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointRef, CheckpointStore
-from gpu_workers.deltas import DeltaChainError, read_link
-from gpu_workers.engine.sampler import SamplerEngine, SamplerEngineProtocol
+from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointStore
+from gpu_workers.deltas import DeltaChainError
+from gpu_workers.engine.sampler import SamplerEngineProtocol, build_sampler_engine
 from gpu_workers.engine.types import PromptScores, PromptScoring, SamplingParams
-from gpu_workers.failures import Category, InfrastructureError, category_of, with_retries
+from gpu_workers.failures import Category, InfrastructureError, category_of
 from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
 from gpu_workers.read_models import ReadModelConnection
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
+from gpu_workers.weights_fetch import FetchedChain, fetch_chain
 from infra.s3 import ObjectStore
 from infra.settings import Settings
 
@@ -79,8 +79,6 @@ HOSTING_GRACE_S = 60.0
 # partition over; older ones wait for their first request.
 UNHOSTED_RECENT_S = 600
 HOSTING_RETRY_S = 0.05
-# A sampler more than this many deltas behind reloads from the chain's base instead of walking on.
-MAX_CHAIN_FETCH = 1000
 # Warmup: one short generation on the new weights; a retry waits a little longer each time.
 WARMUP_PROMPT = "warmup"
 WARMUP_BACKOFF_S = 0.05
@@ -445,34 +443,15 @@ class SamplerWorker(WorkerService):
             weights_version=weights_version,
         )
         started_at, t0 = utc_now(), time.perf_counter()
-        bytes_moved = 0
+        fetched: FetchedChain | None = None
         try:
             with tempfile.TemporaryDirectory(prefix="loopstream-weights-") as tmp:
-                chain: list[Path] = []  # target first, then its parents
-                next_uri, expected_digest = uri, None
-                while True:
-                    folder = Path(tmp) / f"link-{len(chain)}"
-                    ref = CheckpointRef.from_uri(next_uri)
-                    download = functools.partial(self.checkpoints.download, ref, folder)
-                    manifest = with_retries(f"download {next_uri}", download)
-                    bytes_moved += manifest.total_bytes
-                    if expected_digest is not None and manifest.digest != expected_digest:
-                        raise DeltaChainError(
-                            f"{next_uri}: digest {manifest.digest} != the {expected_digest} its "
-                            "child names as parent"
-                        )
-                    chain.append(folder)
-                    link = read_link(folder)
-                    if link.checkpoint_type == "base" or link.parent_digest == from_version.digest:
-                        break
-                    if link.parent_uri is None or len(chain) >= MAX_CHAIN_FETCH:
-                        raise DeltaChainError(f"{next_uri}: no reachable base for this delta")
-                    next_uri, expected_digest = link.parent_uri, link.parent_digest
-                fetched = time.perf_counter()
-                target_type = read_link(chain[0]).checkpoint_type
+                fetched = fetch_chain(
+                    self.checkpoints, uri, Path(tmp), serving_digest=from_version.digest
+                )
                 # The caller drops the prompt cache (or keeps it, when the sync says so).
                 version = hosted.engine.load_chain(
-                    chain[::-1],
+                    fetched.folders,
                     checkpoint_id=checkpoint_id or uri,
                     keep_prompt_cache=True,
                     verified=True,  # by the download, file by file
@@ -487,7 +466,7 @@ class SamplerWorker(WorkerService):
                 checkpoint_id=checkpoint_id,
                 uri=uri,
                 reason=reason,
-                bytes_moved=bytes_moved,
+                bytes_moved=fetched.bytes_moved if fetched else 0,
                 total_ms=(time.perf_counter() - t0) * 1000,
                 serving_checkpoint_id=from_version.checkpoint_id,
                 serving_digest=from_version.digest,
@@ -497,6 +476,7 @@ class SamplerWorker(WorkerService):
             )
             raise HotloadError(reason, [(started, started_at), (failed, utc_now())],
                                category) from exc  # fmt: skip
+        assert fetched is not None
         done = time.perf_counter()
         hosted.uri, hosted.checkpoint_id, hosted.weights_version = (
             uri,
@@ -505,17 +485,17 @@ class SamplerWorker(WorkerService):
         )
         total_ms = (done - t0) * 1000
         extra = {"sampler_id": hosted.sampler_id, "uri": uri, "load_ms": round(total_ms, 1),
-                 "bytes": bytes_moved}  # fmt: skip
+                 "bytes": fetched.bytes_moved}  # fmt: skip
         log.info("weights loaded", extra=extra)
         succeeded = HotloadSucceeded(
             checkpoint_id=checkpoint_id,
             uri=uri,
-            checkpoint_type=target_type,
+            checkpoint_type=fetched.target_type,
             content_digest=version.digest,
-            folders_applied=len(chain),
-            bytes_moved=bytes_moved,
-            fetch_ms=(fetched - t0) * 1000,
-            apply_ms=(done - fetched) * 1000,
+            folders_applied=len(fetched.folders),
+            bytes_moved=fetched.bytes_moved,
+            fetch_ms=fetched.fetch_ms,
+            apply_ms=(done - t0) * 1000 - fetched.fetch_ms,
             total_ms=total_ms,
             weights_version=weights_version,
         )
@@ -755,17 +735,7 @@ class SamplerWorker(WorkerService):
         return [event for event, _ in events]
 
     def _engine(self, base: Path, *, max_seq_len: int) -> SamplerEngineProtocol:
-        if self.settings.sampler_engine == "vllm":
-            from gpu_workers.engine.vllm_sampler import VllmSamplerEngine
-
-            return VllmSamplerEngine(
-                base,
-                gpu_memory_utilization=self.settings.vllm_gpu_memory_utilization,
-                dtype=self.settings.vllm_dtype,
-                max_seq_len=max_seq_len,
-                checkpoint_id="base",
-            )
-        return SamplerEngine(base, device=self.settings.torch_device, checkpoint_id="base")
+        return build_sampler_engine(self.settings, base, max_seq_len=max_seq_len)
 
     def _load_for_request(
         self,

@@ -25,6 +25,16 @@ def _api_answers() -> bool:
     return httpx.get(f"{get_api_settings().base_url}/openapi.json", timeout=1).status_code == 200
 
 
+def _gateway_answers() -> bool:
+    import httpx
+
+    from infra.settings import get_settings
+
+    settings = get_settings()
+    url = f"http://{settings.gateway_host}:{settings.gateway_port}/healthz"
+    return httpx.get(url, timeout=1).status_code == 200
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
@@ -40,6 +50,9 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("sampler-worker", ("-m", "gpu_workers.sampler_worker")),
     ServiceSpec("janitor", ("-m", "commands.janitor")),
     ServiceSpec("api", ("-m", "api.app"), ready=_api_answers),
+    # The serving half: replicas on Ray, and the gateway in front of them (docs/serving.md).
+    ServiceSpec("replica-controller", ("-m", "gpu_workers.replica_controller")),
+    ServiceSpec("gateway", ("-m", "api.gateway"), ready=_gateway_answers),
 )
 
 

@@ -95,6 +95,33 @@ class Settings(BaseSettings):
     # the janitor: its runs stop and their engines are released. The SDK beats every 10 s.
     tinker_session_timeout_s: float = Field(default=600.0, gt=0)
 
+    # --- serving: Ray replicas and the gateway (docs/serving.md) -----------------------------
+    # The Ray cluster replicas run on. Empty: the local stack's own head (`stack up` starts it at
+    # 127.0.0.1:ray_port); otherwise the address of an existing cluster ("host:6379").
+    ray_address: str = ""
+    ray_port: int = 16379
+    # The token of a cluster with token authentication; unset: the local head's own (data dir).
+    ray_auth_token_path: Path | None = None
+    # Whether `stack up` starts the local Ray head (isolated test stacks that serve nothing
+    # leave it off).
+    ray_local_head: bool = True
+    # Replicas of each CPU-only instance type the local head offers. A replica asks Ray for one
+    # unit of the custom resource `loopstream/<instance type>` (and the type's GPUs), so placement
+    # is Ray's: on a cluster, each node is started with the units it has, and a type no node
+    # offers stays pending (the gateway answers 503 after its wait).
+    ray_local_slots_per_instance_type: int = Field(default=4, ge=0, le=64)
+    # Ray namespace of the replica actors; the topic prefix keeps isolated copies apart.
+    ray_namespace: str = ""
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 18100
+    # How long a request to a deployment with no ready replica is parked before a 503.
+    gateway_cold_start_wait_s: float = Field(default=120.0, gt=0, le=3600)
+    # A deployment with min_replica 0 keeps its last replica this long after its last request
+    # (the seed's scale_down_delay default, 900 s).
+    replica_idle_scale_down_s: float = Field(default=900.0, ge=0)
+    # A replica that does not answer a health ping for this long is replaced.
+    replica_ping_timeout_s: float = Field(default=10.0, gt=0)
+
     # --- PostgreSQL ----------------------------------------------------------------------
     pg_host: str = "127.0.0.1"
     pg_port: int = 15432
@@ -163,6 +190,14 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
+
+    @property
+    def ray_cluster_address(self) -> str:
+        return self.ray_address or f"127.0.0.1:{self.ray_port}"
+
+    @property
+    def replica_namespace(self) -> str:
+        return self.ray_namespace or self.topic_prefix
 
 
 @lru_cache

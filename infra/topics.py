@@ -77,6 +77,14 @@ CATALOG: tuple[TopicSpec, ...] = (
         purpose="sampling calls keyed by sampler_id",
     ),
     TopicSpec(
+        "deployment-traffic",
+        partitions=3,
+        retention_ms=DAY_MS,
+        purpose="the gateway's per-deployment request counts, one record a second per gateway "
+        "and deployment with traffic (never one per request): the replica controller's "
+        "demand signal and the autoscaler's input",
+    ),
+    TopicSpec(
         "commands.dlq",
         partitions=1,
         retention_ms=30 * DAY_MS,

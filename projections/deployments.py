@@ -1,4 +1,4 @@
-"""Projectors of the serving context: models and deployments -> read-model row changes.
+"""Projectors of the serving context: models, deployments and replicas -> read-model row changes.
 
 Pure, like `projections/loops.py`. Both tables are versioned by the model aggregate's sequence
 (a deployment is an entity inside its model), so a replayed event is a no-op. Columns match
@@ -19,6 +19,15 @@ from events.deployments import (
 )
 from events.envelope import EventEnvelope
 from events.loops import DomainEvent
+from events.replicas import (
+    ReplicaDraining,
+    ReplicaEvent,
+    ReplicaFailed,
+    ReplicaReady,
+    ReplicaRequested,
+    ReplicaStarting,
+    ReplicaStopped,
+)
 from projections.rows import RowChange, TableSpec, entity_change
 
 DEPLOYMENT_TABLES: dict[str, TableSpec] = {
@@ -138,3 +147,91 @@ def _(event: DeploymentDeactivated, envelope: EventEnvelope) -> list[RowChange]:
 @project_deployment_event.register
 def _(event: DeploymentDeleted, envelope: EventEnvelope) -> list[RowChange]:
     return _update(event.deployment_id, envelope, status="DELETED", deleted_at=envelope.occurred_at)
+
+
+# --- replicas (the replica controller's events, versioned by the replica's own sequence) --------
+
+REPLICA_TABLES: dict[str, TableSpec] = {
+    "replicas": TableSpec(
+        "replicas",
+        key=("replica_id",),
+        columns=(
+            "replica_id", "deployment_id", "model_id", "workspace_id", "status", "reason",
+            "replaces", "instance_type", "actor_name", "content_digest", "checkpoint_id",
+            "node_ip", "pid", "start_ms", "load_ms", "predict_concurrency", "requested_at",
+            "ready_at", "stopped_at", "version", "updated_at",
+        ),
+    )
+}  # fmt: skip
+
+
+def _replica_update(
+    event: ReplicaEvent, envelope: EventEnvelope, **values: object
+) -> list[RowChange]:
+    return [
+        entity_change(
+            "replicas", event.replica_id, envelope, {"replica_id": event.replica_id, **values},
+            creates=False,
+        )
+    ]  # fmt: skip
+
+
+@project_deployment_event.register
+def _(event: ReplicaRequested, envelope: EventEnvelope) -> list[RowChange]:
+    values = {
+        "replica_id": event.replica_id,
+        "deployment_id": event.deployment_id,
+        "model_id": event.model_id,
+        "workspace_id": envelope.workspace,
+        "status": "REQUESTED",
+        "reason": event.reason,
+        "replaces": event.replaces,
+        "instance_type": event.instance_type,
+        "actor_name": None,
+        "content_digest": None,
+        "checkpoint_id": None,
+        "node_ip": None,
+        "pid": None,
+        "start_ms": None,
+        "load_ms": None,
+        "predict_concurrency": None,
+        "requested_at": envelope.occurred_at,
+        "ready_at": None,
+        "stopped_at": None,
+    }
+    return [entity_change("replicas", event.replica_id, envelope, values, creates=True)]
+
+
+@project_deployment_event.register
+def _(event: ReplicaStarting, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(event, envelope, status="STARTING", actor_name=event.actor_name)
+
+
+@project_deployment_event.register
+def _(event: ReplicaReady, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(
+        event, envelope, status="READY", actor_name=event.actor_name,
+        content_digest=event.content_digest, checkpoint_id=event.checkpoint_id,
+        node_ip=event.node_ip, pid=event.pid, start_ms=event.start_ms, load_ms=event.load_ms,
+        predict_concurrency=event.predict_concurrency, ready_at=envelope.occurred_at,
+    )  # fmt: skip
+
+
+@project_deployment_event.register
+def _(event: ReplicaDraining, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(event, envelope, status="DRAINING", reason=event.reason)
+
+
+@project_deployment_event.register
+def _(event: ReplicaStopped, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(
+        event, envelope, status="STOPPED", reason=event.reason, stopped_at=envelope.occurred_at
+    )
+
+
+@project_deployment_event.register
+def _(event: ReplicaFailed, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(
+        event, envelope, status="FAILED", reason=f"{event.phase}: {event.reason}",
+        stopped_at=envelope.occurred_at,
+    )  # fmt: skip

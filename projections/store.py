@@ -26,7 +26,7 @@ from sqlalchemy.exc import StatementError
 
 from infra.settings import checked_identifier
 from projections.access import ACCESS_TABLES
-from projections.deployments import DEPLOYMENT_TABLES
+from projections.deployments import DEPLOYMENT_TABLES, REPLICA_TABLES
 from projections.failures import failures_of, record_failures
 from projections.loops import TABLES
 from projections.pipeline import DeadLetter, PlannedBatch, Projected, TopicPartition
@@ -35,7 +35,12 @@ from projections.rows import RowChange, TableSpec, group_for_write, merge_change
 log = logging.getLogger(__name__)
 
 # Every read-model table a projection writes, by context.
-READ_MODEL_TABLES: Mapping[str, TableSpec] = {**TABLES, **ACCESS_TABLES, **DEPLOYMENT_TABLES}
+READ_MODEL_TABLES: Mapping[str, TableSpec] = {
+    **TABLES,
+    **ACCESS_TABLES,
+    **DEPLOYMENT_TABLES,
+    **REPLICA_TABLES,
+}
 
 # What PostgreSQL says about a row it will not take, every time (as opposed to a lost connection,
 # a deadlock or a bug in our SQL, which are retried by crashing): bad values, broken constraints,

@@ -270,6 +270,8 @@ def isolated_stack_settings(base: Settings, data_dir: Path) -> Settings:
                 "seaweed_volume_port": base.seaweed_volume_port + shift,
                 "seaweed_filer_port": base.seaweed_filer_port + shift,
                 "seaweed_admin_port": base.seaweed_admin_port + shift,
+                # These tests stop and restart Kafka, PostgreSQL and S3; none serves a model.
+                "ray_local_head": False,
             }
         )
         ports = _stack_ports(candidate)

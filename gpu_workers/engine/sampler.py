@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file
@@ -53,6 +53,9 @@ from gpu_workers.manifest import (
     build_manifest,
     verify_folder,
 )
+
+if TYPE_CHECKING:
+    from infra.settings import Settings
 
 
 @runtime_checkable
@@ -323,6 +326,30 @@ class SamplerEngine:
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def build_sampler_engine(
+    settings: Settings,
+    base: Path,
+    *,
+    max_seq_len: int | None,
+    gpu_memory_utilization: float | None = None,
+) -> SamplerEngineProtocol:
+    """The engine the settings choose (`sampler_engine`) on the base model folder `base`: the
+    paired samplers' worker and deployment replicas build theirs here."""
+    if settings.sampler_engine == "vllm":
+        from gpu_workers.engine.vllm_sampler import VllmSamplerEngine
+
+        return VllmSamplerEngine(
+            base,
+            gpu_memory_utilization=gpu_memory_utilization or settings.vllm_gpu_memory_utilization,
+            dtype=settings.vllm_dtype,
+            max_seq_len=max_seq_len,
+            checkpoint_id="base",
+        )
+    # The torch engine serves up to the model's own limit (as it always has); `max_seq_len`
+    # sizes vLLM's KV cache.
+    return SamplerEngine(base, device=settings.torch_device, checkpoint_id="base")
 
 
 def _choose(

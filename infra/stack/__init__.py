@@ -1,4 +1,4 @@
-"""The local stack: Kafka (KRaft), PostgreSQL and an S3 store, all on loopback.
+"""The local stack: Kafka (KRaft), PostgreSQL, an S3 store and a Ray head, all on loopback.
 
 `up` is idempotent and waits for real readiness (a broker metadata round trip, `select 1`, a
 signed bucket listing); `down` stops only the processes `up` started, by recorded pid.
@@ -14,6 +14,7 @@ from infra.processes import ManagedProcess, StackError, port_in_use, wait_until,
 from infra.settings import Settings
 from infra.stack.kafka import KafkaBroker
 from infra.stack.postgres import PostgresServer
+from infra.stack.ray_head import RayHead
 from infra.stack.s3 import S3Server
 from infra.topics import ProvisionReport, provision_topics
 
@@ -56,6 +57,8 @@ class LocalStack:
             "postgres": PostgresServer(settings),
             "s3": S3Server(settings),
         }
+        if settings.ray_local_head and not settings.ray_address:
+            self.services["ray"] = RayHead(settings)
 
     def endpoints(self) -> dict[str, str]:
         s = self.settings
@@ -63,6 +66,7 @@ class LocalStack:
             "kafka": s.kafka_bootstrap_servers,
             "postgres": f"{s.pg_host}:{s.pg_port}/{s.pg_database}",
             "s3": f"{'https' if s.s3_secure else 'http'}://{s.s3_endpoint}/{s.checkpoint_bucket}",
+            "ray": s.ray_cluster_address,
         }
 
     def up(self) -> UpReport:
@@ -76,7 +80,7 @@ class LocalStack:
             self.services[name].prepare()
         for name in to_start:
             self.services[name].start()
-        # Start everything first, then wait: the three servers boot in parallel.
+        # Start everything first, then wait: the servers boot in parallel.
         for name, service in self.services.items():
             wait_until(
                 service.ready,

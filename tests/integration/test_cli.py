@@ -110,7 +110,8 @@ def test_checkpoints_delete_takes_it_out_of_the_listing(
 
 def test_logs_prints_the_api_and_stack_logs(services: Settings) -> None:
     for service in ("api", "command-processor", "projections", "trainer-worker",
-                    "sampler-worker", "janitor", "kafka", "postgres", "s3"):  # fmt: skip
+                    "sampler-worker", "janitor", "replica-controller", "gateway",
+                    "kafka", "postgres", "s3", "ray"):  # fmt: skip
         done = cli("logs", service, "-n", "2")
         assert 0 < len(done.stdout.splitlines()) <= 2, service
     assert cli("stack", "logs", "api", "-n", "1").stdout  # `stack logs` takes them all too

@@ -52,6 +52,7 @@ def _isolated(settings: Settings, data_dir: Path, base: int) -> Settings:
             "seaweed_master_port": base + 33,
             "seaweed_volume_port": base + 40,
             "seaweed_filer_port": base + 88,
+            "ray_port": base + 79,
             "seaweed_admin_port": base + 46,
         }
     )
@@ -64,7 +65,7 @@ def test_second_up_finds_the_running_stack(settings: Settings) -> None:
     report = stack.up()
 
     assert report.started == []
-    assert sorted(report.already_running) == ["kafka", "postgres", "s3"]
+    assert sorted(report.already_running) == ["kafka", "postgres", "ray", "s3"]
     assert {s.name: s.pid for s in stack.status()} == pids_before
 
 
@@ -100,7 +101,7 @@ def test_a_second_stack_starts_twice_and_stops_without_strays(
     stack = LocalStack(other)
     try:
         first = stack.up()
-        assert sorted(first.started) == ["kafka", "postgres", "s3"]
+        assert sorted(first.started) == ["kafka", "postgres", "ray", "s3"]
         assert len(first.topics.created) > 0
 
         second = stack.up()
@@ -109,18 +110,22 @@ def test_a_second_stack_starts_twice_and_stops_without_strays(
         assert _processes_mentioning(str(data_dir))
 
         # kill -9 of every recorded pid: nothing of the servers is left running, and `up`
-        # brings all three back (issue 10, finding 7).
+        # brings all four back (issue 10, finding 7).
+        first_pids = {pid for s in stack.services.values() for pid in s.process.members()}
         for service in stack.services.values():
             _kill_9(service.process)
         for name, service in stack.services.items():
+            if name == "ray":
+                continue  # Ray's GCS and raylet outlive `ray start`: `up` ends them (below)
             wait_until(lambda s=service: s.process.members() == [], timeout_s=60, what=name)  # type: ignore[misc]
         third = stack.up()
-        assert sorted(third.started) == ["kafka", "postgres", "s3"]
+        assert sorted(third.started) == ["kafka", "postgres", "ray", "s3"]
         assert all(status.ready for status in stack.status())
+        assert [pid for pid in first_pids if Path(f"/proc/{pid}").exists()] == []
     finally:
         stopped = stack.down()
 
-    assert sorted(stopped) == ["kafka", "postgres", "s3"]
+    assert sorted(stopped) == ["kafka", "postgres", "ray", "s3"]
     assert _processes_mentioning(str(data_dir)) == []
     assert not list((data_dir / "run").glob("*.pid"))
     # The shared stack was not touched.

@@ -193,11 +193,11 @@ def test_version_prints_the_installed_version_on_stdout() -> None:
     assert done.stdout.strip() == f"loopstream {version('loopstream')}"
 
 
-def test_services_help_names_all_six_processes() -> None:
+def test_services_help_names_every_process() -> None:
     from infra.services import SERVICES
 
     done = invoke("services", "--help", columns=200)
-    assert len(SERVICES) == 6
+    assert len(SERVICES) == 8
     for spec in SERVICES:
         assert spec.name in done.stdout
 
@@ -231,8 +231,9 @@ def test_logs_knows_the_stack_and_every_loopstream_service(tmp_path: Path) -> No
     from infra.settings import Settings
 
     names = set(log_files(Settings(data_dir=tmp_path)))
-    assert names == {"kafka", "postgres", "s3", "command-processor", "projections",
-                     "trainer-worker", "sampler-worker", "janitor", "api"}  # fmt: skip
+    assert names == {"kafka", "postgres", "s3", "ray", "command-processor", "projections",
+                     "trainer-worker", "sampler-worker", "janitor", "api",
+                     "replica-controller", "gateway"}  # fmt: skip
 
 
 # --- the generated reference ----------------------------------------------------------------------

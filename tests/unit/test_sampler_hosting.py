@@ -11,7 +11,7 @@ import urllib3.exceptions
 from minio import Minio
 
 from events.work import HotloadFailed, HotloadStarted, WeightsLoaded
-from gpu_workers import sampler_worker
+from gpu_workers import weights_fetch
 from gpu_workers.checkpoint_store import CheckpointNotFoundError, CheckpointStore
 from gpu_workers.deltas import DeltaChainError
 from gpu_workers.engine.sampler import SamplerEngine
@@ -92,9 +92,7 @@ def test_a_store_that_is_down_is_a_server_refusal_after_retries_not_a_dead_worke
     worker = SamplerWorker.__new__(SamplerWorker)  # no Kafka or PostgreSQL needed for a load
     worker.checkpoints = CheckpointStore(ObjectStore(client, "checkpoints"))
     fast = RetryPolicy(attempts=2, first_delay_s=0.01)
-    monkeypatch.setattr(
-        sampler_worker, "with_retries", functools.partial(with_retries, policy=fast)
-    )
+    monkeypatch.setattr(weights_fetch, "with_retries", functools.partial(with_retries, policy=fast))
     engine = SamplerEngine(model_dir)
     base_digest = engine.weights_version.digest
     hosted = HostedSampler(sampler_id="p1", run_id="r1", base_model="tiny", base_dir=model_dir,

@@ -1,0 +1,3 @@
+from api.gateway.app import serve
+
+serve()

@@ -1,0 +1,194 @@
+"""A deployment replica: a Ray actor hosting one sampler engine (torch, or vLLM on a GPU node)
+on the deployment's weights. The replica controller starts and stops it; the gateway calls
+`predict` on it through its actor handle.
+
+The actor is plain Python: Ray makes it remote at creation (`ray.remote(Replica).options(...)`
+in the controller), so this file has no Ray in it and unit tests can drive it directly.
+
+Secrets never cross Ray: the controller passes the non-secret settings a replica needs; the S3
+credentials come from the node's own environment (the local head's is the stack's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpu_workers.checkpoint_store import CheckpointStore
+from gpu_workers.engine.sampler import SamplerEngineProtocol, build_sampler_engine
+from gpu_workers.engine.types import InvalidInputError, SamplingParams
+from gpu_workers.models import resolve_base_model
+from gpu_workers.weights_fetch import fetch_chain
+from infra.s3 import ObjectStore
+from infra.settings import Settings
+
+log = logging.getLogger("loopstream.replica")
+
+# Settings a replica takes from its controller (where the weights are, which engine); anything
+# secret stays in the node's environment.
+PASSED_SETTINGS = (
+    "s3_endpoint",
+    "s3_secure",
+    "s3_region",
+    "checkpoint_bucket",
+    "model_root",
+    "tiny_model_name",
+    "torch_device",
+    "sampler_engine",
+    "vllm_dtype",
+    "vllm_gpu_memory_utilization",
+)
+
+
+def replica_settings(settings: Settings) -> dict[str, str]:
+    return {name: str(getattr(settings, name)) for name in PASSED_SETTINGS}
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    replica_id: str
+    deployment_id: str
+    model_id: str
+    base_model: str
+    weights_uri: str | None  # None: the base model's own weights
+    predict_concurrency: int
+    settings: dict[str, str]
+    # The share of the node's GPU this replica's engine may reserve (vLLM; from the instance type)
+    gpu_memory_utilization: float | None = None
+
+
+class ReplicaUnavailable(RuntimeError):
+    """The replica takes no new requests; the gateway retries on another."""
+
+
+class Replica:
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self.engine: SamplerEngineProtocol | None = None
+        self.started = time.monotonic()
+        self._in_flight = 0
+        self._served = 0
+        self._draining = False
+        self._lock = threading.Lock()
+
+    # --- life -------------------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """Fetch and verify the deployment's weights and start the engine on them."""
+        t0 = time.perf_counter()
+        settings = Settings(**self.spec.settings)  # type: ignore[arg-type]
+        base = resolve_base_model(settings, self.spec.base_model)
+        engine = build_sampler_engine(
+            settings,
+            base,
+            max_seq_len=None,
+            gpu_memory_utilization=self.spec.gpu_memory_utilization,
+        )
+        if self.spec.weights_uri is not None:
+            store = CheckpointStore(ObjectStore.from_settings(settings))
+            with tempfile.TemporaryDirectory(prefix="loopstream-replica-") as tmp:
+                chain = fetch_chain(store, self.spec.weights_uri, Path(tmp), serving_digest=None)
+                engine.load_chain(chain.folders, checkpoint_id=self.spec.weights_uri,
+                                  verified=True)  # fmt: skip
+        self.engine = engine
+        version = engine.weights_version
+        return {
+            "content_digest": version.digest,
+            "checkpoint_id": version.checkpoint_id,
+            "load_ms": (time.perf_counter() - t0) * 1000,
+            "pid": os.getpid(),
+            "node_ip": _node_ip(),
+        }
+
+    def ping(self) -> dict[str, Any]:
+        version = self.engine.weights_version if self.engine else None
+        return {
+            "replica_id": self.spec.replica_id,
+            "loaded": self.engine is not None,
+            "in_flight": self._in_flight,
+            "served": self._served,
+            "draining": self._draining,
+            "content_digest": version.digest if version else None,
+        }
+
+    def drain(self, timeout_s: float) -> int:
+        """Take no new requests and wait up to `timeout_s` for the ones in flight; returns how
+        many were still running when it gave up."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.engine is not None and self._in_flight == 0:
+            self.engine.close()
+        return self._in_flight
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def predict(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One generation request (already validated by the gateway's schema): a `prompt` text
+        or `prompt_tokens`, `n` samples, sampling parameters. Answers the tokens, the text and
+        the weights that produced them."""
+        if self._draining:
+            raise ReplicaUnavailable(f"replica {self.spec.replica_id} is draining")
+        engine = self.engine
+        if engine is None:
+            raise ReplicaUnavailable(f"replica {self.spec.replica_id} has not loaded its weights")
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._predict(engine, request)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._served += 1
+
+    def _predict(self, engine: SamplerEngineProtocol, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("prompt_tokens") is not None:
+            prompt = [int(t) for t in request["prompt_tokens"]]
+        else:
+            text = request.get("prompt") or ""
+            prompt = engine.tokenizer.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+            if not prompt:
+                raise InvalidInputError("prompt", "must encode to at least one token")
+        params = SamplingParams(
+            max_tokens=request.get("max_tokens", 16),
+            temperature=request.get("temperature", 1.0),
+            top_p=request.get("top_p", 1.0),
+            top_k=request.get("top_k", -1),
+            seed=request.get("seed"),
+            stop=request.get("stop") or None,
+        )
+        t0 = time.perf_counter()
+        sequences = engine.sample(prompt, request.get("n", 1), params)
+        version = sequences[0].weights_version or engine.weights_version
+        return {
+            "choices": [
+                {
+                    "index": i,
+                    "text": seq.text,
+                    "tokens": seq.tokens,
+                    "logprobs": seq.logprobs if request.get("logprobs") else None,
+                    "finish_reason": seq.stop_reason,
+                }
+                for i, seq in enumerate(sequences)
+            ],
+            "prompt_tokens": len(prompt),
+            "completion_tokens": sum(len(s.tokens) for s in sequences),
+            "weights": {"checkpoint_id": version.checkpoint_id, "digest": version.digest},
+            "replica_id": self.spec.replica_id,
+            "compute_ms": (time.perf_counter() - t0) * 1000,
+        }
+
+
+def _node_ip() -> str | None:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
