@@ -17,6 +17,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,8 @@ class Replica:
     def predict(self, request: dict[str, Any]) -> dict[str, Any]:
         """One generation request (already validated by the gateway's schema): a `prompt` text
         or `prompt_tokens`, `n` samples, sampling parameters. Answers the tokens, the text and
-        the weights that produced them."""
+        the weights that produced them; with `"pieces": true`, also each token's share of the
+        text (`token_pieces`), for the gateway's OpenAI routes (streaming, logprobs' tokens)."""
         if self._draining:
             raise ReplicaUnavailable(f"replica {self.spec.replica_id} is draining")
         engine = self.engine
@@ -168,6 +170,8 @@ class Replica:
         t0 = time.perf_counter()
         sequences = engine.sample(prompt, request.get("n", 1), params)
         version = sequences[0].weights_version or engine.weights_version
+        decode = engine.tokenizer.decode  # type: ignore[attr-defined]
+        pieces = request.get("pieces") is True
         return {
             "choices": [
                 {
@@ -176,6 +180,7 @@ class Replica:
                     "tokens": seq.tokens,
                     "logprobs": seq.logprobs if request.get("logprobs") else None,
                     "finish_reason": seq.stop_reason,
+                    **({"pieces": token_pieces(decode, seq.tokens)} if pieces else {}),
                 }
                 for i, seq in enumerate(sequences)
             ],
@@ -185,6 +190,30 @@ class Replica:
             "replica_id": self.spec.replica_id,
             "compute_ms": (time.perf_counter() - t0) * 1000,
         }
+
+
+def token_pieces(decode: Callable[..., str], tokens: list[int], *, context: int = 6) -> list[str]:
+    """Each generated token's share of the decoded text, (N,) strings whose concatenation is
+    `decode(tokens)` for the tokenizers loopstream serves (byte-level and SentencePiece), so a
+    caller can stream or label text token by token without a tokenizer of its own.
+
+    A token that ends inside a multi-byte character gets "" and the token that completes the
+    character carries all of it. Each piece is decoded with up to `context` settled tokens before
+    it (a SentencePiece token decoded alone loses its leading space), so this is O(N * context),
+    not the O(N^2) of decoding every prefix.
+    """
+    pieces: list[str] = []
+    settled = 0  # tokens[:settled] have their text in `pieces`
+    for end in range(1, len(tokens) + 1):
+        start = max(0, settled - context)
+        before = decode(tokens[start:settled], skip_special_tokens=True)
+        text = decode(tokens[start:end], skip_special_tokens=True)
+        if (text.endswith("\ufffd") and end < len(tokens)) or not text.startswith(before):
+            pieces.append("")  # an unfinished character (or a merge that rewrote the context)
+            continue
+        pieces.append(text[len(before) :])
+        settled = end
+    return pieces
 
 
 def _node_ip() -> str | None:
