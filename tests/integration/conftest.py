@@ -39,12 +39,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def services(settings: Settings) -> Iterator[Settings]:
     """loopstream's own processes (processor, projections, workers, API) for end-to-end tests.
 
-    Started here when not running, and then stopped at the end; left alone when they were.
+    Started here when none was running, and then stopped at the end; left running when any
+    was (a missing one is started: someone restarting one service must not lose the rest).
     """
     from api.bootstrap import ensure_default_key
     from infra.services import services_down, services_status, services_up
 
-    started_here = not all(services_status(settings).values())
+    started_here = not any(services_status(settings).values())
     services_up(settings)
     ensure_default_key(settings)
     yield settings
