@@ -142,6 +142,9 @@ def create_gateway_app(
     app.add_middleware(InputBoundary, max_body_bytes=api_settings.api_max_body_bytes)
     app.add_middleware(HostRouting)
     app.include_router(router)
+    from api.gateway.openai_routes import router as openai_router  # imports this module
+
+    app.include_router(openai_router)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
