@@ -135,6 +135,8 @@ class ReplicaController:
         traffic = self.settings.topic("deployment-traffic")
         partitions = self.consumer.assignment()
         count = len(self.consumer.list_topics(traffic, timeout=10).topics[traffic].partitions)
+        if count == 0:  # without it no request could ever scale a deployment from zero
+            raise RuntimeError(f"topic {traffic} is missing: `loopstream stack up` provisions it")
         self.consumer.incremental_assign(
             [TopicPartition(traffic, p, OFFSET_END) for p in range(count)]
         )
@@ -254,7 +256,8 @@ class ReplicaController:
         deployment_id = record["deployment_id"]
         if not isinstance(deployment_id, str):
             raise ValueError("deployment_id: must be a string")
-        if record.get("requests", 0) or record.get("parked", 0) or record.get("in_flight", 0):
+        counts = ("requests", "parked", "in_flight", "queued", "ongoing")
+        if any(record.get(name, 0) for name in counts):
             at = datetime.fromisoformat(record["at"])
             if at.tzinfo is None:
                 raise ValueError("at: must carry a time zone")

@@ -228,8 +228,16 @@ async def call_replica(
                 if isinstance(cause, InvalidInputError):
                     code = 400
                     raise ApiError(400, str(cause), field=cause.field) from None
-                if isinstance(cause, ReplicaUnavailable) and attempt == 1:
-                    continue
+                if isinstance(cause, ReplicaUnavailable):
+                    # Draining (deactivated, scaled down): route around it, once.
+                    dead = True
+                    if attempt == 1:
+                        continue
+                    code = 503
+                    raise ApiError(
+                        status.HTTP_503_SERVICE_UNAVAILABLE,
+                        f"replica {slot.replica_id} stopped taking requests: {cause}; retry later",
+                    ) from None
                 code = 500
                 raise ApiError(500, f"replica {slot.replica_id} failed: {cause}") from None
             except (RayActorError, ray.exceptions.ActorDiedError) as exc:

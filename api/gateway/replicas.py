@@ -129,6 +129,22 @@ class ReplicaPool:
         assert self._changed is not None, "start() first"
         deadline = time.monotonic() + wait_s
         waiting = self.waiting[deployment_id]
+        # Counted as waiting from the start: the traffic record of a parked request (sent at
+        # once, below) must already include it, and async requests yield to it.
+        if priority == "sync":
+            waiting.sync += 1
+        else:
+            waiting.async_ += 1
+        try:
+            return await self._acquire(deployment_id, deadline, priority)
+        finally:
+            if priority == "sync":
+                waiting.sync -= 1
+            else:
+                waiting.async_ -= 1
+
+    async def _acquire(self, deployment_id: str, deadline: float, priority: Priority) -> Slot:
+        assert self._changed is not None
         parked_reported = False
         while True:
             slot = self._free_slot(deployment_id, priority)
@@ -148,23 +164,15 @@ class ReplicaPool:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NoReplica(deployment_id)
-            if priority == "sync":
-                waiting.sync += 1
-            else:
-                waiting.async_ += 1
             try:
                 async with self._changed:
                     await asyncio.wait_for(self._changed.wait(), timeout=min(left, 1.0))
             except TimeoutError:
                 pass
-            finally:
-                if priority == "sync":
-                    waiting.sync -= 1
-                else:
-                    waiting.async_ -= 1
 
     def _free_slot(self, deployment_id: str, priority: Priority) -> Slot | None:
         if priority == "async" and self.waiting[deployment_id].sync > 0:
+            # A sync request waits for a slot of this deployment: it goes first.
             return None
         candidates = [
             s

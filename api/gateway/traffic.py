@@ -7,7 +7,7 @@ no replica, so a cold start begins without waiting for the next flush.
 
 Record (JSON, keyed by deployment id; schema in docs/schemas/deployment-traffic.json):
     {"deployment_id", "model_id", "workspace_id", "gateway_id", "at" (ISO 8601, UTC),
-     "window_s", "requests", "errors", "parked", "in_flight", "queued",
+     "window_s", "requests", "errors", "parked", "in_flight", "queued", "ongoing",
      "latency_ms_sum", "latency_ms_max"}
 """
 
@@ -51,7 +51,8 @@ class TrafficRecorder:
         # deployment -> live counts, read at flush time from the replica pool
         self._in_flight, self._queued, self._parked = in_flight, queued, parked
         self._windows: dict[str, _Window] = defaultdict(_Window)
-        self._active: dict[str, tuple[str, str]] = {}  # deployments with anything in flight
+        # deployment -> (model, workspace, requests in the gateway now: waiting or at a replica)
+        self._active: dict[str, tuple[str, str, int]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -91,16 +92,24 @@ class TrafficRecorder:
 
     def begin(self, deployment_id: str, model_id: str, workspace_id: str) -> None:
         with self._lock:
-            self._active[deployment_id] = (model_id, workspace_id)
+            _, _, ongoing = self._active.get(deployment_id, ("", "", 0))
+            self._active[deployment_id] = (model_id, workspace_id, ongoing + 1)
 
     def finished(
         self, deployment_id: str, *, route: str, status: int, seconds: float, counted: bool = True
     ) -> None:
         self.requests.labels(deployment_id, route, str(status)).inc()
         self.latency.labels(deployment_id, route).observe(seconds)
-        if not counted:
-            return
         with self._lock:
+            model_id, workspace_id, ongoing = self._active.get(deployment_id, ("", "", 1))
+            if ongoing <= 1:
+                self._active.pop(deployment_id, None)
+            else:
+                self._active[deployment_id] = (model_id, workspace_id, ongoing - 1)
+            if not counted:
+                return
+            self._windows[deployment_id].model_id = model_id
+            self._windows[deployment_id].workspace_id = workspace_id
             window = self._windows[deployment_id]
             window.requests += 1
             window.errors += status >= 500
@@ -140,11 +149,10 @@ class TrafficRecorder:
             self.in_flight_gauge.labels(deployment_id).set(in_flight)
             self.queue_gauge.labels(deployment_id).set(queued)
             window = windows.get(deployment_id, _Window())
-            model_id, workspace_id = active.get(deployment_id, ("", ""))
-            if not (window.requests or in_flight or queued):
-                with self._lock:
-                    if self._active.get(deployment_id) and not in_flight and not queued:
-                        self._active.pop(deployment_id, None)
+            model_id, workspace_id, ongoing = active.get(
+                deployment_id, (window.model_id, window.workspace_id, 0)
+            )
+            if not (window.requests or ongoing or in_flight or queued):
                 continue
             record = {
                 "deployment_id": deployment_id,
@@ -158,6 +166,7 @@ class TrafficRecorder:
                 "parked": parked,
                 "in_flight": in_flight,
                 "queued": queued,
+                "ongoing": ongoing,
                 "latency_ms_sum": round(window.latency_ms_sum, 3),
                 "latency_ms_max": round(window.latency_ms_max, 3),
             }
