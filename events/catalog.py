@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from events.access import ACCESS_EVENTS
+from events.async_requests import ASYNC_REQUEST_EVENTS
 from events.deployments import DEPLOYMENT_EVENTS
 from events.envelope import EventEnvelope
 from events.loops import LOOPS_EVENTS, DomainEvent
@@ -72,7 +73,13 @@ class EventCatalog:
 
 
 CATALOG = EventCatalog(
-    LOOPS_EVENTS + WORK_EVENTS + ACCESS_EVENTS + SECRETS_EVENTS + DEPLOYMENT_EVENTS + REPLICA_EVENTS
+    LOOPS_EVENTS
+    + WORK_EVENTS
+    + ACCESS_EVENTS
+    + SECRETS_EVENTS
+    + DEPLOYMENT_EVENTS
+    + REPLICA_EVENTS
+    + ASYNC_REQUEST_EVENTS
 )
 
 

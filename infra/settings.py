@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     gateway_port: int = 18100
     # How long a request to a deployment with no ready replica is parked before a 503.
     gateway_cold_start_wait_s: float = Field(default=120.0, gt=0, le=3600)
+    # Async predict (api/gateway/async_requests.py, docs/async.md): requests each gateway's
+    # worker runs at once (each still waits for a replica slot behind sync requests), webhook
+    # attempts in all (first + retries), the wait before the first retry (doubled each time),
+    # and one attempt's HTTP timeout.
+    gateway_async_concurrency: int = Field(default=8, ge=1, le=256)
+    gateway_webhook_attempts: int = Field(default=3, ge=1, le=20)
+    gateway_webhook_backoff_s: float = Field(default=1.0, ge=0, le=600)
+    gateway_webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # A deployment with min_replica 0 keeps its last replica this long after its last request
     # (the seed's scale_down_delay default, 900 s).
     replica_idle_scale_down_s: float = Field(default=900.0, ge=0)

@@ -85,6 +85,20 @@ CATALOG: tuple[TopicSpec, ...] = (
         "demand signal and the autoscaler's input",
     ),
     TopicSpec(
+        "async-requests",
+        partitions=3,
+        retention_ms=3 * DAY_MS,  # past the longest max_time_in_queue_seconds (20 h)
+        purpose="the gateway's async predict queue: one record per accepted request (with its "
+        "input), keyed by deployment id; consumed by the gateways' async workers, whose "
+        "group offset moves only past finished requests",
+    ),
+    TopicSpec(
+        "async-requests.dlq",
+        partitions=1,
+        retention_ms=30 * DAY_MS,
+        purpose="async-requests records the gateway's worker could not read, with the reason",
+    ),
+    TopicSpec(
         "commands.dlq",
         partitions=1,
         retention_ms=30 * DAY_MS,

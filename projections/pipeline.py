@@ -22,6 +22,7 @@ from events.catalog import CATALOG, UnknownEventType, UnsupportedSchemaVersion
 from events.envelope import EventEnvelope
 from events.loops import DomainEvent
 from projections.access import project_access_event
+from projections.async_requests import project_async_request_event
 from projections.deployments import project_deployment_event
 from projections.loops import event_log_row, project_event, project_result
 from projections.rows import RowChange
@@ -138,6 +139,7 @@ def _project_event_record(record: SourceRecord) -> Projected | DeadLetter:
         *project_event(envelope, event),
         *project_access_event(event, envelope),
         *project_deployment_event(event, envelope),
+        *project_async_request_event(event, envelope),
     )
     return Projected(record, changes)
 
@@ -201,6 +203,7 @@ def _project_event_record_checked(record: SourceRecord) -> Projected | DeadLette
         *project_event(envelope, event),
         *project_access_event(event, envelope),
         *project_deployment_event(event, envelope),
+        *project_async_request_event(event, envelope),
     )
     return Projected(record, changes)
 

@@ -26,6 +26,7 @@ from sqlalchemy.exc import StatementError
 
 from infra.settings import checked_identifier
 from projections.access import ACCESS_TABLES
+from projections.async_requests import ASYNC_REQUEST_TABLES
 from projections.deployments import DEPLOYMENT_TABLES, REPLICA_TABLES
 from projections.failures import failures_of, record_failures
 from projections.loops import TABLES
@@ -40,6 +41,7 @@ READ_MODEL_TABLES: Mapping[str, TableSpec] = {
     **ACCESS_TABLES,
     **DEPLOYMENT_TABLES,
     **REPLICA_TABLES,
+    **ASYNC_REQUEST_TABLES,
 }
 
 # What PostgreSQL says about a row it will not take, every time (as opposed to a lost connection,

@@ -7,6 +7,9 @@ a `Host: model-{model_id}.<anything>` header with the seed's bare paths works to
 
     POST /model/{model_id}/deployment/{deployment_id}/predict
     POST /model/{model_id}/development/predict
+    POST /model/{model_id}/deployment/{deployment_id}/async_predict  (async_requests.py)
+    POST /model/{model_id}/development/async_predict
+    GET  /async_request/{request_id}
     GET  /metrics                                   Prometheus, no key needed (loopback)
 
 Keys are the workspace API keys of the Loops API (`Authorization: Api-Key <key>`, or `Bearer`
@@ -35,6 +38,8 @@ from api.config import ApiSettings, get_api_settings, refuse_public_defaults
 from api.deploy_queries import DeploymentReadDep, DeploymentReads
 from api.deps import AppState
 from api.errors import ApiError, install_error_handlers, not_found
+from api.gateway.async_requests import AsyncWorker
+from api.gateway.async_requests import router as async_router
 from api.gateway.models import PredictInput, PredictOutput
 from api.gateway.replicas import NoReplica, ReplicaPool, Slot
 from api.gateway.traffic import TrafficRecorder
@@ -125,7 +130,9 @@ def create_gateway_app(
         await asyncio.to_thread(connect_ray, settings)
         await gateway.pool.start()
         gateway.traffic.start()
+        await async_worker.start()
         yield
+        await async_worker.stop()
         await gateway.pool.stop()
         gateway.traffic.stop()
 
@@ -138,10 +145,12 @@ def create_gateway_app(
     )
     app.state.loopstream = loops_state
     app.state.gateway = gateway
+    app.state.async_worker = async_worker = AsyncWorker(app, settings)
     install_error_handlers(app)
     app.add_middleware(InputBoundary, max_body_bytes=api_settings.api_max_body_bytes)
     app.add_middleware(HostRouting)
     app.include_router(router)
+    app.include_router(async_router)
     from api.gateway.openai_routes import router as openai_router  # imports this module
 
     app.include_router(openai_router)
