@@ -18,7 +18,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        # Ray's log record factory stamps every record with `_ray_timestamp_ns`: not ours.
+        entry.update({k: v for k, v in vars(record).items()
+                      if k not in _STANDARD and not k.startswith("_ray")})  # fmt: skip
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
