@@ -362,12 +362,18 @@ def _choose(
         # Everything below the k-th largest logit is out before the softmax (ties stay in).
         kth_N_1 = logits_N_V.topk(params.top_k, dim=-1).values[:, -1:]
         logits_N_V = logits_N_V.masked_fill(logits_N_V < kth_N_1, float("-inf"))
-    probs_N_V = torch.softmax(logits_N_V / params.temperature, dim=-1)
+    # Shifted so the top logit is 0 and divided in float64: a tiny temperature (1e-300) is
+    # 0 as a float32 and overflowed to inf/NaN; this way it tends to greedy, as it should.
+    shifted_N_V = (logits_N_V - logits_N_V.amax(dim=-1, keepdim=True)).double()
+    probs_N_V = torch.softmax(shifted_N_V / params.temperature, dim=-1).to(logits_N_V.dtype)
     if params.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        # Keep the smallest set of most likely tokens whose mass reaches top_p; the most likely
+        # one always stays (a top_p below float32's resolution compares as 0).
         sorted_N_V, order_N_V = probs_N_V.sort(dim=-1, descending=True)
         mass_before_N_V = sorted_N_V.cumsum(dim=-1) - sorted_N_V
-        sorted_N_V = sorted_N_V.masked_fill(mass_before_N_V >= params.top_p, 0.0)
+        cut_N_V = mass_before_N_V >= params.top_p
+        cut_N_V[:, 0] = False
+        sorted_N_V = sorted_N_V.masked_fill(cut_N_V, 0.0)
         probs_N_V = torch.zeros_like(probs_N_V).scatter(-1, order_N_V, sorted_N_V)
     picks = [
         torch.multinomial(probs_N_V[i], 1, generator=gen) for i, gen in enumerate(gens)

@@ -65,6 +65,11 @@ class InvalidInputError(ValueError):
         self.field = field
         self.reason = message
 
+    def __reduce__(self) -> tuple[type[InvalidInputError], tuple[str, str]]:
+        # Pickled with both arguments: the default rebuilds from `args` (the one joined message)
+        # and fails, so a refusal raised in a Ray actor reached its caller as a 500.
+        return (type(self), (self.field, self.reason))
+
 
 @dataclass(frozen=True)
 class Datum:

@@ -89,6 +89,20 @@ def test_temperature_zero_and_tiny_top_p_are_greedy(model_dir: Path) -> None:
     assert greedy[0].tokens == greedy[1].tokens == nucleus[0].tokens == argmax
 
 
+def test_temperature_and_top_p_below_float32_resolution_sample_greedily(
+    model_dir: Path,
+) -> None:
+    # 1e-300 is 0 as a float32: the division overflowed to NaN and the replica answered a 500.
+    sampler = SamplerEngine(model_dir)
+    prompt = [BOS_ID, *b"abc"]
+
+    greedy = sampler.sample(prompt, 1, SamplingParams(max_tokens=6, temperature=0.0))
+    cold = sampler.sample(prompt, 1, SamplingParams(max_tokens=6, temperature=1e-300, seed=1))
+    narrow = sampler.sample(prompt, 1, SamplingParams(max_tokens=6, top_p=5e-324, seed=1))
+
+    assert cold[0].tokens == narrow[0].tokens == greedy[0].tokens
+
+
 def test_stop_token_ids_end_a_sequence_and_are_kept(model_dir: Path) -> None:
     sampler = SamplerEngine(model_dir)
     free = sampler.sample([BOS_ID], 1, SamplingParams(max_tokens=30, seed=9, stop_at_eos=False))[0]

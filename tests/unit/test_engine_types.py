@@ -129,3 +129,13 @@ def test_manifest_catches_changed_missing_and_extra_files(tmp_path: Path) -> Non
     (tmp_path / "sub" / "b.json").unlink()
     with pytest.raises(ChecksumMismatchError, match="missing"):
         verify_folder(tmp_path)
+
+
+def test_invalid_input_error_survives_pickling_with_its_field() -> None:
+    # Ray pickles an actor's exception for its caller; unpicklable, the gateway saw a 500.
+    import pickle
+
+    err = pickle.loads(pickle.dumps(InvalidInputError("prompt_tokens[0]", "out of vocabulary")))
+
+    assert (err.field, err.reason) == ("prompt_tokens[0]", "out of vocabulary")
+    assert str(err) == "prompt_tokens[0]: out of vocabulary"
