@@ -87,3 +87,27 @@ def training_client(service_client: Any) -> Any:
     return service_client.create_lora_training_client(
         base_model="loopstream/tiny-llama", rank=0
     ).result()
+
+
+@pytest.fixture(scope="session")
+def served_model(services: Settings) -> Iterator[dict[str, Any]]:
+    """One deployment of the tiny base model with one replica, shared by the gateway's test
+    files (OpenAI routes, async, hostile input) of a pytest process: every replica is a process
+    that imports torch (~10 s of CPU here). Tests that change a deployment's state (deactivate,
+    kill its replica) make their own. Deleted at the end, so its replica stops."""
+    import uuid
+
+    from api.client import ServiceClient
+    from api.deploy_client import DeploymentsClient
+
+    with ServiceClient() as service:
+        deployments = DeploymentsClient(service)
+        model = deployments.create_model(
+            base_model="loopstream/tiny-llama",
+            name=f"served-{uuid.uuid4().hex[:8]}",
+            deployment={"min_replica": 1, "max_replica": 1},
+        ).result(60)
+        try:
+            yield model
+        finally:
+            deployments.delete(model["model_id"], model["deployment_id"]).result(60)

@@ -9,7 +9,6 @@ here); the deactivation test runs last and the deployment is deleted at the end.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,20 +35,12 @@ def deployments(services: Settings) -> Iterator[DeploymentsClient]:
 
 
 @pytest.fixture(scope="module")
-def deployed(deployments: DeploymentsClient) -> Iterator[Json]:
-    model = deployments.create_model(
-        base_model="loopstream/tiny-llama",
-        name=f"openai-{uuid.uuid4().hex[:8]}",
-        deployment={"min_replica": 1, "max_replica": 1},
-    ).result(60)
-    model_id, deployment_id = model["model_id"], model["deployment_id"]
-    try:
-        yield {
-            **deployments.get_deployment(model_id, deployment_id),
-            "name": f"{model_id}/{deployment_id}",
-        }
-    finally:
-        deployments.delete(model_id, deployment_id).result(60)
+def deployed(deployments: DeploymentsClient, served_model: Json) -> Json:
+    model_id, deployment_id = served_model["model_id"], served_model["deployment_id"]
+    return {
+        **deployments.get_deployment(model_id, deployment_id),
+        "name": f"{model_id}/{deployment_id}",
+    }
 
 
 def client_for(settings: Settings, api_key: str, *, path: str = "/v1") -> openai.OpenAI:
@@ -180,11 +171,16 @@ def test_another_workspaces_model_is_not_found(
 def test_a_deactivated_deployment_is_not_found(
     client: openai.OpenAI, deployments: DeploymentsClient, deployed: Json
 ) -> None:
-    deployments.deactivate(deployed["model_id"], deployed["deployment_id"]).result(60)
-    # The gateway reuses a deployment's row for DEPLOYMENT_CACHE_S; a request inside that window
-    # would meet the draining replica (see the report on call_replica's retry), so wait it out.
-    time.sleep(DEPLOYMENT_CACHE_S + 0.1)
-
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.completions.create(model=deployed["name"], prompt="hi", max_tokens=1)
-    assert "deactivated" in str(missing.value)
+    # Another deployment of the same model, never started (min_replica 0): deactivating it
+    # costs no replica, and the shared one keeps serving the other test files.
+    other = deployments.create_deployment(deployed["model_id"], name="to-deactivate").result(60)
+    deployments.deactivate(deployed["model_id"], other["deployment_id"]).result(60)
+    time.sleep(DEPLOYMENT_CACHE_S + 0.1)  # the gateway reuses a deployment's row this long
+    try:
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.completions.create(
+                model=f"{deployed['model_id']}/{other['deployment_id']}", prompt="hi", max_tokens=1
+            )
+        assert "deactivated" in str(missing.value)
+    finally:
+        deployments.delete(deployed["model_id"], other["deployment_id"]).result(60)
