@@ -24,7 +24,6 @@ requests refused.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 import traceback
@@ -64,6 +63,7 @@ from gpu_workers.manifest import ChecksumMismatchError
 from gpu_workers.models import UnknownBaseModel, resolve_base_model
 from gpu_workers.read_models import ReadModelConnection
 from gpu_workers.service import WorkDone, WorkerService, WorkRejected
+from gpu_workers.warmup import WarmupError, warm_up
 from gpu_workers.weights_fetch import FetchedChain, fetch_chain
 from infra.s3 import ObjectStore
 from infra.settings import Settings
@@ -79,9 +79,6 @@ HOSTING_GRACE_S = 60.0
 # partition over; older ones wait for their first request.
 UNHOSTED_RECENT_S = 600
 HOSTING_RETRY_S = 0.05
-# Warmup: one short generation on the new weights; a retry waits a little longer each time.
-WARMUP_PROMPT = "warmup"
-WARMUP_BACKOFF_S = 0.05
 # Stopped samplers remembered so a request racing the read model is refused, not served by a
 # fresh engine; bounded, so memory does not grow with every sampler that ever ended.
 REMEMBERED_STOPS = 4096
@@ -162,10 +159,6 @@ class HotloadError(Exception):
         self.reason = reason
         self.events = events
         self.category = category
-
-
-class WarmupError(Exception):
-    """The new weights do not generate: every warmup attempt raised or gave non-finite logprobs."""
 
 
 class SamplerWorker(WorkerService):
@@ -365,7 +358,7 @@ class SamplerWorker(WorkerService):
         attempts, warmup_ms = 0, None
         if ready.warmup:
             try:
-                attempts, warmup_ms = _warm_up(hosted.engine, ready.warmup_max_retries)
+                attempts, warmup_ms = warm_up(hosted.engine, ready.warmup_max_retries)
             except WarmupError as exc:
                 reason = f"WarmupError: {exc}"
                 self._roll_back(hosted, before)
@@ -803,26 +796,6 @@ class SamplerWorker(WorkerService):
 
 # The sampler events that tell what earlier hosts did with its syncs.
 _HOST_EVENTS = frozenset({"WeightsLoaded", "HotloadFailed"})
-
-
-def _warm_up(engine: SamplerEngineProtocol, max_retries: int) -> tuple[int, float]:
-    """One short generation on the new weights, retried up to `max_retries` times. Returns
-    (attempts, ms); raises WarmupError when none gives finite logprobs."""
-    prompt = engine.tokenizer.encode(WARMUP_PROMPT, add_special_tokens=False) or [0]
-    params = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
-    t0 = time.perf_counter()
-    last = ""
-    for attempt in range(1, max_retries + 2):
-        try:
-            (sequence,) = engine.sample(prompt, 1, params)
-            if all(math.isfinite(lp) for lp in sequence.logprobs):
-                return attempt, (time.perf_counter() - t0) * 1000
-            last = f"non-finite logprobs {sequence.logprobs}"
-        except Exception as exc:  # what a broken engine or weights raise is not ours to list
-            last = f"{type(exc).__name__}: {exc}"
-        if attempt <= max_retries:
-            time.sleep(WARMUP_BACKOFF_S * attempt)
-    raise WarmupError(f"no warmup generation in {max_retries + 1} attempts; last: {last}")
 
 
 def _prompt_outputs(request: Sample, scores: PromptScores, first: int) -> dict[str, Any]:
