@@ -102,3 +102,30 @@ class DeploymentsClient:
             body["name"] = name
         path = f"/v1/models/{model_id}/deployments/{deployment_id}/resources"
         return self._write("PATCH", path, body)
+
+    # --- weights (seed 002's weight sync into a deployment) --------------------------------------
+
+    def update_weights(
+        self,
+        model_id: str,
+        deployment_id: str,
+        checkpoint_uri: str,
+        *,
+        warmup: bool = True,
+        warmup_max_retries: int = 10,
+        reset_prompt_cache: bool = True,
+    ) -> APIFuture[Json]:
+        """Hot-load a sampler_weights checkpoint (a base, or a delta onto what the replicas
+        serve) into the deployment's replicas. The future is done once the update is recorded;
+        follow the replicas with `get_weights`."""
+        body = {"checkpoint_uri": checkpoint_uri, "warmup": warmup,
+                "warmup_max_retries": warmup_max_retries,
+                "reset_prompt_cache": reset_prompt_cache}  # fmt: skip
+        path = f"/v1/models/{model_id}/deployments/{deployment_id}/weights"
+        return self._write("POST", path, body)
+
+    def get_weights(self, model_id: str, deployment_id: str) -> Json:
+        """The target weights and every live replica's served version, digest and last
+        hotload (`ready`, `synced`)."""
+        path = f"/v1/models/{model_id}/deployments/{deployment_id}/weights"
+        return self.http.request("GET", path)

@@ -60,6 +60,21 @@ class DeploymentResourcesChange(BaseModel):
     request_id: RequestKey | None = REQUEST_ID
 
 
+class DeploymentWeightsUpdate(BaseModel):
+    """Seed 002's weight sync into a deployment: a sampler_weights checkpoint (a base, or a delta
+    onto what the replicas serve) and what the replicas do around the swap."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    checkpoint_uri: CheckpointUri = Field(
+        description="bt://loops:<run_id>/sampler_weights/<name>, the workspace's or published"
+    )
+    warmup: bool = Field(default=True, description="a warmup generation after the swap")
+    warmup_max_retries: int = Field(default=10, ge=0, le=100)
+    reset_prompt_cache: bool = Field(default=True, description="drop prompts cached before")
+    request_id: RequestKey | None = REQUEST_ID
+
+
 class Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -132,3 +147,46 @@ class DeploymentAccepted(BaseModel):
     deployment_id: str
     copied_from: str | None = None
     request_id: str
+
+
+class DeploymentWeightsAccepted(BaseModel):
+    model_id: str
+    deployment_id: str
+    checkpoint_uri: str
+    request_id: str
+
+
+class TargetWeightsPublic(BaseModel):
+    weights_version: int = Field(description="0: the model's own weights; then 1, 2, 3...")
+    checkpoint_uri: str | None
+    content_digest: str | None
+    checkpoint_type: str | None
+    updated_at: datetime | None
+
+
+class ReplicaWeightsPublic(Public):
+    replica_id: str
+    status: str = Field(description="REQUESTED, STARTING, READY or DRAINING")
+    weights_version: int = Field(description="the deployment weights version it serves")
+    content_digest: str | None = Field(description="the digest it serves (once READY)")
+    checkpoint_id: str | None
+    hotload_status: str | None = Field(description="its last hotload: LOADING, LOADED, FAILED")
+    hotload_weights_version: int | None
+    hotload_reason: str | None
+    hotload_fetch_ms: float | None
+    hotload_apply_ms: float | None
+    hotload_warmup_ms: float | None
+    hotloaded_at: datetime | None
+
+
+class DeploymentWeightsPublic(BaseModel):
+    """`check_deployment_state` for a deployment: the target and what every replica serves."""
+
+    model_id: str
+    deployment_id: str
+    status: str
+    version: int = Field(description="the model's event sequence this answer reflects")
+    target: TargetWeightsPublic
+    replicas: list[ReplicaWeightsPublic]
+    ready: bool = Field(description="some replica is READY")
+    synced: bool = Field(description="every READY replica serves the target version")

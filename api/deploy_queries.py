@@ -58,6 +58,16 @@ class DeploymentReads(ReadModels):
             ws=workspace,
         )
 
+    def live_replicas(self, deployment_id: str, *, workspace: str) -> list[Row]:
+        """The deployment's replicas that are starting, serving or draining, oldest first."""
+        return self._all(
+            "select * from {s}.replicas where deployment_id = :id and workspace_id = :ws "
+            "and status in ('REQUESTED', 'STARTING', 'READY', 'DRAINING') "
+            "order by requested_at, replica_id",
+            id=deployment_id,
+            ws=workspace,
+        )
+
     def development_deployment(self, model_id: str, *, workspace: str) -> Row | None:
         return self._one(
             f"select * from {{s}}.deployments d where d.model_id = :model "

@@ -44,6 +44,7 @@ from events.deployments import (
     DeploymentDeactivated,
     DeploymentDeleted,
     DeploymentKind,
+    DeploymentWeightsUpdated,
     DevelopmentDeploymentOverwritten,
     ModelCreated,
     ModelSource,
@@ -147,6 +148,25 @@ class DeleteDeployment(Command):
     deployment_id: str = Field(pattern=RESOURCE_ID)
 
 
+class UpdateDeploymentWeights(Command):
+    """Seed 002's weight sync into a deployment: its replicas hot-load a sampler_weights
+    checkpoint (a base, or a delta onto what they serve) and warm up on it.
+
+    Facts about the checkpoint (type, chain position, digest, the base model its run trains)
+    come in with the command, read by the API from the checkpoint's read model (the caller's
+    workspace's, or a published one)."""
+
+    deployment_id: str = Field(pattern=RESOURCE_ID)
+    checkpoint_uri: str = Field(max_length=300, description="bt://loops:<run>/sampler_weights/<n>")
+    checkpoint_type: CheckpointType
+    chain_position: int = Field(ge=0, le=2**31 - 1)
+    content_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    base_model: ShortText = Field(description="the base model the checkpoint's run trains")
+    warmup: bool = Field(default=True, description="a warmup generation after the swap")
+    warmup_max_retries: int = Field(default=10, ge=0, le=100)
+    reset_prompt_cache: bool = Field(default=True, description="drop prompts cached before")
+
+
 COMMANDS: tuple[type[Command], ...] = (
     CreateModel,
     CreateDeployment,
@@ -154,6 +174,7 @@ COMMANDS: tuple[type[Command], ...] = (
     ActivateDeployment,
     DeactivateDeployment,
     DeleteDeployment,
+    UpdateDeploymentWeights,
 )
 
 
@@ -171,6 +192,7 @@ class DeploymentState:
     min_replica: int
     max_replica: int
     copied_from: str | None = None
+    weights_version: int = 0  # of the last DeploymentWeightsUpdated (0: the model's weights)
 
 
 def _frozen_map() -> MappingProxyType:
@@ -466,6 +488,46 @@ def _(command: DeleteDeployment, state: ModelState) -> list[DomainEvent]:
     return [DeploymentDeleted(model_id=state.model_id, deployment_id=deployment.deployment_id)]
 
 
+@_decide.register
+def _(command: UpdateDeploymentWeights, state: ModelState) -> list[DomainEvent]:
+    deployment = _live_deployment(state, command.deployment_id)
+    uri = command.checkpoint_uri
+    match = CHECKPOINT_URI.match(uri)
+    if match is None:
+        raise Rejected(
+            "checkpoint_uri must look like bt://loops:<run_id>/sampler_weights/<name>",
+            field="checkpoint_uri",
+        )
+    if match["kind"] != "sampler_weights":
+        raise Rejected(
+            f"{uri} is a trainer (weights) checkpoint; sync a sampler_weights checkpoint",
+            field="checkpoint_uri",
+        )
+    if command.base_model != state.base_model:
+        raise Rejected(
+            f"{uri} holds weights for {command.base_model!r}; model {state.model_id} serves "
+            f"{state.base_model!r}",
+            field="checkpoint_uri",
+        )
+    # Unlike creating a model, a delta is allowed: the seed's syncer sends a base, then deltas
+    # onto it. Whether it chains onto what the replicas serve only the replicas can tell (they
+    # verify every link's digest before touching a weight, and refuse otherwise).
+    return [
+        DeploymentWeightsUpdated(
+            model_id=state.model_id,
+            deployment_id=deployment.deployment_id,
+            checkpoint_uri=uri,
+            content_digest=command.content_digest,
+            checkpoint_type=command.checkpoint_type,
+            chain_position=command.chain_position,
+            weights_version=deployment.weights_version + 1,
+            warmup=command.warmup,
+            warmup_max_retries=command.warmup_max_retries,
+            reset_prompt_cache=command.reset_prompt_cache,
+        )
+    ]
+
+
 # --- evolve ----------------------------------------------------------------------------------
 
 
@@ -540,3 +602,8 @@ def _(event: DeploymentDeactivated, state: ModelState) -> ModelState:
 @_evolve.register
 def _(event: DeploymentDeleted, state: ModelState) -> ModelState:
     return _change(state, event.deployment_id, status="DELETED")
+
+
+@_evolve.register
+def _(event: DeploymentWeightsUpdated, state: ModelState) -> ModelState:
+    return _change(state, event.deployment_id, weights_version=event.weights_version)

@@ -93,6 +93,22 @@ class DeploymentDeleted(DeploymentEvent):
     """Permanent: the deployment is gone from listings and answers 404; its events stay."""
 
 
+class DeploymentWeightsUpdated(DeploymentEvent):
+    """The deployment's target weights (seed 002's weight sync into a deployment): every ready
+    replica hot-loads them, and replicas started from now on start on them. A delta must chain
+    onto what the replicas serve; each replica verifies the chain and refuses what does not
+    check out (`ReplicaHotloadFailed`), serving its previous weights on."""
+
+    checkpoint_uri: str
+    content_digest: str = Field(description="sha256 over the checkpoint's files")
+    checkpoint_type: CheckpointType
+    chain_position: int = Field(ge=0)
+    weights_version: int = Field(ge=1, description="1, 2, 3... per deployment")
+    warmup: bool = Field(description="a warmup generation after the swap, rolled back if none")
+    warmup_max_retries: int = Field(ge=0)
+    reset_prompt_cache: bool
+
+
 DEPLOYMENT_EVENTS: tuple[type[DomainEvent], ...] = (
     ModelCreated,
     DeploymentCreated,
@@ -100,4 +116,5 @@ DEPLOYMENT_EVENTS: tuple[type[DomainEvent], ...] = (
     DeploymentActivated,
     DeploymentDeactivated,
     DeploymentDeleted,
+    DeploymentWeightsUpdated,
 )

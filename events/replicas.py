@@ -9,6 +9,11 @@ replica's life with the time it took. A replica's lifecycle:
 
 `ReplicaFailed` is final for that replica: a replacement is a new replica whose
 `ReplicaRequested` names the one it `replaces`, so the gap in service is visible in the log.
+
+A ready replica follows its deployment's target weights (`DeploymentWeightsUpdated`), one
+hotload at a time: `ReplicaHotloadStarted`, then `ReplicaWeightsLoaded` or
+`ReplicaHotloadFailed` (it keeps serving the weights it had). A refusal is not a failure of the
+replica: it stays READY.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class ReplicaRequested(ReplicaEvent):
     # The weights it will serve.
     weights_uri: str | None = None
     base_model: str
+    weights_version: int = Field(
+        default=0, ge=0, description="the deployment's weights version (0: the model's own)"
+    )
 
 
 class ReplicaStarting(ReplicaEvent):
@@ -84,6 +92,45 @@ class ReplicaFailed(ReplicaEvent):
     reason: str
 
 
+class ReplicaHotloadStarted(ReplicaEvent):
+    """The controller asked the replica to hot-load the deployment's weights version."""
+
+    weights_version: int = Field(ge=1)
+    checkpoint_uri: str
+    from_digest: str | None = Field(default=None, description="the weights served before")
+
+
+class ReplicaWeightsLoaded(ReplicaEvent):
+    """The replica fetched, verified and swapped in the weights, warmed up on them and dropped
+    its prompt cache (as asked); it serves them now."""
+
+    weights_version: int = Field(ge=1)
+    checkpoint_uri: str
+    content_digest: str
+    checkpoint_type: str
+    folders_applied: int = Field(ge=0, description="the chain links applied (0: already served)")
+    bytes_moved: int = Field(ge=0)
+    fetch_ms: float = Field(ge=0)
+    apply_ms: float = Field(ge=0)
+    warmup_ms: float | None = Field(default=None, ge=0)
+    warmup_attempts: int = Field(default=0, ge=0)
+    prompt_cache_entries_dropped: int | None = None
+    total_ms: float = Field(ge=0, description="started -> loaded, as the controller saw it")
+
+
+class ReplicaHotloadFailed(ReplicaEvent):
+    """The replica refused the weights (a file or link that does not verify, a chain that does
+    not lead from what it serves, no warmup generation) and serves the weights it had."""
+
+    weights_version: int = Field(ge=1)
+    checkpoint_uri: str
+    reason: str
+    rolled_back: bool = Field(
+        default=False, description="the new weights were swapped in, failed warmup, swapped out"
+    )
+    serving_digest: str | None = None
+
+
 REPLICA_EVENTS: tuple[type[DomainEvent], ...] = (
     ReplicaRequested,
     ReplicaStarting,
@@ -91,4 +138,7 @@ REPLICA_EVENTS: tuple[type[DomainEvent], ...] = (
     ReplicaDraining,
     ReplicaStopped,
     ReplicaFailed,
+    ReplicaHotloadStarted,
+    ReplicaWeightsLoaded,
+    ReplicaHotloadFailed,
 )

@@ -2,7 +2,7 @@
 
 Pure, like `projections/loops.py`. Both tables are versioned by the model aggregate's sequence
 (a deployment is an entity inside its model), so a replayed event is a no-op. Columns match
-migration 0010.
+migrations 0010, 0012 and 0014 (weights).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from events.deployments import (
     DeploymentCreated,
     DeploymentDeactivated,
     DeploymentDeleted,
+    DeploymentWeightsUpdated,
     DevelopmentDeploymentOverwritten,
     ModelCreated,
 )
@@ -23,10 +24,13 @@ from events.replicas import (
     ReplicaDraining,
     ReplicaEvent,
     ReplicaFailed,
+    ReplicaHotloadFailed,
+    ReplicaHotloadStarted,
     ReplicaReady,
     ReplicaRequested,
     ReplicaStarting,
     ReplicaStopped,
+    ReplicaWeightsLoaded,
 )
 from projections.rows import RowChange, TableSpec, entity_change
 
@@ -50,6 +54,8 @@ DEPLOYMENT_TABLES: dict[str, TableSpec] = {
                 "instance_type", "accelerator", "gpu_count", "cpu", "memory",
                 "requested_instance_type", "min_replica", "max_replica", "copied_from",
                 "created_at", "deactivated_at", "deleted_at", "version", "updated_at",
+                "weights_version", "weights_checkpoint_uri", "weights_content_digest",
+                "weights_checkpoint_type", "weights_updated_at",
             ),
         ),
     )
@@ -102,6 +108,11 @@ def _(event: DeploymentCreated, envelope: EventEnvelope) -> list[RowChange]:
         "created_at": envelope.occurred_at,
         "deactivated_at": None,
         "deleted_at": None,
+        "weights_version": 0,
+        "weights_checkpoint_uri": None,
+        "weights_content_digest": None,
+        "weights_checkpoint_type": None,
+        "weights_updated_at": None,
     }
     return [entity_change("deployments", event.deployment_id, envelope, values, creates=True)]
 
@@ -149,6 +160,19 @@ def _(event: DeploymentDeleted, envelope: EventEnvelope) -> list[RowChange]:
     return _update(event.deployment_id, envelope, status="DELETED", deleted_at=envelope.occurred_at)
 
 
+@project_deployment_event.register
+def _(event: DeploymentWeightsUpdated, envelope: EventEnvelope) -> list[RowChange]:
+    return _update(
+        event.deployment_id,
+        envelope,
+        weights_version=event.weights_version,
+        weights_checkpoint_uri=event.checkpoint_uri,
+        weights_content_digest=event.content_digest,
+        weights_checkpoint_type=event.checkpoint_type,
+        weights_updated_at=envelope.occurred_at,
+    )
+
+
 # --- replicas (the replica controller's events, versioned by the replica's own sequence) --------
 
 REPLICA_TABLES: dict[str, TableSpec] = {
@@ -159,7 +183,9 @@ REPLICA_TABLES: dict[str, TableSpec] = {
             "replica_id", "deployment_id", "model_id", "workspace_id", "status", "reason",
             "replaces", "instance_type", "actor_name", "content_digest", "checkpoint_id",
             "node_ip", "pid", "start_ms", "load_ms", "predict_concurrency", "requested_at",
-            "ready_at", "stopped_at", "version", "updated_at",
+            "ready_at", "stopped_at", "version", "updated_at", "weights_version",
+            "hotload_status", "hotload_weights_version", "hotload_reason", "hotload_fetch_ms",
+            "hotload_apply_ms", "hotload_warmup_ms", "hotloaded_at",
         ),
     )
 }  # fmt: skip
@@ -198,6 +224,14 @@ def _(event: ReplicaRequested, envelope: EventEnvelope) -> list[RowChange]:
         "requested_at": envelope.occurred_at,
         "ready_at": None,
         "stopped_at": None,
+        "weights_version": event.weights_version,
+        "hotload_status": None,
+        "hotload_weights_version": None,
+        "hotload_reason": None,
+        "hotload_fetch_ms": None,
+        "hotload_apply_ms": None,
+        "hotload_warmup_ms": None,
+        "hotloaded_at": None,
     }
     return [entity_change("replicas", event.replica_id, envelope, values, creates=True)]
 
@@ -234,4 +268,32 @@ def _(event: ReplicaFailed, envelope: EventEnvelope) -> list[RowChange]:
     return _replica_update(
         event, envelope, status="FAILED", reason=f"{event.phase}: {event.reason}",
         stopped_at=envelope.occurred_at,
+    )  # fmt: skip
+
+
+@project_deployment_event.register
+def _(event: ReplicaHotloadStarted, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(
+        event, envelope, hotload_status="LOADING", hotload_weights_version=event.weights_version,
+        hotload_reason=None, hotload_fetch_ms=None, hotload_apply_ms=None,
+        hotload_warmup_ms=None,
+    )  # fmt: skip
+
+
+@project_deployment_event.register
+def _(event: ReplicaWeightsLoaded, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(
+        event, envelope, weights_version=event.weights_version,
+        content_digest=event.content_digest, checkpoint_id=event.checkpoint_uri,
+        hotload_status="LOADED", hotload_weights_version=event.weights_version,
+        hotload_reason=None, hotload_fetch_ms=event.fetch_ms, hotload_apply_ms=event.apply_ms,
+        hotload_warmup_ms=event.warmup_ms, hotloaded_at=envelope.occurred_at,
+    )  # fmt: skip
+
+
+@project_deployment_event.register
+def _(event: ReplicaHotloadFailed, envelope: EventEnvelope) -> list[RowChange]:
+    return _replica_update(
+        event, envelope, hotload_status="FAILED", hotload_weights_version=event.weights_version,
+        hotload_reason=event.reason, hotloaded_at=envelope.occurred_at,
     )  # fmt: skip

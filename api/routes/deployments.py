@@ -19,11 +19,16 @@ from api.deploy_models import (
     DeploymentPublic,
     DeploymentResourcesChange,
     DeploymentsPublic,
+    DeploymentWeightsAccepted,
+    DeploymentWeightsPublic,
+    DeploymentWeightsUpdate,
     ModelAccepted,
     ModelCreate,
     ModelDetail,
     ModelPublic,
     ModelsPublic,
+    ReplicaWeightsPublic,
+    TargetWeightsPublic,
 )
 from api.deploy_queries import DeploymentReadDep, DeploymentReads
 from api.deps import IdempotencyHeader, OffsetQuery, RequestIdQuery, SettingsDep, SubmitterDep
@@ -43,6 +48,7 @@ from commands.deployments import (
     DeleteDeployment,
     DeploymentSpec,
     Resources,
+    UpdateDeploymentWeights,
 )
 from commands.instance_types import ResourceError, select_instance_type
 from commands.loops import (
@@ -451,3 +457,113 @@ def change_resources(
         model_id=model_id, deployment_id=new_id, copied_from=deployment_id,
         request_id=ids.request_id,
     )  # fmt: skip
+
+
+@router.post(
+    "/{model_id}/deployments/{deployment_id}/weights",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(400, 404),
+)
+def update_weights(
+    body: DeploymentWeightsUpdate,
+    caller: TrainCaller,
+    reads: DeploymentReadDep,
+    submitter: SubmitterDep,
+    model_id: str = ModelIdPath,
+    deployment_id: str = DeploymentIdPath,
+    idempotency_key: IdempotencyHeader = None,
+    request_id: RequestIdQuery = None,
+) -> DeploymentWeightsAccepted:
+    """Seed 002's weight sync into a deployment: its ready replicas hot-load a sampler_weights
+    checkpoint (a base, or a delta onto what they serve), warm up and reset their prompt cache;
+    replicas started afterwards start on it. Unlike creating a model, a delta is allowed. A
+    replica that cannot verify or apply the chain refuses it and serves its weights on; follow
+    it on `GET .../weights`."""
+    ids = resolve_request_id(
+        header=idempotency_key, query=request_id, body=body.request_id,
+        workspace=caller.workspace_id,
+    )  # fmt: skip
+    _deployment(reads, model_id, deployment_id, caller)
+    model = _model(reads, model_id, caller)
+    uri = body.checkpoint_uri
+    match = CHECKPOINT_URI.match(uri)
+    if match is None or match["kind"] != "sampler_weights":
+        raise _bad(f"{uri} is a trainer (weights) checkpoint; sync a sampler_weights one",
+                   "checkpoint_uri")  # fmt: skip
+    checkpoint = reads.checkpoint_by_uri(uri, workspace=caller.workspace_id)
+    if checkpoint is None:
+        raise not_found(f"checkpoint {uri} not found", field="checkpoint_uri")
+    run = reads.run_any_workspace(checkpoint["run_id"])
+    if run is None:
+        raise not_found(f"run {checkpoint['run_id']} not found", field="checkpoint_uri")
+    if run["base_model"] != model["base_model"]:
+        raise _bad(
+            f"{uri} holds weights for {run['base_model']!r}; model {model_id} serves "
+            f"{model['base_model']!r}",
+            "checkpoint_uri",
+        )
+    files = tuple(CheckpointFile.model_validate(f) for f in checkpoint["files"] or ())
+    if not files:
+        raise _bad(f"{uri} has no files recorded", "checkpoint_uri")
+    command = UpdateDeploymentWeights(
+        deployment_id=deployment_id,
+        checkpoint_uri=uri,
+        checkpoint_type=checkpoint["checkpoint_type"] or "base",
+        chain_position=checkpoint["chain_position"] or 0,
+        content_digest=content_digest(files),
+        base_model=run["base_model"],
+        warmup=body.warmup,
+        warmup_max_retries=body.warmup_max_retries,
+        reset_prompt_cache=body.reset_prompt_cache,
+    )
+    _submit(submitter, request_id=ids.command_id, command=command, model_id=model_id,
+            caller=caller)  # fmt: skip
+    return DeploymentWeightsAccepted(
+        model_id=model_id, deployment_id=deployment_id, checkpoint_uri=uri,
+        request_id=ids.request_id,
+    )  # fmt: skip
+
+
+@router.get("/{model_id}/deployments/{deployment_id}/weights", responses=error_responses(404))
+def get_weights(
+    caller: CallerDep,
+    reads: DeploymentReadDep,
+    model_id: str = ModelIdPath,
+    deployment_id: str = DeploymentIdPath,
+) -> DeploymentWeightsPublic:
+    """The weight sync state (seed 002's `check_deployment_state`): the target weights and, per
+    live replica, the version and digest it serves and its last hotload (status, reason,
+    timings). `synced`: every READY replica serves the target."""
+    row = _deployment(reads, model_id, deployment_id, caller)
+    if row["weights_version"]:
+        target = TargetWeightsPublic(
+            weights_version=row["weights_version"],
+            checkpoint_uri=row["weights_checkpoint_uri"],
+            content_digest=row["weights_content_digest"],
+            checkpoint_type=row["weights_checkpoint_type"],
+            updated_at=row["weights_updated_at"],
+        )
+    else:
+        model = _model(reads, model_id, caller)
+        target = TargetWeightsPublic(
+            weights_version=0,
+            checkpoint_uri=model["checkpoint_uri"],
+            content_digest=model["content_digest"],
+            checkpoint_type=model["checkpoint_type"],
+            updated_at=None,
+        )
+    replicas = [
+        ReplicaWeightsPublic.model_validate(r)
+        for r in reads.live_replicas(deployment_id, workspace=caller.workspace_id)
+    ]
+    ready = [r for r in replicas if r.status == "READY"]
+    return DeploymentWeightsPublic(
+        model_id=model_id,
+        deployment_id=deployment_id,
+        status=row["status"],
+        version=row["version"],
+        target=target,
+        replicas=replicas,
+        ready=bool(ready),
+        synced=all(r.weights_version == target.weights_version for r in ready),
+    )

@@ -92,6 +92,14 @@ VALID: dict[str, dict[str, Any]] = {
     "ActivateDeployment": {"deployment_id": "d1"},
     "DeactivateDeployment": {"deployment_id": "d1"},
     "DeleteDeployment": {"deployment_id": "d1"},
+    "UpdateDeploymentWeights": {
+        "deployment_id": "d1",
+        "checkpoint_uri": "bt://loops:r1/sampler_weights/step-2",
+        "checkpoint_type": "delta",
+        "chain_position": 1,
+        "content_digest": SHA,
+        "base_model": "m",
+    },
 }
 assert VALID.keys() == COMMAND_TYPES.keys(), "a new command type needs a valid payload here"
 
