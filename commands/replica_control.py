@@ -10,6 +10,13 @@ Desired replicas of a deployment (until the autoscaler decides more):
 - 1 while the gateway has seen requests for it within `idle_scale_down_s` (scale from zero:
   a parked request is demand);
 - at most `max_replica`.
+
+Weights (seed 002's weight sync into a deployment): a deployment's target is its newest
+`DeploymentWeightsUpdated` that no replica refused (else the model's own weights). Replicas
+start on it; a READY replica serving an older version gets a `HotloadReplica`, one at a time per
+replica. A version a replica refused is not tried again anywhere (the refusal is about the
+weights: a file or link that does not verify is the same on every replica), and replicas
+started later start on the newest version not refused.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from events.deployments import (
     DeploymentCreated,
     DeploymentDeactivated,
     DeploymentDeleted,
+    DeploymentWeightsUpdated,
     DevelopmentDeploymentOverwritten,
     ModelCreated,
 )
@@ -30,11 +38,14 @@ from events.loops import DomainEvent
 from events.replicas import (
     ReplicaDraining,
     ReplicaFailed,
+    ReplicaHotloadFailed,
+    ReplicaHotloadStarted,
     ReplicaReady,
     ReplicaReason,
     ReplicaRequested,
     ReplicaStarting,
     ReplicaStopped,
+    ReplicaWeightsLoaded,
 )
 
 ReplicaStatus = Literal["REQUESTED", "STARTING", "READY", "DRAINING", "STOPPED", "FAILED"]
@@ -48,6 +59,18 @@ class ModelWeights:
 
 
 @dataclass(frozen=True)
+class TargetWeights:
+    """One DeploymentWeightsUpdated: the weights and what to do around the swap."""
+
+    weights_version: int
+    checkpoint_uri: str
+    content_digest: str
+    warmup: bool
+    warmup_max_retries: int
+    reset_prompt_cache: bool
+
+
+@dataclass(frozen=True)
 class DeploymentTarget:
     deployment_id: str
     model_id: str
@@ -57,6 +80,22 @@ class DeploymentTarget:
     gpu_count: int
     min_replica: int
     max_replica: int
+    # every weights update, oldest first; and the versions a replica refused
+    weights: tuple[TargetWeights, ...] = ()
+    refused_versions: frozenset[int] = frozenset()
+
+    @property
+    def target(self) -> TargetWeights | None:
+        """The newest weights not refused; None: the model's own."""
+        for weights in reversed(self.weights):
+            if weights.weights_version not in self.refused_versions:
+                return weights
+        return None
+
+    @property
+    def target_version(self) -> int:
+        target = self.target
+        return target.weights_version if target else 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +107,8 @@ class ReplicaView:
     instance_type: str
     requested_at: datetime
     replaces: str | None = None
+    weights_version: int = 0  # the deployment's weights version it serves (0: the model's)
+    hotloading: int | None = None  # the version a hotload in flight loads
 
 
 @dataclass
@@ -104,7 +145,13 @@ class DrainReplica:
     reason: str
 
 
-Action = StartReplica | DrainReplica
+@dataclass(frozen=True)
+class HotloadReplica:
+    replica_id: str
+    weights: TargetWeights
+
+
+Action = StartReplica | DrainReplica | HotloadReplica
 
 
 def desired_replicas(
@@ -154,7 +201,21 @@ def plan(state: ControlState, *, now: datetime, idle_scale_down_s: float) -> lis
             extra = sorted(current, key=lambda r: (order[r.status], -r.requested_at.timestamp()))
             reason = _drain_reason(deployment)
             actions.extend(DrainReplica(r.replica_id, reason) for r in extra[:-missing])
+        actions.extend(_hotloads(deployment, current))
     return actions
+
+
+def _hotloads(deployment: DeploymentTarget, replicas: list[ReplicaView]) -> list[HotloadReplica]:
+    """READY replicas behind the deployment's target, with no hotload in flight."""
+    target = deployment.target
+    if deployment.status != "ACTIVE" or target is None:
+        return []
+    return [
+        HotloadReplica(r.replica_id, target)
+        for r in replicas
+        if r.status == "READY" and r.hotloading is None
+        and r.weights_version < target.weights_version
+    ]  # fmt: skip
 
 
 def _drain_reason(deployment: DeploymentTarget) -> str:
@@ -191,6 +252,18 @@ def evolve(
         case DevelopmentDeploymentOverwritten():
             _update(state, event.deployment_id, instance_type=event.instance_type,
                     gpu_count=event.gpu_count)  # fmt: skip
+        case DeploymentWeightsUpdated():
+            current = state.deployments.get(event.deployment_id)
+            if current is not None:
+                weights = TargetWeights(
+                    weights_version=event.weights_version,
+                    checkpoint_uri=event.checkpoint_uri,
+                    content_digest=event.content_digest,
+                    warmup=event.warmup,
+                    warmup_max_retries=event.warmup_max_retries,
+                    reset_prompt_cache=event.reset_prompt_cache,
+                )
+                _update(state, event.deployment_id, weights=(*current.weights, weights))
         case DeploymentActivated():
             _update(state, event.deployment_id, status="ACTIVE")
         case DeploymentDeactivated():
@@ -208,6 +281,7 @@ def evolve(
                 instance_type=event.instance_type,
                 requested_at=occurred_at,
                 replaces=event.replaces,
+                weights_version=event.weights_version,
             )
             if event.replaces in state.unreplaced:
                 state.unreplaced.remove(event.replaces)
@@ -219,6 +293,17 @@ def evolve(
             _replica(state, event.replica_id, "DRAINING")
         case ReplicaStopped():
             _replica(state, event.replica_id, "STOPPED")
+        case ReplicaHotloadStarted():
+            _replica_change(state, event.replica_id, hotloading=event.weights_version)
+        case ReplicaWeightsLoaded():
+            _replica_change(state, event.replica_id, hotloading=None,
+                            weights_version=event.weights_version)  # fmt: skip
+        case ReplicaHotloadFailed():
+            _replica_change(state, event.replica_id, hotloading=None)
+            current = state.deployments.get(event.deployment_id)
+            if current is not None:
+                refused = current.refused_versions | {event.weights_version}
+                _update(state, event.deployment_id, refused_versions=refused)
         case ReplicaFailed():
             _replica(state, event.replica_id, "FAILED")
             if event.replica_id in state.replicas and event.replica_id not in state.unreplaced:
@@ -248,6 +333,10 @@ def _forget_failures(state: ControlState, deployment_id: str) -> None:
 
 
 def _replica(state: ControlState, replica_id: str, status: ReplicaStatus) -> None:
+    _replica_change(state, replica_id, status=status)
+
+
+def _replica_change(state: ControlState, replica_id: str, **changes: object) -> None:
     current = state.replicas.get(replica_id)
     if current is not None:
-        state.replicas[replica_id] = replace(current, status=status)
+        state.replicas[replica_id] = replace(current, **changes)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from gpu_workers.checkpoint_store import CheckpointStore
 from gpu_workers.engine.sampler import SamplerEngineProtocol, build_sampler_engine
 from gpu_workers.engine.types import InvalidInputError, SamplingParams
 from gpu_workers.models import resolve_base_model
+from gpu_workers.warmup import WarmupError, warm_up
 from gpu_workers.weights_fetch import fetch_chain
 from infra.s3 import ObjectStore
 from infra.settings import Settings
@@ -69,6 +70,13 @@ class ReplicaUnavailable(RuntimeError):
     """The replica takes no new requests; the gateway retries on another."""
 
 
+def refused(reason: str, *, rolled_back: bool, serving_digest: str | None) -> dict[str, Any]:
+    """`hotload`'s answer when the replica did not take the new weights and serves the ones it
+    had. An answer, not an exception: a refusal is an outcome, and it crosses Ray as plain data."""
+    return {"refused": True, "reason": reason, "rolled_back": rolled_back,
+            "serving_digest": serving_digest}  # fmt: skip
+
+
 class Replica:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
@@ -78,13 +86,17 @@ class Replica:
         self._served = 0
         self._draining = False
         self._lock = threading.Lock()
+        # One weight swap at a time (a restarted controller may ask again for one in flight).
+        self._swap = threading.Lock()
+        self.weights_uri = spec.weights_uri  # what it serves; None: the base model's own
+        self._settings = Settings(**spec.settings)  # type: ignore[arg-type]
 
     # --- life -------------------------------------------------------------------------------
 
     def load(self) -> dict[str, Any]:
         """Fetch and verify the deployment's weights and start the engine on them."""
         t0 = time.perf_counter()
-        settings = Settings(**self.spec.settings)  # type: ignore[arg-type]
+        settings = self._settings
         base = resolve_base_model(settings, self.spec.base_model)
         engine = build_sampler_engine(
             settings,
@@ -107,6 +119,79 @@ class Replica:
             "pid": os.getpid(),
             "node_ip": _node_ip(),
         }
+
+    def hotload(self, uri: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Swap in the weights of sampler_weights checkpoint `uri` while serving (seed 002's
+        hotload): fetch the chain from the digest served now (a delta needs only the links
+        after it; a base is fetched whole), verify every file and link before a weight is
+        touched, drop the prompt cache (`reset_prompt_cache`), and warm up (`warmup`, up to
+        `warmup_max_retries` retries). Weights that fail warmup are swapped back out.
+
+        Returns the timings, or `refused(...)` (the replica serves what it did before)."""
+        with self._swap:
+            engine = self.engine
+            if engine is None or self._draining:
+                return refused("the replica is not serving", rolled_back=False,
+                               serving_digest=None)  # fmt: skip
+            before = engine.weights_version
+            if before.checkpoint_id == uri:  # asked again after a controller restart
+                return {"content_digest": before.digest, "checkpoint_type": "unchanged",
+                        "folders_applied": 0, "bytes_moved": 0, "fetch_ms": 0.0,
+                        "apply_ms": 0.0, "warmup_ms": None, "warmup_attempts": 0,
+                        "prompt_cache_entries_dropped": None}  # fmt: skip
+            t0 = time.perf_counter()
+            try:
+                fetched, version = self._load_chain(engine, uri, serving_digest=before.digest)
+            except Exception as exc:  # whatever loading raises is a refusal, never a dead replica
+                return refused(f"{type(exc).__name__}: {exc}", rolled_back=False,
+                               serving_digest=before.digest)  # fmt: skip
+            apply_ms = (time.perf_counter() - t0) * 1000 - fetched.fetch_ms
+            dropped = engine.reset_prompt_cache() if options.get("reset_prompt_cache") else None
+            attempts, warmup_ms = 0, None
+            if options.get("warmup"):
+                try:
+                    attempts, warmup_ms = warm_up(engine, int(options["warmup_max_retries"]))
+                except WarmupError as exc:
+                    self._roll_back(engine)
+                    return refused(
+                        f"WarmupError: {exc}",
+                        rolled_back=True,
+                        serving_digest=engine.weights_version.digest,
+                    )
+            self.weights_uri = uri
+            log.info("weights hot-loaded", extra={"replica_id": self.spec.replica_id, "uri": uri})
+            return {
+                "content_digest": version.digest,
+                "checkpoint_type": fetched.target_type,
+                "folders_applied": len(fetched.folders),
+                "bytes_moved": fetched.bytes_moved,
+                "fetch_ms": fetched.fetch_ms,
+                "apply_ms": max(apply_ms, 0.0),
+                "warmup_ms": warmup_ms,
+                "warmup_attempts": attempts,
+                "prompt_cache_entries_dropped": dropped,
+            }
+
+    def _load_chain(
+        self, engine: SamplerEngineProtocol, uri: str, *, serving_digest: str | None
+    ) -> tuple[Any, Any]:
+        store = CheckpointStore(ObjectStore.from_settings(self._settings))
+        with tempfile.TemporaryDirectory(prefix="loopstream-replica-") as tmp:
+            fetched = fetch_chain(store, uri, Path(tmp), serving_digest=serving_digest)
+            # The caller drops the prompt cache (or keeps it, when the update says so).
+            version = engine.load_chain(fetched.folders, checkpoint_id=uri,
+                                        keep_prompt_cache=True, verified=True)  # fmt: skip
+        return fetched, version
+
+    def _roll_back(self, engine: SamplerEngineProtocol) -> None:
+        """Swap back the weights served before a failed warmup: their whole chain from the store,
+        or the base model's folder; drop whatever the failed weights cached."""
+        if self.weights_uri is not None:
+            self._load_chain(engine, self.weights_uri, serving_digest=None)
+        else:
+            base = resolve_base_model(self._settings, self.spec.base_model)
+            engine.load_weights(base, checkpoint_id="base")
+        engine.reset_prompt_cache()
 
     def ping(self) -> dict[str, Any]:
         version = self.engine.weights_version if self.engine else None

@@ -41,7 +41,9 @@ from commands.replica_control import (
     ControlState,
     DeploymentTarget,
     DrainReplica,
+    HotloadReplica,
     StartReplica,
+    TargetWeights,
     evolve,
     plan,
     record_demand,
@@ -54,10 +56,13 @@ from events.replicas import (
     ReplicaDraining,
     ReplicaEvent,
     ReplicaFailed,
+    ReplicaHotloadFailed,
+    ReplicaHotloadStarted,
     ReplicaReady,
     ReplicaRequested,
     ReplicaStarting,
     ReplicaStopped,
+    ReplicaWeightsLoaded,
 )
 from events.transactional import dead_letter
 from gpu_workers.replica import Replica, ReplicaSpec, replica_settings
@@ -91,6 +96,9 @@ class Tracked:
     drain_ref: Any = None
     drain_reason: str = "drained"
     ready_mono: float | None = None
+    hotload_ref: Any = None  # the pending `hotload` call
+    hotload_weights: TargetWeights | None = None
+    hotload_mono: float = 0.0
 
 
 def actor_name(replica_id: str) -> str:
@@ -185,6 +193,13 @@ class ReplicaController:
             self.tracked[replica.replica_id] = tracked
             if replica.status == "READY":
                 tracked.ready_mono = time.monotonic()
+                if replica.hotloading is not None:
+                    # The predecessor's hotload: ask again (the replica serves one swap at a
+                    # time, and answers at once for weights it already serves).
+                    deployment = self.state.deployments.get(replica.deployment_id)
+                    for weights in deployment.weights if deployment else ():
+                        if weights.weights_version == replica.hotloading:
+                            self._send_hotload(tracked, weights)
             elif replica.status == "DRAINING":
                 tracked.drain_ref = handle.drain.remote(DRAIN_TIMEOUT_S)
             else:
@@ -218,12 +233,15 @@ class ReplicaController:
         self._watch_starts()
         self._watch_health()
         self._watch_drains()
+        self._watch_hotloads()
         for action in plan(self.state, now=utc_now(),
                            idle_scale_down_s=self.settings.replica_idle_scale_down_s):  # fmt: skip
             if isinstance(action, StartReplica):
                 self._start(action)
             elif isinstance(action, DrainReplica):
                 self._drain(action.replica_id, action.reason)
+            elif isinstance(action, HotloadReplica):
+                self._hotload(action)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -281,12 +299,17 @@ class ReplicaController:
             return  # its model's event is not read yet
         replica_id = uuid.uuid4().hex[:12]
         resources = {replica_resource(deployment.instance_type): 1.0}
+        # The deployment's newest weights not refused (base then the chain: the replica's
+        # fetch walks it), else the model's own.
+        target = deployment.target
+        weights_uri = target.checkpoint_uri if target else model.weights_uri
         self._emit(ReplicaRequested(
             replica_id=replica_id, deployment_id=deployment.deployment_id,
             model_id=deployment.model_id, reason=action.reason,
             instance_type=deployment.instance_type, ray_resources=resources,
             num_gpus=deployment.gpu_count, replaces=action.replaces,
-            weights_uri=model.weights_uri, base_model=model.base_model,
+            weights_uri=weights_uri, base_model=model.base_model,
+            weights_version=deployment.target_version,
         ), deployment)  # fmt: skip
         concurrency = 1
         spec = ReplicaSpec(
@@ -294,7 +317,7 @@ class ReplicaController:
             deployment_id=deployment.deployment_id,
             model_id=deployment.model_id,
             base_model=model.base_model,
-            weights_uri=model.weights_uri,
+            weights_uri=weights_uri,
             predict_concurrency=concurrency,
             settings=replica_settings(self.settings),
             gpu_memory_utilization=_gpu_share(deployment),
@@ -340,6 +363,55 @@ class ReplicaController:
                 start_ms=(time.monotonic() - tracked.requested_mono) * 1000,
                 load_ms=loaded["load_ms"], predict_concurrency=1,
             ), self.state.deployments.get(replica.deployment_id))  # fmt: skip
+
+    def _hotload(self, action: HotloadReplica) -> None:
+        tracked = self.tracked.get(action.replica_id)
+        if tracked is None or tracked.hotload_ref is not None or tracked.drain_ref is not None:
+            return  # not ours to reach (yet), or busy
+        replica = self.state.replicas[action.replica_id]
+        weights = action.weights
+        self._emit(ReplicaHotloadStarted(
+            replica_id=replica.replica_id, deployment_id=replica.deployment_id,
+            model_id=replica.model_id, weights_version=weights.weights_version,
+            checkpoint_uri=weights.checkpoint_uri,
+        ), self.state.deployments.get(replica.deployment_id))  # fmt: skip
+        self._send_hotload(tracked, weights)
+
+    def _send_hotload(self, tracked: Tracked, weights: TargetWeights) -> None:
+        options = {"warmup": weights.warmup, "warmup_max_retries": weights.warmup_max_retries,
+                   "reset_prompt_cache": weights.reset_prompt_cache}  # fmt: skip
+        tracked.hotload_ref = tracked.handle.hotload.remote(weights.checkpoint_uri, options)
+        tracked.hotload_weights = weights
+        tracked.hotload_mono = time.monotonic()
+
+    def _watch_hotloads(self) -> None:
+        for replica_id, tracked in list(self.tracked.items()):
+            if tracked.hotload_ref is None:
+                continue
+            done, _ = self._ray.wait([tracked.hotload_ref], timeout=0)
+            if not done:
+                continue
+            ref, tracked.hotload_ref = tracked.hotload_ref, None
+            weights = tracked.hotload_weights
+            replica = self.state.replicas[replica_id]
+            deployment = self.state.deployments.get(replica.deployment_id)
+            assert weights is not None
+            common = {"replica_id": replica_id, "deployment_id": replica.deployment_id,
+                      "model_id": replica.model_id, "weights_version": weights.weights_version,
+                      "checkpoint_uri": weights.checkpoint_uri}  # fmt: skip
+            try:
+                loaded = self._ray.get(ref)
+            except Exception as exc:
+                if replica.status != "READY" or _actor_died(exc):
+                    continue  # drained or died meanwhile: its own events (and pings) tell
+                loaded = {"refused": True, "reason": _reason(exc), "rolled_back": False,
+                          "serving_digest": None}  # fmt: skip
+            if loaded.pop("refused", False):
+                loaded["reason"] = loaded["reason"][:2000]
+                self._emit(ReplicaHotloadFailed(**common, **loaded), deployment)
+                continue
+            total_ms = (time.monotonic() - tracked.hotload_mono) * 1000
+            self._emit(ReplicaWeightsLoaded(**common, **loaded, total_ms=total_ms), deployment)
 
     def _watch_health(self) -> None:
         now = time.monotonic()
@@ -475,6 +547,12 @@ def _gpu_share(deployment: DeploymentTarget) -> float | None:
     """The fraction of each GPU a replica's vLLM engine may reserve: the whole GPUs it asked for
     (one replica per instance, as on Baseten)."""
     return 0.85 if deployment.gpu_count else None
+
+
+def _actor_died(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)
 
 
 def _reason(exc: BaseException) -> str:
