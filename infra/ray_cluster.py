@@ -32,6 +32,12 @@ def connect_ray(settings: Settings) -> None:
     # imported ray earlier would hang in ray.init, refused by the GCS without saying so).
     if "ray" in sys.modules and os.environ.get("RAY_AUTH_MODE") != "token":
         raise RuntimeError("connect_ray must run before the first `import ray` of the process")
+    token = ray_token_path(settings)
+    if not token.is_file():  # ray.init would retry against the GCS forever, saying nothing
+        raise RuntimeError(
+            f"no Ray auth token at {token}: start the local head with `loopstream stack up`, "
+            "or set LOOPSTREAM_RAY_AUTH_TOKEN_PATH to the cluster's"
+        )
     os.environ.update(ray_auth_env(settings))
     import ray
 

@@ -32,6 +32,7 @@ import httpx
 import psycopg
 
 from infra.processes import ManagedProcess, StackError, port_in_use, wait_until
+from infra.ray_cluster import ray_token_path
 from infra.services import SERVICES, ServiceSpec
 from infra.settings import REPO_ROOT, Settings
 from infra.stack import LocalStack
@@ -39,6 +40,11 @@ from infra.topics import provision_topics
 from projections.db import engine_for, migrate
 
 ALL_SERVICES: tuple[str, ...] = tuple(spec.name for spec in SERVICES)
+# The Loops half: what a copy runs unless asked for more. The serving half (replica controller,
+# gateway) connects to the shared stack's Ray head; only tests of it start it.
+LOOPS_SERVICES: tuple[str, ...] = tuple(
+    name for name in ALL_SERVICES if name not in ("replica-controller", "gateway")
+)
 
 
 def free_port() -> int:
@@ -74,7 +80,8 @@ class IsolatedServices:
     settings: Settings
     root: Path  # pid files and logs
     api_port: int
-    names: tuple[str, ...] = ALL_SERVICES
+    names: tuple[str, ...] = LOOPS_SERVICES
+    gateway_port: int = 0
     # Extra environment of every process (fault-injection knobs, log levels).
     extra_env: dict[str, str] = field(default_factory=dict)
     # The default workspace's admin key of this copy (issued once the API runs).
@@ -93,6 +100,9 @@ class IsolatedServices:
             "LOOPSTREAM_API_HOST": "127.0.0.1",
             "LOOPSTREAM_API_PORT": str(self.api_port),
             "LOOPSTREAM_API_BASE_URL": self.base_url,
+            "LOOPSTREAM_GATEWAY_PORT": str(self.gateway_port),
+            # Replicas run on the stack's Ray head, in a namespace of this copy's (topic prefix).
+            "LOOPSTREAM_RAY_AUTH_TOKEN_PATH": str(ray_token_path(self.settings)),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
@@ -193,7 +203,7 @@ def isolated_services(
     settings: Settings,
     root: Path,
     *,
-    names: Iterable[str] = ALL_SERVICES,
+    names: Iterable[str] = LOOPS_SERVICES,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[IsolatedServices]:
     """A set of loopstream's services with topics, a database, ids and an API port of their own,
@@ -207,6 +217,8 @@ def isolated_services(
         update={
             # Pid files, logs and the default key file; the stack's own data stays where it is.
             "data_dir": root,
+            # The stack's Ray token stays where the stack keeps it.
+            "ray_auth_token_path": ray_token_path(settings),
             "topic_prefix": f"test-iso-{token}",
             "pg_database": database,
             "processor_instance_id": f"iso-{token}",
@@ -217,6 +229,7 @@ def isolated_services(
         settings=local,
         root=root,
         api_port=free_port(),
+        gateway_port=free_port(),
         names=tuple(names),
         extra_env=dict(extra_env or {}),
     )
@@ -271,7 +284,9 @@ def isolated_stack_settings(base: Settings, data_dir: Path) -> Settings:
                 "seaweed_filer_port": base.seaweed_filer_port + shift,
                 "seaweed_admin_port": base.seaweed_admin_port + shift,
                 # These tests stop and restart Kafka, PostgreSQL and S3; none serves a model.
+                # Services that need Ray use the shared stack's head (and its token).
                 "ray_local_head": False,
+                "ray_auth_token_path": ray_token_path(base),
             }
         )
         ports = _stack_ports(candidate)

@@ -20,7 +20,9 @@ from tests.isolated import ALL_SERVICES, IsolatedServices, isolated_services
 
 @pytest.fixture(scope="module")
 def own(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsolatedServices]:
-    with isolated_services(settings, tmp_path_factory.mktemp("supervision")) as services:
+    # Every service, the serving half's too: each must leave nothing behind.
+    root = tmp_path_factory.mktemp("supervision")
+    with isolated_services(settings, root, names=ALL_SERVICES) as services:
         yield services
 
 
