@@ -3,7 +3,8 @@
 # services (or a whole stack) of their own and mostly wait on outages, kills and restarts: the
 # fault suite, supervision, sampler restarts and the second stack; it also takes a few long
 # tests on the shared services (the tinker-cookbook runs, the futures test with its own API
-# process) so both halves take about as long. Their output follows the main run's.
+# process, the serving test's replica kills) so both halves take about as long. Their output
+# follows the main run's.
 #
 # loopstream's services are started here, before either process, and stopped at the end when
 # they were not running before: a pytest process that found them down would otherwise start
@@ -24,6 +25,7 @@ second=(
     tests/integration/test_stack_lifecycle.py
     tests/integration/test_tinker_cookbook.py
     tests/integration/test_tinker_futures.py
+    tests/integration/test_serving.py
 )
 "$bin/pytest" -p no:cacheprovider "${second[@]}" "$@" >"$log" 2>&1 &
 faults=$!
