@@ -73,10 +73,15 @@ def webhook_body(
     ).encode()
 
 
-def _public(address: str) -> bool:
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+        return ip.ipv4_mapped
+    return ip
+
+
+def _public(address: str) -> bool:
+    ip = _ip(address)
     return ip.is_global and not ip.is_multicast
 
 
@@ -102,9 +107,17 @@ def check_webhook_url(
         raise WebhookRefused("webhook_endpoint: must be an http or https URL")
     if not parts.hostname:
         raise WebhookRefused("webhook_endpoint: must name a host")
+    found = list(addresses) if addresses is not None else _resolve(parts.hostname, port)
+    # Link-local addresses hold cloud metadata services (169.254.169.254): never a webhook,
+    # not even from a local stack's gateway.
+    link_local = [a for a in found if _ip(a).is_link_local]
+    if link_local:
+        raise WebhookRefused(
+            f"webhook_endpoint: host {parts.hostname!r} resolves to a link-local address "
+            f"({', '.join(link_local)}); webhooks never go there"
+        )
     if allow_private:
         return
-    found = list(addresses) if addresses is not None else _resolve(parts.hostname, port)
     private = [a for a in found if not _public(a)]
     if private or not found:
         raise WebhookRefused(

@@ -61,7 +61,7 @@ def test_a_webhook_must_be_http_or_https_with_a_host(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "::ffff:127.0.0.1", "100.64.0.1"]
+    "address", ["127.0.0.1", "10.1.2.3", "::1", "::ffff:127.0.0.1", "100.64.0.1"]
 )
 def test_private_targets_are_refused_unless_the_gateway_is_on_loopback(address: str) -> None:
     with pytest.raises(WebhookRefused, match="private"):
@@ -70,6 +70,14 @@ def test_private_targets_are_refused_unless_the_gateway_is_on_loopback(address: 
     check_webhook_url("https://hook.example/x", allow_private=False, addresses=["93.184.216.34"])
     assert gateway_on_loopback("127.0.0.1") and gateway_on_loopback("localhost")
     assert not gateway_on_loopback("0.0.0.0")
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "fe80::1", "::ffff:169.254.169.254"])
+def test_link_local_targets_are_refused_even_from_a_gateway_on_loopback(address: str) -> None:
+    for allow_private in (True, False):
+        with pytest.raises(WebhookRefused, match="link-local"):
+            check_webhook_url("https://hook.example/x", allow_private=allow_private,
+                              addresses=[address])  # fmt: skip
 
 
 def _queued() -> AsyncRequestQueued:
