@@ -7,9 +7,16 @@ chain (seed 002; the names, defaults and returns are the seed's).
         ...train...
         syncer.save_and_hotload(f"step-{step}")   # base first, then deltas; raises on failure
 
-In Loops the "deployment" a run syncs to is its paired sampler (`deployment_id` defaults to it),
-and the deployment manager is the `ServiceClient`. Every call is a REST request; the sampler's
-progress is read from the numbered syncs (`GET /v1/loops/samplers/{id}/syncs`).
+Two kinds of target:
+- the run's paired sampler (the default; `deployment_id` may name it): the deployment manager
+  is the `ServiceClient`, and the sampler's progress is read from the numbered syncs
+  (`GET /v1/loops/samplers/{id}/syncs`);
+- a deployment of a model (`/v1/models`): `deployment_id="<model_id>/<deployment_id>"` (or
+  `deployment_id=..., model_id=...`), with a `DeploymentsClient` or `ServiceClient` as
+  deploy_mgr. Each sync is `POST .../deployments/{id}/weights`; every ready replica hot-loads
+  it and the syncer waits until each serves it or refused it (`GET .../weights`).
+
+Every call is a REST request.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from api.client import (
     ServiceClient,
     TrainingClient,
 )
+from api.deploy_client import DeploymentsClient
 from commands.loops import HotloadOptions
 from commands.work import DEFAULT_COMPRESSION_FORMAT, CompressionFormat
 
@@ -35,7 +43,8 @@ SYNC_POLL_S = 0.05
 
 
 class HotloadFailedError(Exception):
-    """The sampler refused the new weights (it keeps serving the previous ones)."""
+    """The sampler (or a deployment's replica) refused the new weights; it keeps serving the
+    previous ones."""
 
     def __init__(self, snapshot_name: str, weights_version: int, reason: str) -> None:
         super().__init__(f"hotload of {snapshot_name!r} (sync {weights_version}) failed: {reason}")
@@ -48,7 +57,7 @@ class WeightSyncer:
     def __init__(
         self,
         policy_client: TrainingClient,
-        deploy_mgr: ServiceClient | None = None,
+        deploy_mgr: ServiceClient | DeploymentsClient | None = None,
         deployment_id: str | None = None,
         base_model: str = "",
         hotload_timeout: int = 600,
@@ -58,6 +67,8 @@ class WeightSyncer:
         warmup_max_retries: int = 10,
         reset_prompt_cache: bool = True,
         lora_rank: int = 0,
+        *,
+        model_id: str | None = None,
     ) -> None:
         if first_checkpoint_type not in ("base", "delta"):
             raise ValueError(
@@ -72,14 +83,34 @@ class WeightSyncer:
             raise ValueError(f"hotload_timeout must be > 0 seconds, got {hotload_timeout}")
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
-        if deployment_id is not None and deployment_id != policy_client.sampler_id:
+        # A deployment of a model: "<model_id>/<deployment_id>", or model_id= beside it.
+        if deployment_id is not None and "/" in deployment_id and model_id is None:
+            model_id, _, deployment_id = deployment_id.partition("/")
+        if model_id is not None:
+            if not model_id or not deployment_id or "/" in deployment_id:
+                raise ValueError(
+                    f"deployment_id {deployment_id!r}: name a model's deployment as "
+                    "'<model_id>/<deployment_id>', or give model_id= and deployment_id="
+                )
+            if deploy_mgr is None:
+                raise ValueError("deploy_mgr: a DeploymentsClient or ServiceClient is needed to "
+                                 "sync weights into a deployment")  # fmt: skip
+        elif deployment_id is not None and deployment_id != policy_client.sampler_id:
             raise ValueError(
                 f"deployment_id {deployment_id!r}: a run's weights sync to its paired sampler "
-                f"{policy_client.sampler_id!r}"
+                f"{policy_client.sampler_id!r}, or to a deployment named "
+                "'<model_id>/<deployment_id>'"
             )
         self.policy_client = policy_client
         self.deploy_mgr = deploy_mgr
-        self.deployment_id = policy_client.sampler_id
+        self.model_id = model_id  # None: the paired sampler
+        self.deployment_id = deployment_id if model_id is not None else policy_client.sampler_id
+        self._deployments: DeploymentsClient | None = None
+        if model_id is not None:
+            self._deployments = (
+                deploy_mgr if isinstance(deploy_mgr, DeploymentsClient)
+                else DeploymentsClient(deploy_mgr)  # type: ignore[arg-type]
+            )  # fmt: skip
         self.base_model = base_model
         self.hotload_timeout = hotload_timeout
         self.first_checkpoint_type: CheckpointType = first_checkpoint_type  # type: ignore[assignment]
@@ -110,16 +141,19 @@ class WeightSyncer:
         deploy_mgr it only saves."""
         kind = self._next_type(checkpoint_type)
         sync = self.deploy_mgr is not None
+        to_sampler = sync and self._deployments is None
         future = self.policy_client.save_weights_for_sampler(
             name,
             checkpoint_type=kind,
             compression_format=self.compression_format,
-            hotload=self.options if sync else False,
+            hotload=self.options if to_sampler else False,
         )
         future.result(timeout=self.hotload_timeout)
         self._chain_started = True
-        if sync:
+        if to_sampler:
             self._wait_for_sync(name, request_id=future.request_id)
+        elif sync:
+            self._sync_deployment(name)
         return name
 
     def save_only(self, name: str, checkpoint_type: str | None = None) -> str | None:
@@ -148,6 +182,19 @@ class WeightSyncer:
         the sync was refused, failed or timed out (the reason is logged)."""
         if self.deploy_mgr is None:
             raise RuntimeError("no deploy_mgr: this WeightSyncer does not sync weights")
+        if self._deployments is not None:
+            if checkpoint_type not in ("base", "delta"):
+                raise ValueError(
+                    f"checkpoint_type must be 'base' or 'delta', got {checkpoint_type!r}"
+                )
+            try:
+                self._sync_deployment(snapshot_name)
+            except (RequestFailedError, HotloadFailedError, TimeoutError) as exc:
+                log.warning("hotload of %s into %s failed: %s", snapshot_name,
+                            self.deployment_id, exc,
+                            extra={"snapshot": snapshot_name, "reason": str(exc)})  # fmt: skip
+                return False
+            return True
         try:
             future = self.policy_client.hotload(
                 snapshot_name, checkpoint_type=checkpoint_type, options=self.options
@@ -166,19 +213,25 @@ class WeightSyncer:
 
     def check_deployment_state(self) -> Json:
         """The sampler's weight-sync state: ready, serving_version/checkpoint/digest,
-        target_version, pending, and the last hotload's status and reason."""
+        target_version, pending, and the last hotload's status and reason. For a deployment:
+        the target weights and, per replica, the version and digest it serves and its last
+        hotload (`ready`: some replica is READY; `synced`: every READY one serves the target)."""
+        if self._deployments is not None:
+            assert self.model_id is not None
+            return self._deployments.get_weights(self.model_id, self.deployment_id)
         return self._deploy_mgr().get_sampler_weights(self.deployment_id)
 
     def wait_for_hotload_ready(self, timeout_s: float = 300, poll_interval_s: float = 5) -> Json:
         """Block until a worker hosts the sampler (syncs reach it from then on); returns the
         state. TimeoutError after `timeout_s`. Checks at once, then at growing intervals (from
         50 ms, doubling) up to `poll_interval_s`: a sampler a worker picks up within a second of
-        its creation costs that second, not a whole interval."""
+        its creation costs that second, not a whole interval. For a deployment: until some
+        replica is READY and every READY replica serves the target weights."""
         deadline = time.monotonic() + timeout_s
         delay_s = min(0.05, poll_interval_s)
         while True:
             state = self.check_deployment_state()
-            if state["ready"]:
+            if state["ready"] and state.get("synced", True):
                 return state
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -207,6 +260,44 @@ class WeightSyncer:
         if self.deploy_mgr is None:
             raise RuntimeError("no deploy_mgr: this WeightSyncer does not sync weights")
         return self.deploy_mgr
+
+    def _sync_deployment(self, name: str) -> Json:
+        """Send the snapshot to the deployment and wait until every READY replica serves it
+        (returns the state), or one refused it and none is still loading (HotloadFailedError
+        with the reasons; a refused version is tried on no other replica)."""
+        deployments, model_id = self._deployments, self.model_id
+        assert deployments is not None and model_id is not None
+        uri = f"bt://loops:{self.policy_client.run_id}/sampler_weights/{name}"
+        future = deployments.update_weights(
+            model_id, self.deployment_id, uri, warmup=self.options.warmup,
+            warmup_max_retries=self.options.warmup_max_retries,
+            reset_prompt_cache=self.options.reset_prompt_cache,
+        )  # fmt: skip
+        future.result(timeout=self.hotload_timeout)
+        # The update's place in the model's log: the read model has it once its version is there.
+        sequence = max((e["sequence"] for e in future.poll().get("events") or ()), default=0)
+        deadline = time.monotonic() + self.hotload_timeout
+        while True:
+            state = deployments.get_weights(model_id, self.deployment_id)
+            version = state["target"]["weights_version"]
+            if state["version"] >= sequence and state["target"]["checkpoint_uri"] == uri:
+                ready = [r for r in state["replicas"] if r["status"] == "READY"]
+                refused = [
+                    f"replica {r['replica_id']}: {r['hotload_reason']}" for r in ready
+                    if r["hotload_status"] == "FAILED" and r["hotload_weights_version"] == version
+                ]  # fmt: skip
+                loading = any(r["hotload_status"] == "LOADING" for r in ready)
+                if refused and not loading:  # the others' hotloads in flight are done too
+                    raise HotloadFailedError(name, version, "; ".join(refused))
+                if all(r["weights_version"] >= version for r in ready):
+                    self.last_weights_version = version
+                    return state
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"hotload of {name!r} into {model_id}/{self.deployment_id} not done after "
+                    f"{self.hotload_timeout}s: {state}"
+                )
+            time.sleep(SYNC_POLL_S)
 
     def _wait_for_sync(self, name: str, *, request_id: str) -> dict[str, Any]:
         """Wait until the sync `request_id` caused is succeeded or failed on the sampler."""
