@@ -102,7 +102,7 @@ class DeploymentReads(ReadModels):
         return self._one("select * from {s}.runs where run_id = :id", id=run_id)
 
 
-def get_deployment_reads(
+async def get_deployment_reads(
     settings: SettingsDep, api_settings: ApiSettingsDep, engine: EngineDep
 ) -> DeploymentReads:
     def catch_up() -> bool:

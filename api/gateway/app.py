@@ -19,6 +19,7 @@ deactivated or deleted deployment (seed 003).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -41,7 +42,7 @@ from api.errors import ApiError, install_error_handlers, not_found
 from api.gateway.async_requests import AsyncWorker
 from api.gateway.async_requests import router as async_router
 from api.gateway.models import PredictInput, PredictOutput
-from api.gateway.replicas import NoReplica, ReplicaPool, Slot
+from api.gateway.replicas import NoReplica, NotServing, ReplicaPool, Slot
 from api.gateway.traffic import TrafficRecorder
 from infra.settings import Settings, get_settings
 from projections.db import get_engine
@@ -75,6 +76,26 @@ class GatewayState:
         )
         self.pool.on_park = self.traffic.parked
         self._deployments: dict[tuple[str, str, str], tuple[float, Any]] = {}
+        self.reads = DeploymentReads(get_engine(settings), settings.read_schema)
+
+    async def still_serving(self, target: Target) -> bool:
+        """Whether the target deployment is still active (read afresh, off the event loop)."""
+
+        def read() -> bool:
+            row = self.reads.deployment(
+                target.model_id, target.deployment_id, workspace=target.workspace_id
+            )
+            return row is not None and row["status"] == "ACTIVE"
+
+        try:
+            return await asyncio.to_thread(read)
+        except Exception:  # the database away for a moment: keep waiting, do not fail the call
+            return True
+
+    def cached_deployment(self, workspace: str, model_id: str, deployment_id: str | None) -> bool:
+        """Whether `deployment_row` would answer from memory (no database round trip)."""
+        cached = self._deployments.get((workspace, model_id, deployment_id or ""))
+        return cached is not None and time.monotonic() - cached[0] < DEPLOYMENT_CACHE_S
 
     def deployment_row(
         self, reads: DeploymentReads, model_id: str, deployment_id: str | None, workspace: str
@@ -123,8 +144,6 @@ def create_gateway_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import asyncio
-
         from infra.ray_cluster import connect_ray
 
         await asyncio.to_thread(connect_ray, settings)
@@ -219,7 +238,15 @@ async def call_replica(
                     target.deployment_id,
                     wait_s=settings.gateway_cold_start_wait_s,
                     priority=priority,  # type: ignore[arg-type]
+                    still_serving=lambda: gateway.still_serving(target),
                 )
+            except NotServing:
+                code = 404
+                raise not_found(
+                    f"deployment {target.deployment_id} of model {target.model_id} stopped "
+                    "serving (deactivated or deleted) while the request waited",
+                    field="deployment_id",
+                ) from None
             except NoReplica:
                 code = 503
                 raise ApiError(
@@ -283,9 +310,13 @@ async def _predict(
     deployment_id: str | None,
     body: PredictInput,
 ) -> PredictOutput:
-    import asyncio
-
-    target = await asyncio.to_thread(resolve, request, reads, workspace, model_id, deployment_id)
+    gateway = gateway_of(request)
+    if gateway.cached_deployment(workspace, model_id, deployment_id):
+        target = resolve(request, reads, workspace, model_id, deployment_id)  # no I/O: inline
+    else:
+        target = await asyncio.to_thread(
+            resolve, request, reads, workspace, model_id, deployment_id
+        )
     answer = await call_replica(request, target, body.for_replica(), route="predict")
     fields = {k: v for k, v in answer.items() if k in PredictOutput.model_fields}
     return PredictOutput(model_id=model_id, deployment_id=target.deployment_id, **fields)

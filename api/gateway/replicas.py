@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +42,14 @@ class Slot:
 
 class NoReplica(Exception):
     """No replica became free within the wait (503: retry later)."""
+
+
+class NotServing(Exception):
+    """The deployment stopped serving (deactivated, deleted) while the request waited."""
+
+
+# How often a waiting request asks whether its deployment still serves.
+SERVING_CHECK_S = 1.0
 
 
 @dataclass
@@ -124,8 +132,17 @@ class ReplicaPool:
     def has_live_replicas(self, deployment_id: str) -> bool:
         return any(n for n in self.states.get(deployment_id, {}).values())
 
-    async def acquire(self, deployment_id: str, *, wait_s: float, priority: Priority) -> Slot:
-        """A free slot of a ready replica, the least busy; waits (parks) up to `wait_s`."""
+    async def acquire(
+        self,
+        deployment_id: str,
+        *,
+        wait_s: float,
+        priority: Priority,
+        still_serving: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Slot:
+        """A free slot of a ready replica, the least busy; waits (parks) up to `wait_s`, asking
+        `still_serving` every SERVING_CHECK_S while it waits: a deployment deactivated meanwhile
+        gets no replica, and its waiting requests their 404 now rather than after the wait."""
         assert self._changed is not None, "start() first"
         deadline = time.monotonic() + wait_s
         waiting = self.waiting[deployment_id]
@@ -136,16 +153,23 @@ class ReplicaPool:
         else:
             waiting.async_ += 1
         try:
-            return await self._acquire(deployment_id, deadline, priority)
+            return await self._acquire(deployment_id, deadline, priority, still_serving)
         finally:
             if priority == "sync":
                 waiting.sync -= 1
             else:
                 waiting.async_ -= 1
 
-    async def _acquire(self, deployment_id: str, deadline: float, priority: Priority) -> Slot:
+    async def _acquire(
+        self,
+        deployment_id: str,
+        deadline: float,
+        priority: Priority,
+        still_serving: Callable[[], Awaitable[bool]] | None,
+    ) -> Slot:
         assert self._changed is not None
         parked_reported = False
+        next_check = time.monotonic() + SERVING_CHECK_S
         while True:
             slot = self._free_slot(deployment_id, priority)
             if slot is not None:
@@ -161,12 +185,16 @@ class ReplicaPool:
             if not parked_reported and not self.slots.get(deployment_id):
                 self.on_park(deployment_id)  # scale from zero: ask for a replica now
                 parked_reported = True
+            if still_serving is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + SERVING_CHECK_S
+                if not await still_serving():
+                    raise NotServing(deployment_id)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NoReplica(deployment_id)
             try:
                 async with self._changed:
-                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, 1.0))
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, SERVING_CHECK_S))
             except TimeoutError:
                 pass
 
