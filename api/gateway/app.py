@@ -309,7 +309,7 @@ async def _predict(
     model_id: str,
     deployment_id: str | None,
     body: PredictInput,
-) -> PredictOutput:
+) -> Response:
     gateway = gateway_of(request)
     if gateway.cached_deployment(workspace, model_id, deployment_id):
         target = resolve(request, reads, workspace, model_id, deployment_id)  # no I/O: inline
@@ -319,10 +319,12 @@ async def _predict(
         )
     answer = await call_replica(request, target, body.for_replica(), route="predict")
     fields = {k: v for k, v in answer.items() if k in PredictOutput.model_fields}
-    return PredictOutput(model_id=model_id, deployment_id=target.deployment_id, **fields)
+    output = PredictOutput(model_id=model_id, deployment_id=target.deployment_id, **fields)
+    # Serialized once, here: returned as a model, FastAPI would validate and serialize it again.
+    return Response(output.model_dump_json(), media_type="application/json")
 
 
-@router.post("/model/{model_id}/deployment/{deployment_id}/predict")
+@router.post("/model/{model_id}/deployment/{deployment_id}/predict", response_model=PredictOutput)
 async def predict_deployment(
     request: Request,
     model_id: str,
@@ -330,16 +332,16 @@ async def predict_deployment(
     body: PredictInput,
     caller: InferCaller,
     reads: DeploymentReadDep,
-) -> PredictOutput:
+) -> Response:
     """Predict on one deployment of the model (published or development)."""
     return await _predict(request, reads, caller.workspace_id, model_id, deployment_id, body)
 
 
-@router.post("/model/{model_id}/development/predict")
+@router.post("/model/{model_id}/development/predict", response_model=PredictOutput)
 async def predict_development(
     request: Request, model_id: str, body: PredictInput, caller: InferCaller,
     reads: DeploymentReadDep,
-) -> PredictOutput:  # fmt: skip
+) -> Response:  # fmt: skip
     """Predict on the model's development deployment."""
     return await _predict(request, reads, caller.workspace_id, model_id, None, body)
 
