@@ -195,12 +195,14 @@ class TransactionalLoop:
         if is_fatal(error):
             self._fatal_consumer_error = error
 
-    def _replace_consumer(self, error: KafkaError) -> None:
+    def _replace_consumer(
+        self, error: KafkaError, why: str = "fatal consumer error: replacing the consumer"
+    ) -> None:
         """A fatal consumer error leaves a consumer that never delivers again: e.g. a static
         member whose session ran out while the broker was away is fenced by its own rejoin
         (librdkafka #3437). Start a new one; it resumes from the committed offsets, and its
         assignment rebuilds whatever the old one owned."""
-        log.error("fatal consumer error: replacing the consumer", extra={"error": str(error)})
+        log.error(why, extra={"error": str(error)})
         self._fatal_consumer_error = None
         close_bounded(self.consumer)
         self.consumer = self._new_consumer()
@@ -331,15 +333,17 @@ class TransactionalLoop:
 
     def _recover(self, exc: KafkaException) -> None:
         self._abandon(exc)
-        while True:
-            try:
-                self._rewind()
-                return
-            except KafkaException as rewind_error:  # committed offsets unreadable for now
-                if self.stop_requested.is_set():
-                    raise
-                log.warning("rewind failed, retrying", extra={"error": str(rewind_error)})
-                time.sleep(1.0)
+        try:
+            self._rewind()
+        except KafkaException as rewind_error:
+            # The consumer cannot read its group's committed offsets. After a broker restart its
+            # cached group coordinator can stay stale for minutes, and asking again with the same
+            # consumer timed out every 30 s (seen in the broker-restart fault test). A new
+            # consumer finds the coordinator afresh and starts from the committed offsets, which
+            # is what the rewind was for.
+            self._replace_consumer(
+                rewind_error.args[0], why="rewind failed: replacing the consumer"
+            )
 
     def _rewind(self) -> None:
         """Re-read everything after the last committed offsets."""
