@@ -53,6 +53,9 @@ from infra.settings import Settings
 
 log = logging.getLogger("loopstream.command_processor")
 
+# How long newly created topics may take to show in the broker's metadata.
+TOPICS_VISIBLE_WAIT_S = 10.0
+
 
 @dataclass
 class PartitionState:
@@ -207,9 +210,16 @@ class CommandProcessor:
 
     def _check_partitions_line_up(self) -> int:
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
-        topics = admin.list_topics(timeout=30).topics
         names = (self.commands_topic, self.events_topic, self.results_topic)
-        counts = {name: len(topics[name].partitions) for name in names if name in topics}
+        # Topics created a moment ago (a fresh stack, a test's own prefix) may not be in the
+        # broker's metadata yet: look again for a few seconds before calling them missing.
+        deadline = time.monotonic() + TOPICS_VISIBLE_WAIT_S
+        while True:
+            topics = admin.list_topics(timeout=30).topics
+            counts = {name: len(topics[name].partitions) for name in names if name in topics}
+            if len(counts) == len(names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if len(counts) < len(names):
             missing = sorted(set(names) - set(counts))
             raise RuntimeError(f"topics missing: {missing}; run `loopstream stack topics`")
